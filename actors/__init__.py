@@ -1,0 +1,1 @@
+"""Ray actors: vLLM generators, judge hosts, the learner group, and weight sync."""

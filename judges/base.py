@@ -1,0 +1,74 @@
+"""The judge protocol: what a user writes to tell odpo which answer is better.
+
+A judge is a class, named in config as ``package.module:ClassName`` and built with
+``judge.kwargs``. Its one required method scores a batch::
+
+    class MyJudge:
+        def score(self, items: list[JudgeItem]) -> list[list[float | None]]:
+            return [[len(c.text) for c in item.completions] for item in items]
+
+``score`` returns one list per item with one score per completion; ``None`` (or NaN) means
+"cannot score this one" and removes only that completion. ``async def score`` works too.
+Optional: ``setup()`` (called once in the judge actor before the first batch, e.g. to load a
+model) and ``close()``.
+
+The second shape is pairwise: ``compare(item, a, b) -> 0 | 1 | None`` says which of the
+completions at indices ``a`` and ``b`` is better (0 = a, 1 = b, None = cannot tell); a
+round-robin tournament turns the wins into scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+Prompt = str | list[dict[str, str]]
+
+
+@dataclass
+class Completion:
+    """One sampled answer."""
+
+    text: str
+    finish_reason: Literal["stop", "length"] = "stop"
+    """``length`` when the completion was cut off by the token limit."""
+    logprob: float | None = None
+    """Summed log-probability under the policy that sampled it (used for tie-breaks)."""
+    token_ids: list[int] | None = None
+    """The sampled token ids, when a generator produced them."""
+
+
+@dataclass
+class JudgeItem:
+    """A prompt, its completions, and the rest of its dataset row (e.g. ``row["answer"]``)."""
+
+    prompt: Prompt
+    completions: list[Completion]
+    row: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class ScoringJudge(Protocol):
+    def score(self, items: list[JudgeItem]) -> list[list[float | None]]: ...
+
+
+@runtime_checkable
+class PairwiseJudge(Protocol):
+    def compare(self, item: JudgeItem, a: int, b: int) -> int | None: ...
+
+
+class Judge:
+    """Optional base class: gives no-op ``setup``/``close``. Subclasses define ``score``."""
+
+    def setup(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def prompt_text(prompt: Prompt) -> str:
+    """A prompt as plain text: chat messages are joined as ``role: content`` lines."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{m.get('role', 'user')}: {m.get('content', '')}" for m in prompt)

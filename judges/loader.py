@@ -1,0 +1,59 @@
+"""Resolve a judge named by ``package.module:ClassName`` and check its kwargs, cheaply.
+
+One mechanism for built-in and user judges alike. ``check_judge_spec`` runs when the config
+loads, before any Ray actor starts; each failure is one line naming ``judge.cls`` or the kwarg.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any
+
+
+class JudgeSpecError(ValueError):
+    pass
+
+
+def import_object(path: str, field: str = "judge.cls") -> Any:
+    """Import ``package.module:Name``; errors name ``field`` and what is missing."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise JudgeSpecError(f"{field}: must look like 'package.module:ClassName', got {path!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # a user's module can fail in any way on import
+        raise JudgeSpecError(f"{field}: cannot import module {module_name!r}: {type(e).__name__}: {e}") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise JudgeSpecError(f"{field}: module {module_name!r} has no attribute {attr!r}") from None
+
+
+def check_judge_spec(path: str, kwargs: dict[str, Any], field: str = "judge.cls") -> type:
+    """Check the class imports, has ``score`` or ``compare``, and accepts ``kwargs``; returns it."""
+    cls = import_object(path, field)
+    if not inspect.isclass(cls):
+        raise JudgeSpecError(f"{field}: {path} is not a class")
+    if not callable(getattr(cls, "score", None)) and not callable(getattr(cls, "compare", None)):
+        raise JudgeSpecError(f"{field}: {path} has neither a score() nor a compare() method")
+    kwargs_field = field.rsplit(".", 1)[0] + ".kwargs"
+    try:
+        sig = inspect.signature(cls)
+    except (TypeError, ValueError):
+        return cls
+    params = sig.parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for key in kwargs:
+        if not takes_any and key not in params:
+            raise JudgeSpecError(f"{kwargs_field}.{key}: not an argument of {path}")
+    try:
+        sig.bind(**kwargs)
+    except TypeError as e:
+        raise JudgeSpecError(f"{kwargs_field}: {path}: {e}") from None
+    return cls
+
+
+def build_judge(path: str, kwargs: dict[str, Any]) -> Any:
+    """Check and instantiate a judge."""
+    return check_judge_spec(path, kwargs)(**kwargs)

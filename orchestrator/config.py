@@ -1,0 +1,337 @@
+"""The run configuration: one pydantic model per component, composed into ``RunConfig``.
+
+Every field is documented by the docstring right under it; that docstring is its only help text
+(``odpo config-doc`` renders them). Unknown keys are errors. ``load_config`` is the one loader:
+defaults, then the YAML file, then ``--set a.b=value`` overrides, typed by the model.
+
+This module imports no torch, Ray or vLLM, so ``odpo --help`` and ``odpo validate`` stay fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class RunSection(Section):
+    name: str = "demo"
+    """Run name: the run directory is ``<output_dir>/<name>``."""
+    output_dir: str = "runs"
+    """Folder that holds run directories (on a cluster: a filesystem the driver can write)."""
+    seed: int = 0
+    """Seed for prompt order, sampling and the learner; a resumed run continues its RNG streams."""
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if not v or "/" in v or v in {".", ".."}:
+            raise ValueError("must be a plain folder name (no '/')")
+        return v
+
+
+class ModelConfig(Section):
+    path: str = "assets/demo/model"
+    """Policy model: a local folder in Hugging Face format, or a hub id where the cluster can reach a hub."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights dtype for the generators and the learner's master copy (bf16 autocast is used on GPU)."""
+    tokenizer: str | None = None
+    """Tokenizer folder or hub id; defaults to ``path``."""
+    chat_template: bool = False
+    """Apply the tokenizer's chat template to prompts (on for instruct models, off for the demo)."""
+    max_model_len: int = Field(1024, gt=0)
+    """Longest prompt + completion in tokens; longer prompts are skipped and counted."""
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists_if_local(cls, v: str) -> str:
+        looks_local = v.startswith((".", "/", "~")) or v.count("/") != 1
+        if looks_local and not Path(v).expanduser().exists():
+            raise ValueError(f"no such model folder: {v}")
+        return v
+
+
+class DataConfig(Section):
+    source: str = "assets/demo/data/train.jsonl"
+    """Training prompts: a json/jsonl/parquet file or folder, or a ``datasets`` hub name."""
+    split: str = "train"
+    """Split of ``source`` to read."""
+    prompt_field: str = "prompt"
+    """Column holding the prompt: a string, or a list of chat messages when ``model.chat_template`` is on."""
+    eval_source: str | None = "assets/demo/data/eval.jsonl"
+    """Held-out prompts for evaluation (same format as ``source``); none = no evaluation."""
+    eval_size: int = Field(0, ge=0)
+    """Number of eval prompts to use (0 = all of ``eval_source``)."""
+
+
+class GeneratorConfig(Section):
+    num_actors: int = Field(1, ge=1)
+    """Number of vLLM generator actors; a round's prompts are split evenly between them."""
+    n: int = Field(8, ge=2)
+    """Completions sampled per prompt (at least 2, to make a pair)."""
+    temperature: float = Field(1.0, ge=0)
+    """Sampling temperature for training samples (evaluation is always greedy)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling threshold."""
+    max_new_tokens: int = Field(8, gt=0)
+    """Longest completion in tokens; a completion cut here has finish reason ``length``."""
+    stop: list[str] = []
+    """Extra stop strings (EOS always stops)."""
+    engine: dict[str, Any] = {}
+    """Extra keyword arguments for ``vllm.LLM`` (e.g. ``gpu_memory_utilization``, ``enforce_eager``)."""
+    num_gpus: float = Field(0, ge=0)
+    """GPUs per generator actor (0 on CPU); with tensor parallelism, set to ``tensor_parallel_size``."""
+    num_cpus: float = Field(1, ge=0)
+    """CPUs reserved per generator actor."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """vLLM tensor-parallel size per generator (GPU clusters)."""
+    timeout_s: float = Field(600, gt=0)
+    """Longest a ``sample`` call may take before the actor is restarted and its share re-sampled."""
+
+
+class JudgeConfig(Section):
+    cls: str = "judges.verifiable:VerifiableJudge"
+    """The judge class as ``package.module:ClassName`` (built-in judges are named the same way)."""
+    kwargs: dict[str, Any] = {}
+    """Keyword arguments for the judge's constructor; checked against its signature at load time."""
+    num_actors: int = Field(1, ge=1)
+    """Judge actors, each hosting one judge instance; batches are fed to them concurrently."""
+    num_gpus: float = Field(0, ge=0)
+    """GPUs per judge actor (a reward model or LLM judge may need one)."""
+    num_cpus: float = Field(0.5, ge=0)
+    """CPUs reserved per judge actor."""
+    timeout_s: float = Field(300, gt=0)
+    """Longest one scoring call may take."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the score of a completion cut off by ``max_new_tokens`` (none = no penalty)."""
+
+    @field_validator("cls")
+    @classmethod
+    def _dotted_path(cls, v: str) -> str:
+        module, sep, name = v.partition(":")
+        if not sep or not module or not name.isidentifier():
+            raise ValueError(f"must look like 'package.module:ClassName', got {v!r}")
+        return v
+
+
+class PairsConfig(Section):
+    strategy: Literal["best_worst", "best_random", "all_pairs_above_margin"] = "best_worst"
+    """How a prompt's scored completions become chosen/rejected pairs."""
+    min_margin: float = Field(0.0, ge=0)
+    """Smallest chosen-minus-rejected score that makes a pair; ties never do."""
+    tie_break: Literal["logprob", "random", "shorter"] = "logprob"
+    """Among equally scored candidates: the most likely one under the policy (a hard negative), random, or the shorter."""
+    max_pairs_per_prompt: int = Field(4, ge=1)
+    """Cap for ``all_pairs_above_margin``."""
+
+
+class LearnerConfig(Section):
+    num_workers: int = Field(1, ge=1)
+    """Learner worker actors joined by torch.distributed (one per GPU; CPU processes here)."""
+    num_gpus_per_worker: float = Field(0, ge=0)
+    """GPUs per learner worker (0 = CPU with gloo; >0 = NCCL)."""
+    num_cpus_per_worker: float = Field(1, ge=0)
+    """CPUs reserved per learner worker."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """Data parallelism: DDP, or FSDP2 (``fully_shard``) for models that do not fit one GPU."""
+    beta: float = Field(0.1, gt=0)
+    """DPO temperature β: rewards are β·(log π − log π_ref)."""
+    loss_type: Literal["sigmoid", "robust", "hinge", "ipo"] = "sigmoid"
+    """DPO loss variant."""
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """Conservative DPO / robust DPO label-noise rate ε."""
+    rpo_alpha: float = Field(0.0, ge=0)
+    """Weight of the NLL term on the chosen answer (iterative RPO); 0 = off."""
+    dpo_weight: float = Field(1.0, ge=0)
+    """Weight of the DPO term (0 = NLL on chosen only, for ablations)."""
+    length_normalize: bool = False
+    """Use mean instead of summed completion log-probs (IPO convention)."""
+    lr: float = Field(1e-4, gt=0)
+    """AdamW learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warmup steps (then constant)."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping norm."""
+    batch_size: int = Field(64, ge=1)
+    """Pairs per optimizer step (global, across workers)."""
+    micro_batch_size: int = Field(64, ge=1)
+    """Pairs per forward/backward on one worker; gradients accumulate up to ``batch_size``."""
+    epochs_per_round: int = Field(1, ge=1)
+    """Passes over a round's pairs."""
+    ref_refresh_every: int = Field(0, ge=0)
+    """Copy the policy into the reference every k rounds (0 = never; 1 = RLHFlow-style iterative DPO)."""
+    ref_on_cpu: bool = False
+    """Hold the reference model on CPU to save GPU memory."""
+    timeout_s: float = Field(900, gt=0)
+    """Longest a ``train`` call may take."""
+
+
+class SyncConfig(Section):
+    backend: Literal["object_store", "nccl", "disk"] = "object_store"
+    """How new weights reach the generators: Ray object store (CPU default), NCCL (GPU), or a shared disk."""
+    timeout_s: float = Field(120, gt=0)
+    """Longest a weight sync may take before the generator is restarted and re-synced."""
+    disk_path: str | None = None
+    """Shared folder for the ``disk`` backend (default: ``<run dir>/sync``)."""
+
+
+class LoopConfig(Section):
+    rounds: int = Field(40, ge=0)
+    """Rounds to run (0 = until stopped)."""
+    prompts_per_round: int = Field(256, ge=1)
+    """Prompts drawn per round (epochs over the shuffled dataset)."""
+    mode: Literal["sync", "async"] = "sync"
+    """``sync``: strictly on-policy; ``async``: sample round t+1 while the learner trains on round t."""
+    max_policy_lag: int = Field(1, ge=0)
+    """In async mode, drop pairs whose policy version lags more than this."""
+    eval_every: int = Field(5, ge=0)
+    """Evaluate every k rounds and at round 0 (0 = never)."""
+    checkpoint_every: int = Field(10, ge=0)
+    """Checkpoint every k rounds and at the end (0 = only at the end and on stop)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Checkpoints kept; older ones are deleted."""
+    max_actor_restarts: int = Field(3, ge=0)
+    """Restarts allowed per actor before the run stops with an error."""
+    max_round_retries: int = Field(2, ge=0)
+    """Retries of a failed round before the run stops with an error."""
+
+
+class MetricsConfig(Section):
+    host: str = "127.0.0.1"
+    """Interface for the Prometheus / status HTTP server (keep loopback unless it must be scraped remotely)."""
+    port: int = Field(0, ge=0, le=65535)
+    """Port for the HTTP server (0 = off)."""
+
+
+class RunConfig(Section):
+    run: RunSection = RunSection()
+    """Run identity and seed."""
+    model: ModelConfig = ModelConfig()
+    """The policy model."""
+    data: DataConfig = DataConfig()
+    """Training and eval prompts."""
+    generator: GeneratorConfig = GeneratorConfig()
+    """vLLM generator actors."""
+    judge: JudgeConfig = JudgeConfig()
+    """The judge that scores completions."""
+    pairs: PairsConfig = PairsConfig()
+    """Pair selection."""
+    learner: LearnerConfig = LearnerConfig()
+    """The DPO learner group."""
+    sync: SyncConfig = SyncConfig()
+    """Weight sync from learner to generators."""
+    loop: LoopConfig = LoopConfig()
+    """The round loop."""
+    metrics: MetricsConfig = MetricsConfig()
+    """Prometheus and status endpoint."""
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "RunConfig":
+        if self.learner.micro_batch_size > self.learner.batch_size:
+            raise ValueError("learner.micro_batch_size: must be <= learner.batch_size")
+        return self
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; ``problems`` holds one line per problem, each naming its field."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def _describe(err: dict) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    kind, ctx = err["type"], err.get("ctx", {})
+    if kind == "extra_forbidden":
+        return f"{loc}: unknown key"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
+        bound = next(iter(ctx.values()))
+        return f"{loc}: must be {op} {bound}"
+    if kind == "literal_error":
+        return f"{loc}: must be one of {ctx.get('expected')}, got {err.get('input')!r}"
+    if kind == "missing":
+        return f"{loc}: required"
+    msg = err["msg"].removeprefix("Value error, ")
+    if msg.startswith(tuple(f"{s}." for s in RunConfig.model_fields)) and not loc:
+        return msg
+    return f"{loc}: {msg}" if loc else msg
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Apply one ``a.b.c=value`` to a nested dict; the value is parsed as YAML (so ``1`` is an int)."""
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise ConfigError([f"--set {override}: expected key.path=value"])
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError([f"--set {override}: {part} is not a section"])
+        node = child
+    node[parts[-1]] = _parse_value(value)
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"{path}: no such config file"])
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        raise ConfigError([f"{path}: YAML error at {where}: {e.problem}"]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path}: YAML error: {e}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: top level must be a mapping of sections"])
+    return data
+
+
+def build_config(data: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError([_describe(err) for err in e.errors()]) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Defaults, then the YAML file (if any), then each ``--set`` override; raises ``ConfigError``."""
+    data = read_yaml(path) if path is not None else {}
+    for override in overrides:
+        apply_override(data, override)
+    return build_config(data)
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def check_plugins(config: RunConfig) -> None:
+    """Check that user code named in the config imports and fits its kwargs, before any actor starts."""
+    from judges.loader import JudgeSpecError, check_judge_spec
+
+    try:
+        check_judge_spec(config.judge.cls, config.judge.kwargs)
+    except JudgeSpecError as e:
+        raise ConfigError([str(e)]) from None

@@ -1,0 +1,1 @@
+"""The built-in CPU demo: a 2-digit addition task and a tiny character-level Llama."""
