@@ -29,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
 
+    p = verbs.add_parser("status", help="print a run's status (from its run directory or its HTTP endpoint)")
+    p.add_argument("target", help="run directory, or http://host:port of the run's metrics server")
+
+    p = verbs.add_parser("plot", help="write PNG charts of a run's metrics to RUN_DIR/plots/")
+    p.add_argument("run_dir")
+
     p = verbs.add_parser("make-demo-model", help="rebuild the demo model and data (assets/demo)")
     p.add_argument("--out", default="assets/demo", help="output folder (default: assets/demo)")
     p.add_argument("--steps", type=int, default=240, help="SFT steps (default: 240)")
@@ -60,6 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         from orchestrator.run import run
 
         return run(config, resume=args.resume)
+    if args.verb == "status":
+        return print_status(args.target)
+    if args.verb == "plot":
+        from orchestrator.plot import plot_run
+
+        for path in plot_run(args.run_dir):
+            print(path)
+        return 0
     if args.verb == "make-demo-model":
         from pathlib import Path
 
@@ -68,3 +82,32 @@ def main(argv: list[str] | None = None) -> int:
         print(make_demo_model(Path(args.out), steps=args.steps))
         return 0
     raise AssertionError(args.verb)
+
+
+def print_status(target: str) -> int:
+    """Print the /status JSON of a live run (URL) or the last state a run directory recorded."""
+    import json
+    from pathlib import Path
+
+    if target.startswith(("http://", "https://")):
+        from urllib.request import urlopen
+
+        try:
+            with urlopen(target.rstrip("/") + "/status", timeout=10) as resp:
+                status = json.load(resp)
+        except OSError as e:
+            print(f"error: {target}: {e}", file=sys.stderr)
+            return 2
+    else:
+        from orchestrator.rundir import RunDir
+
+        rd = RunDir(target)
+        if not rd.root.is_dir():
+            print(f"error: {target}: no such run directory", file=sys.stderr)
+            return 2
+        status = json.loads(rd.status_path.read_text()) if rd.status_path.exists() else {}
+        metrics = rd.read_metrics()
+        status.setdefault("last_round", metrics[-1] if metrics else None)
+        status["checkpoints"] = [p.name for p in rd.checkpoints()]
+    print(json.dumps(status, indent=2, default=str))
+    return 0

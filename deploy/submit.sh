@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Submit an odpo run to a Ray cluster as a job.
+#
+#   deploy/submit.sh CONFIG [--set key=value ...] [--resume]
+#
+# Uses RAY_ADDRESS (e.g. http://127.0.0.1:8265, the head's dashboard) like `ray job submit`.
+# The repo root is shipped as the job's working directory, so odpo's packages and configs (and
+# a custom judge module inside the repo) are importable on every worker. To ship a judge module
+# that lives elsewhere, add it with RAY_SUBMIT_ARGS, e.g.
+#   RAY_SUBMIT_ARGS='--runtime-env-json={"py_modules": ["/path/to/my_judges"]}' deploy/submit.sh cfg.yaml
+# Extra `ray job submit` flags (e.g. --no-wait, --submission-id) go in RAY_SUBMIT_ARGS too.
+set -euo pipefail
+if [ $# -lt 1 ]; then
+    echo "usage: $0 CONFIG [--set key=value ...] [--resume]" >&2
+    exit 2
+fi
+cd "$(dirname "$0")/.."
+RAY=${RAY:-ray}
+[ -x .venv/bin/ray ] && [ "$RAY" = ray ] && RAY=.venv/bin/ray
+# shellcheck disable=SC2086
+exec "$RAY" job submit --working-dir . ${RAY_SUBMIT_ARGS:-} -- python -m orchestrator run "$@"

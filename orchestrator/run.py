@@ -1,0 +1,194 @@
+"""``odpo run``: set up the run directory, Ray, the actors and metrics, then drive the loop.
+
+Connects to a running Ray cluster when there is one (``RAY_ADDRESS``, or the environment of a
+``ray job submit`` job) and otherwise starts a local one. SIGTERM/SIGINT (and ``ray job stop``)
+ask the loop to stop: a round that has not started learning is abandoned, one that has is
+finished, a checkpoint is written and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+from orchestrator.config import RunConfig, dump_config
+from orchestrator.data import DataError, load_prompts
+from orchestrator.loop import Loop, LoopState, Parts, drive
+from orchestrator.metrics import Metrics
+from orchestrator.rundir import RunDir
+
+log = logging.getLogger("odpo")
+
+ACTOR_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    for noisy in ("vllm", "ray", "datasets", "filelock", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cpus_needed(c: RunConfig) -> float:
+    return (c.generator.num_actors * c.generator.num_cpus + c.judge.num_actors * c.judge.num_cpus
+            + c.learner.num_workers * c.learner.num_cpus_per_worker)
+
+
+def connect_ray(c: RunConfig) -> None:
+    import ray
+
+    for key, value in ACTOR_ENV.items():
+        os.environ.setdefault(key, value)
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        log.info("connected to Ray cluster at %s", os.environ["RAY_ADDRESS"])
+        return
+    # A local cluster: advertise enough logical CPUs for every actor (the demo's share a 2-core box).
+    num_cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed(c)))
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    log.info("started a local Ray cluster with %d CPUs", num_cpus)
+
+
+def install_stop_handlers(stop: threading.Event) -> None:
+    def handler(signum, _frame):
+        if stop.is_set():
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            raise SystemExit(1)
+        log.info("%s received: finishing or abandoning the round, then checkpointing", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def build_parts(c: RunConfig, rd: RunDir) -> Parts:
+    from actors.generator import GeneratorPool
+    from actors.judge_host import JudgePool
+    from actors.learner import LearnerGroup
+    from actors.weight_sync import sync_weights
+
+    learner = LearnerGroup(c.model, c.learner, seed=c.run.seed)
+    generators = GeneratorPool(c.model, c.generator, prompt_field=c.data.prompt_field, seed=c.run.seed,
+                               max_restarts=c.loop.max_actor_restarts)
+    judges = JudgePool(c.judge, seed=c.run.seed, max_restarts=c.loop.max_actor_restarts)
+
+    def sync(version: int) -> dict:
+        return sync_weights(learner, generators, version, c.sync, run_dir=str(rd.root))
+
+    return Parts(generators=generators, judges=judges, learner=learner, sync=sync)
+
+
+def run(c: RunConfig, resume: bool = False) -> int:
+    setup_logging()
+    rd = RunDir(Path(c.run.output_dir) / c.run.name)
+    rd.create()
+    if rd.checkpoints() and not resume:
+        log.info("%s already has checkpoints: resuming from the last one", rd.root)
+        resume = True
+    prompts = load_prompts(c.data.source, c.data.split, c.data.prompt_field)
+    eval_prompts = None
+    if c.data.eval_source and c.loop.eval_every:
+        eval_prompts = load_prompts(c.data.eval_source, c.data.split, c.data.prompt_field, limit=c.data.eval_size)
+    log.info("%d training prompts from %s%s", len(prompts), c.data.source,
+             f", {len(eval_prompts)} eval prompts from {c.data.eval_source}" if eval_prompts else "")
+    rd.write_config(dump_config(c))
+
+    stop = threading.Event()
+    install_stop_handlers(stop)
+    metrics = Metrics(c.run.name)
+    if c.metrics.port:
+        port = metrics.serve(c.metrics.host, c.metrics.port)
+        log.info("metrics on http://%s:%d/metrics (status: /status)", c.metrics.host, port)
+
+    connect_ray(c)
+    t = time.perf_counter()
+    metrics.set_phase("starting actors")
+    parts = build_parts(c, rd)
+    log.info("actors ready in %.1fs", time.perf_counter() - t)
+    try:
+        state = LoopState()
+        if resume:
+            state = restore(rd, parts)
+        loop = Loop(c, rd, parts, prompts, eval_prompts, metrics, stop, state)
+
+        def save_checkpoint(st: LoopState) -> None:
+            t0 = time.perf_counter()
+            staging = rd.staging_checkpoint_path(st.round)
+            parts.learner.save(str(staging))
+            payload = {"round": st.round, "policy_version": loop.learner_version, "sampler": st.sampler,
+                       "pairs_total": st.pairs_total, "rounds_without_pairs": st.rounds_without_pairs,
+                       "seed": c.run.seed, "mode": c.loop.mode, "saved_at": time.time()}
+            path = rd.commit_checkpoint(staging, st.round, payload)
+            rd.prune_checkpoints(c.loop.keep_checkpoints)
+            log.info("checkpoint %s written in %.1fs", path, time.perf_counter() - t0)
+
+        drive(loop, save_checkpoint)
+    finally:
+        for part in (parts.generators, parts.judges, parts.learner):
+            try:
+                part.shutdown()
+            except Exception as e:  # shutting down must not hide the loop's own error
+                log.warning("shutdown of %s failed: %s", type(part).__name__, e)
+        metrics.close()
+    log.info("run %s done at round %d", c.run.name, loop.state.round)
+    return 0
+
+
+def restore(rd: RunDir, parts: Parts) -> LoopState:
+    """Load the newest good checkpoint into the learner and generators; trim later outputs."""
+    path, passed_over = rd.latest_good_checkpoint(_checkpoint_problem)
+    for reason in passed_over:
+        log.warning("skipping checkpoint %s", reason)
+    if path is None:
+        log.warning("no usable checkpoint in %s: starting from round 0", rd.checkpoints_dir)
+        rd.truncate_metrics(-1)
+        rd.remove_pairs_after(0)
+        return LoopState()
+    saved = rd.read_checkpoint_state(path)
+    parts.learner.load(str(path))
+    version = int(saved["policy_version"])
+    parts.sync(version)
+    rd.truncate_metrics(saved["round"])
+    rd.remove_pairs_after(saved["round"])
+    log.info("resumed from %s: round %d, policy version %d", path, saved["round"], version)
+    return LoopState(round=saved["round"], policy_version=version, sampler=saved["sampler"],
+                     pairs_total=saved.get("pairs_total", 0), rounds_without_pairs=saved.get("rounds_without_pairs", 0))
+
+
+def _checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (a truncated or missing file), or None."""
+    from safetensors import safe_open
+
+    policy = path / "policy"
+    weights = sorted(policy.glob("*.safetensors"))
+    if not weights:
+        return "no policy weights"
+    for f in [*weights, *path.glob("*.safetensors")]:
+        try:
+            with safe_open(str(f), "np") as st:
+                for key in st.keys():
+                    st.get_slice(key)
+        except Exception as e:  # truncated files fail in several ways
+            return f"{f.name} is unreadable ({type(e).__name__})"
+    optimizer = path / "optimizer.pt"
+    if optimizer.exists():
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(optimizer) as z:
+                if z.testzip() is not None:
+                    return "optimizer.pt is corrupt"
+        except (zipfile.BadZipFile, OSError):
+            return "optimizer.pt is unreadable"
+    return None
+
+
+__all__ = ["run", "DataError"]

@@ -1,0 +1,58 @@
+"""The Prometheus/status server answers real HTTP on a free loopback port."""
+
+import json
+import socket
+import subprocess
+import sys
+from urllib.request import urlopen
+
+from orchestrator.metrics import Metrics
+from orchestrator.rundir import RunDir
+from tests.conftest import REPO
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_metrics_status_and_health_over_http():
+    m = Metrics("unit")
+    port = m.serve("127.0.0.1", free_port())
+    try:
+        m.set_phase("learn", 3, policy_version=2)
+        m.record_round({"round": 3, "policy_version": 3, "loss": 0.25, "pairs": 10, "prompts": 16,
+                        "pairs_dropped": {"tie": 4, "too_long": 0}, "gen_s": 1.5, "round_s": 2.0,
+                        "judge_failures": {"raised": 2}, "restarts": {"generator": 1}})
+        body = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert "odpo_learner_loss 0.25" in body
+        assert "odpo_pairs_total 10.0" in body
+        assert 'odpo_pairs_dropped_total{reason="tie"} 4.0' in body
+        assert 'odpo_failures_total{component="judge",kind="raised"} 2.0' in body
+        assert 'odpo_actor_restarts{kind="generator"} 1.0' in body
+        assert 'odpo_loop_phase_seconds_count{phase="gen"} 1.0' in body
+        assert urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read() == b"ok\n"
+        status = json.load(urlopen(f"http://127.0.0.1:{port}/status", timeout=5))
+        assert status["run"] == "unit" and status["round"] == 3 and status["phase"] == "learn"
+        assert status["last_round"]["loss"] == 0.25 and status["policy_version"] == 3
+        out = subprocess.run([sys.executable, "-m", "orchestrator", "status", f"http://127.0.0.1:{port}"],
+                             cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and json.loads(out.stdout)["phase"] == "learn"
+    finally:
+        m.close()
+
+
+def test_plot_writes_pngs(tmp_path):
+    from orchestrator.plot import plot_run
+
+    rd = RunDir(tmp_path)
+    rd.create()
+    rd.append_metrics({"round": 0, "eval_reward": 0.3})
+    for r in range(1, 4):
+        rd.append_metrics({"round": r, "reward_mean": 0.1 * r, "loss": 0.7 - 0.1 * r, "reward_accuracy": 0.5,
+                           "kl": 0.01 * r, "gen_s": 1.0, "judge_s": 0.1, "learn_s": 0.5, "sync_s": 0.01, "round_s": 1.7,
+                           **({"eval_reward": 0.5} if r == 3 else {})})
+    written = plot_run(tmp_path)
+    assert sorted(p.name for p in written) == ["kl.png", "loss.png", "reward.png", "time.png"]
+    assert all(p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG" for p in written)
