@@ -14,7 +14,22 @@ model) and ``close()``.
 
 The second shape is pairwise: ``compare(item, a, b) -> 0 | 1 | None`` says which of the
 completions at indices ``a`` and ``b`` is better (0 = a, 1 = b, None = cannot tell); a
-round-robin tournament turns the wins into scores.
+round-robin tournament (``judges.tournament``) turns the wins into scores. A judge with both
+methods is called through ``score``.
+
+Further optional hooks, all looked up by name (no base class needed):
+
+- ``check_kwargs(kwargs)`` (classmethod): called when the config loads, before any actor starts;
+  raise ``ValueError`` to reject the arguments (the built-in judges construct themselves here,
+  which is cheap because models load in ``setup``).
+- ``pop_failures() -> dict[str, int]``: counts of the judge's own failures since the last call
+  (e.g. HTTP timeouts); the judge actors report them as ``judge.<kind>``.
+- ``runs_in_driver(kwargs) -> bool`` (staticmethod) and ``bind_generate(fn)``: a judge that needs
+  the policy's own generators (self-rewarding) is hosted in the driver and handed
+  ``fn(prompts, n, temperature, max_tokens) -> list[list[str]]`` before ``setup``.
+
+Scores are validated by the judge actors, not here: NaN, inf and non-numbers become ``None``
+and are counted, so a buggy judge costs completions, never the loop.
 """
 
 from __future__ import annotations

@@ -2,6 +2,10 @@
 
 One mechanism for built-in and user judges alike. ``check_judge_spec`` runs when the config
 loads, before any Ray actor starts; each failure is one line naming ``judge.cls`` or the kwarg.
+It imports the judge's module (which should import heavy libraries lazily, in ``setup``), checks
+the class has ``score`` or ``compare``, binds ``kwargs`` to its constructor's signature, and calls
+the class's optional ``check_kwargs(kwargs)`` hook (the built-in ensemble checks its members
+there, the other built-ins their argument values).
 """
 
 from __future__ import annotations
@@ -15,15 +19,22 @@ class JudgeSpecError(ValueError):
     pass
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def import_object(path: str, field: str = "judge.cls") -> Any:
     """Import ``package.module:Name``; errors name ``field`` and what is missing."""
+    if not isinstance(path, str):
+        raise JudgeSpecError(f"{field}: must be a string 'package.module:ClassName', got {path!r}")
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
         raise JudgeSpecError(f"{field}: must look like 'package.module:ClassName', got {path!r}")
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # a user's module can fail in any way on import
-        raise JudgeSpecError(f"{field}: cannot import module {module_name!r}: {type(e).__name__}: {e}") from None
+        raise JudgeSpecError(f"{field}: cannot import module {module_name!r}: {type(e).__name__}: {_first_line(e)}") from None
     try:
         return getattr(module, attr)
     except AttributeError:
@@ -38,22 +49,35 @@ def check_judge_spec(path: str, kwargs: dict[str, Any], field: str = "judge.cls"
     if not callable(getattr(cls, "score", None)) and not callable(getattr(cls, "compare", None)):
         raise JudgeSpecError(f"{field}: {path} has neither a score() nor a compare() method")
     kwargs_field = field.rsplit(".", 1)[0] + ".kwargs"
+    if not isinstance(kwargs, dict):
+        raise JudgeSpecError(f"{kwargs_field}: must be a mapping, got {type(kwargs).__name__}")
     try:
         sig = inspect.signature(cls)
     except (TypeError, ValueError):
-        return cls
-    params = sig.parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    for key in kwargs:
-        if not takes_any and key not in params:
-            raise JudgeSpecError(f"{kwargs_field}.{key}: not an argument of {path}")
-    try:
-        sig.bind(**kwargs)
-    except TypeError as e:
-        raise JudgeSpecError(f"{kwargs_field}: {path}: {e}") from None
+        sig = None
+    if sig is not None:
+        params = sig.parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        accepted = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        for key in kwargs:
+            if not takes_any and key not in params:
+                raise JudgeSpecError(
+                    f"{kwargs_field}.{key}: not an argument of {path} (it takes: {', '.join(accepted) or 'nothing'})")
+        try:
+            sig.bind(**kwargs)
+        except TypeError as e:
+            raise JudgeSpecError(f"{kwargs_field}: {path}: {e}") from None
+    hook = getattr(cls, "check_kwargs", None)
+    if callable(hook):
+        try:
+            hook(dict(kwargs))
+        except JudgeSpecError:
+            raise  # already names its field (e.g. a nested ensemble member)
+        except Exception as e:  # the hook says why the values are wrong
+            raise JudgeSpecError(f"{kwargs_field}: {path}: {_first_line(e)}") from None
     return cls
 
 
 def build_judge(path: str, kwargs: dict[str, Any]) -> Any:
-    """Check and instantiate a judge."""
+    """Check and instantiate a judge (``setup`` is the caller's business)."""
     return check_judge_spec(path, kwargs)(**kwargs)

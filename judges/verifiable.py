@@ -1,10 +1,20 @@
 """Verifiable rewards: compare each completion with the gold answer in the dataset row.
 
 ``VerifiableJudge(answer_field="answer", mode="number")`` scores 1.0 for a match and 0.0
-otherwise. Modes: ``number`` (numeric equality after normalization: whitespace, ``\\boxed{}``,
-thousands commas, a trailing period, ``+``/leading zeros, ``3.0`` == ``3``), ``exact`` (string
-equality after stripping), ``regex`` (``pattern`` must match the whole stripped completion, with
-``{answer}`` substituted, escaped). The demo's reward uses ``number``.
+otherwise; a row without a usable gold answer scores ``None`` (cannot score). Modes:
+
+- ``number``: numeric equality after normalization: surrounding whitespace and ``$``, the last
+  ``\\boxed{...}`` (nested braces allowed), ``\\frac{a}{b}``, thousands commas (``1,234``), a
+  trailing period, a Unicode minus, ``+`` and leading zeros, equivalent numerals (``3.0`` ==
+  ``3``, ``1/2`` == ``0.5`` == ``.5``, ``1e3`` == ``1000``). With ``strict`` (the default) the
+  completion must state only the number (or box it); otherwise the last number in it counts.
+  ``partial_credit`` is the score of a strict-mode miss whose last number is nevertheless right
+  (e.g. ``"the sum is 43"``), so format and correctness can be rewarded apart.
+- ``exact``: string equality after stripping (``ignore_case`` optional).
+- ``regex``: ``pattern`` must match the whole stripped completion; ``{answer}`` in it is
+  replaced by the escaped gold answer.
+
+The demo's reward uses ``number``.
 """
 
 from __future__ import annotations
@@ -15,25 +25,55 @@ from typing import Literal
 
 from judges.base import Judge, JudgeItem
 
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
-_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:/\d+)?")
+_INT = r"(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)"
+_DEC = rf"(?:{_INT}(?:\.\d+)?|\.\d+)"
+# A sign only where it cannot be an operator between two numbers ("17+26" is not "+26").
+_NUMBER = re.compile(rf"(?:(?<![\w.])[-+])?{_DEC}(?:[eE][-+]?\d+)?(?:\s*/\s*{_INT})?")
+_FRAC = re.compile(r"\\[dt]?frac\{\s*([^{}]*?)\s*\}\{\s*([^{}]*?)\s*\}")
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` in ``text`` (nested braces allowed), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    i, depth = start + len("\\boxed{"), 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None  # unbalanced: no boxed answer
+
+
+def _clean(text: str) -> str:
+    text = text.replace("\u2212", "-").strip()
+    text = _FRAC.sub(r"\1/\2", text)
+    return text.strip("$ \t\n").rstrip(".").strip()
+
+
+def _to_fraction(token: str) -> Fraction | None:
+    token = token.replace(",", "").replace(" ", "")
+    num, _, den = token.partition("/")
+    try:
+        value = Fraction(num)
+        return value / Fraction(den) if den else value
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def parse_number(text: str) -> Fraction | None:
+    """The number ``text`` states when it is exactly one number (after normalization), else None."""
+    text = _clean(text)
+    return _to_fraction(text) if _NUMBER.fullmatch(text) else None
 
 
 def normalize_number(text: str) -> Fraction | None:
-    """The number a short answer states, or None. Takes the last ``\\boxed{}`` if any, else the
-    last number in the text."""
-    text = text.strip()
-    boxed = _BOXED.findall(text)
-    if boxed:
-        text = boxed[-1]
-    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)
-    found = _NUMBER.findall(text)
-    if not found:
-        return None
-    try:
-        return Fraction(found[-1])
-    except (ValueError, ZeroDivisionError):
-        return None
+    """The number a free-form answer states: the last ``\\boxed{}`` if any, else its last number."""
+    boxed = last_boxed(text)
+    if boxed is not None:
+        text = boxed
+    found = _NUMBER.findall(_clean(text))
+    return _to_fraction(found[-1]) if found else None
 
 
 class VerifiableJudge(Judge):
@@ -43,26 +83,48 @@ class VerifiableJudge(Judge):
         mode: Literal["number", "exact", "regex"] = "number",
         pattern: str | None = None,
         strict: bool = True,
+        partial_credit: float = 0.0,
+        ignore_case: bool = False,
     ):
-        """``strict`` (number mode): the completion must be only the number, not text ending in it."""
+        """``strict`` (number mode): the completion must be only the number (or box it).
+        ``partial_credit`` (number mode, strict): score of a right last number in the wrong form.
+        ``ignore_case`` (exact and regex modes): compare case-insensitively."""
         if mode not in ("number", "exact", "regex"):
             raise ValueError(f"mode must be number, exact or regex, got {mode!r}")
-        if mode == "regex" and not pattern:
-            raise ValueError("mode 'regex' needs a pattern")
+        if mode == "regex":
+            if not pattern:
+                raise ValueError("mode 'regex' needs a pattern")
+            try:
+                re.compile(pattern.replace("{answer}", "x"))
+            except re.error as e:
+                raise ValueError(f"pattern {pattern!r} is not a valid regex: {e}") from None
         self.answer_field, self.mode, self.pattern, self.strict = answer_field, mode, pattern, strict
+        self.partial_credit, self.ignore_case = float(partial_credit), ignore_case
 
-    def _match(self, text: str, gold: str) -> bool:
+    @classmethod
+    def check_kwargs(cls, kwargs: dict) -> None:
+        cls(**kwargs)  # construction is cheap and validates every argument
+
+    def _score(self, text: str, gold: str) -> float | None:
         if self.mode == "exact":
-            return text.strip() == gold.strip()
+            a, b = text.strip(), gold.strip()
+            return float(a.casefold() == b.casefold() if self.ignore_case else a == b)
         if self.mode == "regex":
             pat = self.pattern.replace("{answer}", re.escape(gold.strip()))
-            return re.fullmatch(pat, text.strip()) is not None
-        if self.strict and not _BOXED.search(text):
-            body = text.strip().rstrip(".").replace(",", "")
-            if not _NUMBER.fullmatch(body):
-                return False
-        got, want = normalize_number(text), normalize_number(gold)
-        return got is not None and want is not None and got == want
+            flags = re.IGNORECASE if self.ignore_case else 0
+            return float(re.fullmatch(pat, text.strip(), flags) is not None)
+        want = normalize_number(gold)
+        if want is None:
+            return None  # the gold answer is not a number: a data problem, not a wrong answer
+        boxed = last_boxed(text)
+        if not self.strict:
+            return float(normalize_number(text) == want)
+        got = parse_number(boxed if boxed is not None else text)
+        if got == want:
+            return 1.0
+        if self.partial_credit and normalize_number(text) == want:
+            return self.partial_credit
+        return 0.0
 
     def score(self, items: list[JudgeItem]) -> list[list[float | None]]:
         out = []
@@ -71,5 +133,5 @@ class VerifiableJudge(Judge):
             if gold is None:
                 out.append([None] * len(item.completions))
                 continue
-            out.append([float(self._match(c.text, str(gold))) for c in item.completions])
+            out.append([self._score(c.text, str(gold)) for c in item.completions])
         return out

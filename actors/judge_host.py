@@ -1,0 +1,281 @@
+"""Judge actors: a pool of Ray actors, each hosting one judge instance, that scores a round.
+
+``JudgePool(judge_cfg)`` checks the judge's path and kwargs (before any actor starts), then starts
+``judge_cfg.num_actors`` actors with the configured CPUs/GPUs; each builds the judge and calls its
+``setup()``. ``pool.score(items)`` splits the items into one contiguous chunk per actor, scores
+the chunks concurrently and returns a ``ScoreResult``: validated scores (NaN, inf and
+non-numbers become ``None``), the ``missing_eos_penalty`` subtracted from completions cut by the
+length limit, and the completions lost counted by kind (``raised``, ``wrong_shape``, ``none``,
+``not_a_number``, ``nan``, ``inf``, ``timeout``, ``actor_died``, and ``judge.<kind>`` counts the
+judge reports itself). Inside an actor, ``judges.calling.score_guarded`` retries a failing batch
+per item and per completion, so only the failing completions are lost.
+
+A call that exceeds ``timeout_s`` loses its chunk (counted ``timeout``) and its actor is replaced
+(a fresh process: a hung judge is gone for sure). An actor that dies is replaced and its chunk
+re-sent once. Each actor slot may be replaced ``max_restarts`` times; past that the pool raises
+``JudgePoolError`` naming the judge class. Judge misbehaviour never raises.
+
+Self-rewarding judges (``runs_in_driver(kwargs)`` true, e.g. ``LLMJudge(self_rewarding=True)``)
+need the policy's generators, which the driver holds: such a judge is hosted in the driver
+itself, handed ``generate_fn`` (``fn(prompts, n, temperature, max_tokens) -> list[list[str]]``)
+through its ``bind_generate``, and called on a worker thread bounded by ``timeout_s`` (a timed
+out call loses its completions; the thread cannot be killed and is abandoned). The orchestrator
+can always pass ``generate_fn``: judges that do not ask for it never see it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from judges.base import JudgeItem
+from judges.calling import pop_judge_failures, score_guarded
+from judges.loader import check_judge_spec
+
+log = logging.getLogger("odpo.judges")
+
+
+@dataclass
+class ScoreResult:
+    scores: list[list[float | None]]
+    """One list per item, one score per completion; None = no score (see ``failures``)."""
+    failures: dict[str, int] = field(default_factory=dict)
+    """Completions that got no score, by kind (plus ``judge.<kind>`` counts reported by the judge)."""
+    judge_s: float = 0.0
+    """Wall time of the call."""
+    errors: list[str] = field(default_factory=list)
+    """Distinct one-line messages (each names the judge class), for the log."""
+    restarts: int = 0
+    """Actors replaced during this call."""
+
+
+class JudgePoolError(RuntimeError):
+    """The pool cannot go on: an actor failed to start, or restarts are exhausted."""
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed(seed % 2**32)
+    if "torch" in sys.modules:
+        sys.modules["torch"].manual_seed(seed)
+
+
+class JudgeHost:
+    """One judge instance: built, seeded and set up once; scores chunks with ``score_guarded``.
+    Runs as a Ray actor (``ray.remote(JudgeHost)``) or, for self-rewarding judges, in the driver."""
+
+    def __init__(self, cls_path: str, kwargs: dict, seed: int, generate_fn: Callable | None = None):
+        _seed_everything(seed)
+        self.judge = check_judge_spec(cls_path, kwargs)(**kwargs)
+        self.name = type(self.judge).__name__
+        if generate_fn is not None:
+            self.judge.bind_generate(generate_fn)
+        if callable(getattr(self.judge, "setup", None)):
+            self.judge.setup()
+
+    def ready(self) -> str:
+        return self.name
+
+    def score(self, items: list[JudgeItem]) -> tuple[list[list[float | None]], dict[str, int], list[str]]:
+        scores, failures, errors = score_guarded(self.judge, items)
+        failures = {**failures, **pop_judge_failures(self.judge)}
+        return scores, failures, errors
+
+    def close(self) -> None:
+        if callable(getattr(self.judge, "close", None)):
+            self.judge.close()
+
+
+def split_evenly(n: int, parts: int) -> list[range]:
+    """``range(n)`` cut into ``parts`` contiguous ranges whose sizes differ by at most one."""
+    size, extra = divmod(n, parts)
+    out, start = [], 0
+    for p in range(parts):
+        stop = start + size + (p < extra)
+        out.append(range(start, stop))
+        start = stop
+    return out
+
+
+class JudgePool:
+    def __init__(self, judge_cfg: Any, seed: int = 0, max_restarts: int = 3,
+                 generate_fn: Callable | None = None):
+        """``judge_cfg``: the ``judge`` config section (cls, kwargs, num_actors, num_cpus, num_gpus,
+        timeout_s, setup_timeout_s, missing_eos_penalty). ``generate_fn``: the policy's sampler for
+        self-rewarding judges (ignored by others)."""
+        self.cfg, self.seed, self.max_restarts = judge_cfg, seed, max_restarts
+        cls = check_judge_spec(judge_cfg.cls, judge_cfg.kwargs)  # raises JudgeSpecError, before any actor
+        self.name = cls.__name__  # every error message carries it
+        self.restarts = 0
+        self._actors: list[Any] = []
+        self._slot_restarts: list[int] = []
+        self._local: JudgeHost | None = None
+        in_driver = getattr(cls, "runs_in_driver", None)
+        if callable(in_driver) and in_driver(dict(judge_cfg.kwargs)):
+            if generate_fn is None:
+                raise JudgePoolError(f"judge {self.cfg.cls} ({self.name}): its kwargs ask for the policy's generators "
+                                     "(self-rewarding) but JudgePool got no generate_fn")
+            try:
+                self._local = JudgeHost(judge_cfg.cls, dict(judge_cfg.kwargs), seed, generate_fn)
+            except Exception as e:
+                raise JudgePoolError(f"judge {self.cfg.cls} ({self.name}): failed to start: {_describe(e)}") from None
+            return
+        import ray
+
+        self._ray = ray
+        self._remote = ray.remote(JudgeHost)
+        self._actors = [self._start(slot) for slot in range(judge_cfg.num_actors)]
+        self._slot_restarts = [0] * judge_cfg.num_actors
+        try:
+            ray.get([a.ready.remote() for a in self._actors], timeout=self._setup_timeout())
+        except Exception as e:
+            self.shutdown()
+            raise JudgePoolError(f"judge {self.cfg.cls} ({self.name}): actor failed to start: {_describe(e)}") from None
+
+    @property
+    def runs_in_driver(self) -> bool:
+        return self._local is not None
+
+    def _setup_timeout(self) -> float:
+        return float(getattr(self.cfg, "setup_timeout_s", 900))
+
+    def _start(self, slot: int):
+        return self._remote.options(
+            num_cpus=self.cfg.num_cpus, num_gpus=self.cfg.num_gpus, max_restarts=0, max_task_retries=0,
+        ).remote(self.cfg.cls, dict(self.cfg.kwargs), self.seed + slot)
+
+    def _replace(self, slot: int, why: str) -> None:
+        """Kill the actor in ``slot`` and start a fresh one (its construction is awaited lazily:
+        calls queue behind it, and a failed construction surfaces as a dead actor)."""
+        if self._slot_restarts[slot] >= self.max_restarts:
+            raise JudgePoolError(f"judge {self.cfg.cls} ({self.name}): actor {slot} {why}; restarts exhausted ({self.max_restarts})")
+        self._slot_restarts[slot] += 1
+        self.restarts += 1
+        log.warning("judge %s: actor %d %s; restarting (%d/%d)", self.cfg.cls, slot, why,
+                    self._slot_restarts[slot], self.max_restarts)
+        try:
+            self._ray.kill(self._actors[slot], no_restart=True)
+        except Exception:  # already gone
+            pass
+        self._actors[slot] = self._start(slot)
+
+    def score(self, items: list[JudgeItem]) -> ScoreResult:
+        """Score every completion of ``items``; never raises for judge misbehaviour."""
+        t0 = time.perf_counter()
+        restarts0 = self.restarts
+        scores: list[list[float | None]] = [[None] * len(item.completions) for item in items]
+        failures: Counter = Counter()
+        errors: list[str] = []
+        if items:
+            if self._local is not None:
+                self._score_in_driver(items, scores, failures, errors)
+            else:
+                self._score_on_actors(items, scores, failures, errors)
+        penalty = self.cfg.missing_eos_penalty
+        if penalty:
+            for item, row in zip(items, scores):
+                for j, c in enumerate(item.completions):
+                    if row[j] is not None and c.finish_reason == "length":
+                        row[j] -= penalty
+        for message in errors:
+            log.warning("judge %s: %s", self.cfg.cls, message)
+        return ScoreResult(scores=scores, failures={k: v for k, v in failures.items() if v},
+                           judge_s=time.perf_counter() - t0, errors=errors, restarts=self.restarts - restarts0)
+
+    @staticmethod
+    def _merge(chunk: range, out: tuple, scores: list, failures: Counter, errors: list[str]) -> None:
+        chunk_scores, chunk_failures, chunk_errors = out
+        for i, row in zip(chunk, chunk_scores):
+            scores[i] = list(row)
+        failures.update(chunk_failures)
+        errors.extend(e for e in chunk_errors if e not in errors)
+
+    def _score_in_driver(self, items, scores, failures, errors) -> None:
+        executor = ThreadPoolExecutor(max_workers=1)
+        future = executor.submit(self._local.score, items)
+        try:
+            self._merge(range(len(items)), future.result(timeout=self.cfg.timeout_s), scores, failures, errors)
+        except FutureTimeout:
+            failures["timeout"] += sum(len(item.completions) for item in items)
+            errors.append(f"{self.name}: call timed out after {self.cfg.timeout_s} s")
+        except Exception as e:  # score_guarded does not raise; a broken hook might
+            failures["raised"] += sum(len(item.completions) for item in items)
+            errors.append(f"{self.name}: {_describe(e)}")
+        finally:
+            executor.shutdown(wait=False)
+
+    def _score_on_actors(self, items, scores, failures, errors) -> None:
+        ray = self._ray
+        chunks = [c for c in split_evenly(len(items), len(self._actors)) if len(c)]
+        pending: dict[Any, tuple[int, range, float, int]] = {}  # ref -> (slot, chunk, deadline, attempt)
+
+        def submit(slot: int, chunk: range, attempt: int, extra_s: float = 0.0) -> None:
+            ref = self._actors[slot].score.remote([items[i] for i in chunk])
+            pending[ref] = (slot, chunk, time.monotonic() + self.cfg.timeout_s + extra_s, attempt)
+
+        def lose(chunk: range, kind: str) -> None:
+            failures[kind] += sum(len(items[i].completions) for i in chunk)
+
+        for slot, chunk in enumerate(chunks):
+            submit(slot, chunk, 0)
+        while pending:
+            wait_s = max(0.0, min(d for _, _, d, _ in pending.values()) - time.monotonic())
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
+            for ref in ready:
+                slot, chunk, _, attempt = pending.pop(ref)
+                try:
+                    self._merge(chunk, ray.get(ref), scores, failures, errors)
+                except ray.exceptions.RayActorError as e:
+                    errors.append(f"{self.name}: actor {slot} died: {_describe(e)}")
+                    self._replace(slot, "died")
+                    if attempt == 0:  # re-send once; a chunk that kills its actor twice is lost
+                        submit(slot, chunk, 1, extra_s=self._setup_timeout())
+                    else:
+                        lose(chunk, "actor_died")
+                except Exception as e:  # the host itself failed (e.g. unpicklable scores)
+                    errors.append(f"{self.name}: {_describe(e)}")
+                    lose(chunk, "raised")
+            now = time.monotonic()
+            for ref, (slot, chunk, deadline, _) in list(pending.items()):
+                if deadline <= now and not ray.wait([ref], timeout=0)[0]:
+                    pending.pop(ref)
+                    lose(chunk, "timeout")
+                    errors.append(f"{self.name}: actor {slot}: call timed out after {self.cfg.timeout_s} s")
+                    self._replace(slot, "timed out")
+
+    def shutdown(self) -> None:
+        """Close the judges (best effort, bounded) and end the actors."""
+        if self._local is not None:
+            self._local.close()
+            return
+        if not self._actors:
+            return
+        try:
+            self._ray.get([a.close.remote() for a in self._actors], timeout=30)
+        except Exception:  # a dead or hung actor is killed below anyway
+            pass
+        for actor in self._actors:
+            try:
+                self._ray.kill(actor, no_restart=True)
+            except Exception:
+                pass
+        self._actors = []
+
+
+def _describe(e: BaseException) -> str:
+    """One line for an exception, preferring the judge's own error inside Ray's wrappers."""
+    cause = getattr(e, "cause", None) or e.__cause__
+    if cause is not None and cause is not e:
+        return _describe(cause)
+    text = str(e).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    tail = next((ln for ln in reversed(lines) if "Error" in ln or "Exception" in ln), lines[-1] if lines else "")
+    return f"{type(e).__name__}: {tail[:160]}"
