@@ -22,8 +22,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="odpo", description="Online, iterative DPO on Ray.")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
-    p = verbs.add_parser("validate", help="check a config and print it resolved, as YAML")
+    p = verbs.add_parser(
+        "validate", help="check a config and print it resolved, as YAML, then the resources it asks for (as # comments)")
     _add_config_args(p)
+    p.add_argument(
+        "--cluster", action="store_true",
+        help="also check the resources against the running Ray cluster (RAY_ADDRESS, else auto); exit 2 on a shortfall",
+    )
 
     p = verbs.add_parser("run", help="run the self-improvement loop")
     _add_config_args(p)
@@ -34,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("plot", help="write PNG charts of a run's metrics to RUN_DIR/plots/")
     p.add_argument("run_dir")
+
+    p = verbs.add_parser("config-doc", help="print the configuration reference (Markdown) from the config docstrings")
+    p.add_argument("--update", metavar="FILE",
+                   help="instead, rewrite the text between the config-doc marker lines of FILE (e.g. README.md)")
 
     p = verbs.add_parser("make-demo-model", help="rebuild the demo model and data (assets/demo)")
     p.add_argument("--out", default="assets/demo", help="output folder (default: assets/demo)")
@@ -57,10 +66,7 @@ def load_or_exit(args) -> "RunConfig":  # noqa: F821
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verb == "validate":
-        from orchestrator.config import dump_config
-
-        print(dump_config(load_or_exit(args)), end="")
-        return 0
+        return validate(args)
     if args.verb == "run":
         config = load_or_exit(args)
         from orchestrator.run import run
@@ -74,6 +80,19 @@ def main(argv: list[str] | None = None) -> int:
         for path in plot_run(args.run_dir):
             print(path)
         return 0
+    if args.verb == "config-doc":
+        from orchestrator.config_doc import config_reference, update_between_markers
+
+        if args.update:
+            try:
+                changed = update_between_markers(args.update, config_reference())
+            except (OSError, ValueError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            print(f"{args.update}: {'updated' if changed else 'already up to date'}", file=sys.stderr)
+            return 0
+        print(config_reference())
+        return 0
     if args.verb == "make-demo-model":
         from pathlib import Path
 
@@ -82,6 +101,34 @@ def main(argv: list[str] | None = None) -> int:
         print(make_demo_model(Path(args.out), steps=args.steps))
         return 0
     raise AssertionError(args.verb)
+
+
+def validate(args) -> int:
+    """Print the resolved config, then the resources it asks for as YAML comments (stdout stays
+    valid YAML). With ``--cluster``, compare them with the running cluster: each shortfall is one
+    ``error:`` line on stderr and the exit status is 2. Ray is imported only under ``--cluster``."""
+    from orchestrator.config import dump_config
+    from orchestrator.resources import check_cluster, format_plan, judge_runs_in_driver, resource_plan
+
+    config = load_or_exit(args)
+    plan = resource_plan(config, judge_in_driver=judge_runs_in_driver(config))
+    print(dump_config(config), end="")
+    print("\n".join(format_plan(plan)))
+    if not args.cluster:
+        return 0
+    from orchestrator.resources import read_cluster
+
+    try:
+        totals, nodes = read_cluster()
+    except ConnectionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    problems = check_cluster(plan, totals, nodes)
+    for line in problems:
+        print(f"error: {line}", file=sys.stderr)
+    have = f"{totals.get('GPU', 0):g} GPU, {totals.get('CPU', 0):g} CPU on {len(nodes)} node(s)"
+    print(f"# cluster: {have}; {'does not fit' if problems else 'fits'}")
+    return 2 if problems else 0
 
 
 def print_status(target: str) -> int:
