@@ -62,6 +62,10 @@ class DataConfig(Section):
     """Training prompts: a json/jsonl/parquet file or folder, or a ``datasets`` hub name."""
     split: str = "train"
     """Split of ``source`` to read."""
+    subset: str | None = None
+    """Configuration name of a hub dataset that has several (e.g. ``main`` for ``openai/gsm8k``); applies to ``source`` and ``eval_source``."""
+    eval_split: str | None = None
+    """Split of ``eval_source`` to read (none = ``split``), e.g. ``test`` when both name the same hub dataset."""
     prompt_field: str = "prompt"
     """Column holding the prompt: a string, or a list of chat messages when ``model.chat_template`` is on."""
     eval_source: str | None = "assets/demo/data/eval.jsonl"
@@ -93,6 +97,8 @@ class GeneratorConfig(Section):
     """vLLM tensor-parallel size per generator (GPU clusters)."""
     timeout_s: float = Field(600, gt=0)
     """Longest a ``sample`` call may take before the actor is restarted and its share re-sampled."""
+    start_timeout_s: float = Field(900, gt=0)
+    """Longest a generator's engine may take to start (at launch and after a restart)."""
 
 
 class JudgeConfig(Section):
@@ -107,7 +113,9 @@ class JudgeConfig(Section):
     num_cpus: float = Field(0.5, ge=0)
     """CPUs reserved per judge actor."""
     timeout_s: float = Field(300, gt=0)
-    """Longest one scoring call may take."""
+    """Longest one scoring call (one actor's share of a round) may take; past it, that share scores None and the actor is restarted."""
+    setup_timeout_s: float = Field(900, gt=0)
+    """Longest a judge actor's start (building the judge and its ``setup()``, e.g. loading a model) may take."""
     missing_eos_penalty: float | None = None
     """Subtracted from the score of a completion cut off by ``max_new_tokens`` (none = no penalty)."""
 
@@ -145,13 +153,13 @@ class LearnerConfig(Section):
     loss_type: Literal["sigmoid", "robust", "hinge", "ipo"] = "sigmoid"
     """DPO loss variant."""
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
-    """Conservative DPO / robust DPO label-noise rate ε."""
+    """Conservative DPO / robust DPO label-noise rate ε (``sigmoid`` and ``robust`` losses only)."""
     rpo_alpha: float = Field(0.0, ge=0)
-    """Weight of the NLL term on the chosen answer (iterative RPO); 0 = off."""
+    """Weight of the NLL term on the chosen answer (iterative RPO: per-token mean NLL of the chosen completion); 0 = off."""
     dpo_weight: float = Field(1.0, ge=0)
     """Weight of the DPO term (0 = NLL on chosen only, for ablations)."""
     length_normalize: bool = False
-    """Use mean instead of summed completion log-probs (IPO convention)."""
+    """Use mean instead of summed completion log-probs in the DPO term (IPO convention; TRL's ``ipo`` does this)."""
     lr: float = Field(1e-4, gt=0)
     """AdamW learning rate."""
     weight_decay: float = Field(0.0, ge=0)
@@ -167,11 +175,17 @@ class LearnerConfig(Section):
     epochs_per_round: int = Field(1, ge=1)
     """Passes over a round's pairs."""
     ref_refresh_every: int = Field(0, ge=0)
-    """Copy the policy into the reference every k rounds (0 = never; 1 = RLHFlow-style iterative DPO)."""
+    """Copy the policy into the reference after the steps of each round whose number is a multiple of k (0 = never: a fixed reference, as in RLHFlow's recipes; 1 = the reference is always the last round's policy)."""
     ref_on_cpu: bool = False
     """Hold the reference model on CPU to save GPU memory."""
     timeout_s: float = Field(900, gt=0)
-    """Longest a ``train`` call may take."""
+    """Longest a ``train`` call (or start-up, save, load) may take; also the torch.distributed collective timeout."""
+
+    @model_validator(mode="after")
+    def _smoothing_fits_loss(self) -> "LearnerConfig":
+        if self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
+            raise ValueError(f"label_smoothing: applies to the sigmoid and robust losses, not {self.loss_type!r}")
+        return self
 
 
 class SyncConfig(Section):
@@ -181,6 +195,12 @@ class SyncConfig(Section):
     """Longest a weight sync may take before the generator is restarted and re-synced."""
     disk_path: str | None = None
     """Shared folder for the ``disk`` backend (default: ``<run dir>/sync``)."""
+    shm_dir: str | None = "/dev/shm"
+    """Same-node fast path of ``object_store``: when the learner's rank 0 and every generator share a node, weights pass through a reused buffer file in this (RAM-backed) folder instead of the object store; none = off."""
+    nccl_bucket_mb: int = Field(512, ge=1)
+    """``nccl`` backend: tensors are packed into broadcast buckets of this many MiB (two in flight)."""
+    nccl_port: int = Field(0, ge=0, le=65535)
+    """``nccl`` backend: rendezvous port on the learner's rank-0 node (0 = pick a free one)."""
 
 
 class LoopConfig(Section):

@@ -1,0 +1,94 @@
+"""``LearnerGroup``: N ``LearnerWorker`` actors in one placement group, driven as one learner.
+
+Every call fans out to all workers at once (the ranks run collectives together) and waits with
+``learner.timeout_s``; a worker that dies surfaces as Ray's actor error, and the caller rebuilds
+the group from the last checkpoint (workers are never restarted in place: a lone restarted rank
+could not rejoin the process group).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.learner.worker import LearnerWorker
+
+
+class LearnerGroup:
+    def __init__(self, model_cfg: Any, learner_cfg: Any, seed: int = 0):
+        cfg = self.cfg = learner_cfg
+        bundle = {k: v for k, v in (("CPU", cfg.num_cpus_per_worker), ("GPU", cfg.num_gpus_per_worker)) if v > 0}
+        if not bundle:
+            raise ValueError("learner.num_cpus_per_worker and learner.num_gpus_per_worker are both 0: "
+                             "a worker needs some resource to be placed")
+        self.workers: list = []
+        self._pg = placement_group([dict(bundle) for _ in range(cfg.num_workers)], strategy="PACK")
+        try:
+            self._get(self._pg.ready(), f"placement group of {cfg.num_workers} x {bundle} (free resources?)")
+            self.workers = [
+                LearnerWorker.options(
+                    num_cpus=cfg.num_cpus_per_worker, num_gpus=cfg.num_gpus_per_worker,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i),
+                ).remote(model_cfg, cfg, seed, i, cfg.num_workers)
+                for i in range(cfg.num_workers)
+            ]
+            addr, port = self._get(self.workers[0].master_endpoint.remote(), "rank 0 endpoint")
+            self._get([w.setup.remote(addr, port) for w in self.workers], "setup")
+        except BaseException:
+            self.shutdown()
+            raise
+
+    @property
+    def rank0(self):
+        """The rank-0 worker actor (holds full weights under DDP; writes checkpoints)."""
+        return self.workers[0]
+
+    def _get(self, refs, what: str):
+        try:
+            return ray.get(refs, timeout=self.cfg.timeout_s)
+        except GetTimeoutError:
+            limit = self.cfg.timeout_s
+            raise TimeoutError(f"learner: {what} did not finish within learner.timeout_s={limit}s") from None
+
+    def _all(self, method: str, *args, what: str) -> list:
+        return self._get([getattr(w, method).remote(*args) for w in self.workers], what)
+
+    def train(self, pairs: list, round: int) -> dict[str, Any]:
+        """One round of DPO steps on ``pairs`` (the global batch); returns rank 0's report."""
+        ref = ray.put(pairs)
+        return self._all("train", ref, round, what=f"train(round={round})")[0]
+
+    def evaluate(self, pairs: list) -> dict[str, Any]:
+        """Loss, rewards and accuracy of ``pairs`` under the current policy, without a step."""
+        return self._all("evaluate", ray.put(pairs), what="evaluate")[0]
+
+    def save(self, path: str) -> None:
+        """Checkpoint to ``path``: ``policy/`` (HF format), ``reference.safetensors``, ``optimizer.pt``."""
+        self._all("save", path, what=f"save({path})")
+
+    def load(self, path: str) -> None:
+        """Restore the policy, reference, optimizer and scheduler saved by ``save`` on every worker."""
+        self._all("load", path, what=f"load({path})")
+
+    def inject_nan(self, steps: int = 1) -> None:
+        """Fault injection: rank 0's loss is NaN for the next ``steps`` steps (all ranks then skip them)."""
+        self._get(self.rank0.inject_nan_next_step.remote(steps), "inject_nan")
+
+    def shutdown(self) -> None:
+        """Kill the workers and free the placement group (safe to call twice)."""
+        for w in self.workers:
+            try:
+                ray.kill(w, no_restart=True)
+            except Exception:  # already dead
+                pass
+        self.workers = []
+        if self._pg is not None:
+            try:
+                remove_placement_group(self._pg)
+            except Exception:
+                pass
+            self._pg = None
