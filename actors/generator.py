@@ -1,0 +1,343 @@
+"""Generators: ``GeneratorActor`` owns one vLLM engine (in-process, see DESIGN.md) and samples
+``n`` completions per prompt, tagged with the policy version it serves; ``GeneratorPool`` runs
+``generator.num_actors`` of them, splits a batch evenly, returns results in row order, restarts
+and re-syncs an actor that dies, and times out an actor that hangs.
+
+Weights change only through ``actors.weight_sync`` (the pool keeps its last ``Publication`` and
+re-applies it to a restarted actor before re-sampling that actor's share).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from actors.sampling import encode_prompt, engine_kwargs, prompt_seed, row_prompt, split_evenly, to_completion
+from actors.types import SampleGroup
+
+log = logging.getLogger(__name__)
+
+ENV_VARS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+
+
+class GeneratorActor:
+    """One vLLM engine. Used as a Ray actor by ``GeneratorPool``; plain-constructible for tests."""
+
+    def __init__(self, model_cfg, gen_cfg, index: int = 0, seed: int = 0, prompt_field: str = "prompt",
+                 engine_extra: dict | None = None):
+        for key, value in ENV_VARS.items():
+            os.environ.setdefault(key, value)
+        import torch
+        from vllm import LLM
+
+        from actors import weight_sync
+
+        self.model_cfg, self.gen_cfg, self.index, self.prompt_field = model_cfg, gen_cfg, index, prompt_field
+        self.llm = LLM(**engine_kwargs(model_cfg, gen_cfg, seed, on_gpu=torch.cuda.is_available(), extra=engine_extra))
+        self.tokenizer = self.llm.get_tokenizer()
+        self.spec = weight_sync.engine_param_spec(model_cfg.path)
+        self.version = 0
+
+    def ready(self) -> dict[str, Any]:
+        """Who and where this actor is; the pool compares ``pid`` to count restarts."""
+        import ray
+
+        ctx = ray.get_runtime_context() if ray.is_initialized() else None
+        return {"index": self.index, "version": self.version, "pid": os.getpid(),
+                "node_id": ctx.get_node_id() if ctx else None}
+
+    def get_version(self) -> int:
+        return self.version
+
+    def param_spec(self):
+        return self.spec
+
+    def sample(self, rows: list[dict], seed: int, greedy: bool = False, start: int = 0) -> list[SampleGroup]:
+        """One ``SampleGroup`` per row, in order; ``start`` is the rows' position in the round
+        (seeds derive from it, so a round's result does not depend on the split)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        cfg, version, max_len = self.gen_cfg, self.version, self.model_cfg.max_model_len
+        n = 1 if greedy else cfg.n
+        groups, prompts, params, sampled = [], [], [], []
+        for k, row in enumerate(rows):
+            prompt = row_prompt(row, self.prompt_field, start + k)
+            ids = encode_prompt(self.tokenizer, prompt, chat=self.model_cfg.chat_template, position=start + k)
+            group = SampleGroup(prompt=prompt, row=row, completions=[], policy_version=version, prompt_token_ids=ids)
+            groups.append(group)
+            room = max_len - len(ids)
+            if room < 1:
+                group.skipped = "too_long"
+                continue
+            prompts.append(TokensPrompt(prompt_token_ids=ids))
+            params.append(SamplingParams(
+                n=n, temperature=0.0 if greedy else cfg.temperature, top_p=1.0 if greedy else cfg.top_p,
+                max_tokens=min(cfg.max_new_tokens, room), stop=list(cfg.stop) or None,
+                seed=None if greedy else prompt_seed(seed, start + k, n), logprobs=0,
+            ))
+            sampled.append(group)
+        if prompts:
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            for group, out in zip(sampled, outputs):
+                group.completions = [to_completion(c) for c in out.outputs]
+        return groups
+
+    def load_weights(self, desc: dict, version: int) -> float:
+        """Load published weights (``weight_sync`` descriptor); returns the seconds the load took."""
+        from actors import weight_sync
+
+        seconds = weight_sync.load_into_engine(self.llm, desc, self.spec)
+        self.version = version
+        return seconds
+
+    def weight_transfer(self, step: str, payload: Any = None, version: int | None = None) -> None:
+        """One step of vLLM's weight-transfer protocol (the ``nccl`` backend)."""
+        from actors import weight_sync
+
+        weight_sync.engine_transfer_step(self.llm, step, payload)
+        if step == "finish" and version is not None:
+            self.version = version
+
+    def apply(self, fn, *args, **kwargs) -> Any:
+        """Run ``fn(self, *args, **kwargs)`` inside the actor (benchmarks and tests)."""
+        return fn(self, *args, **kwargs)
+
+    def remove_files(self, paths: list[str]) -> None:
+        for path in paths:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+
+class GeneratorLost(RuntimeError):
+    """A generator actor died (Ray restarts it up to ``max_restarts`` times)."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
+
+
+@dataclass
+class PendingSample:
+    """A submitted ``sample`` call; hand it to ``GeneratorPool.collect``."""
+
+    rows: list[dict]
+    seed: int
+    greedy: bool
+    version: int
+    shares: dict[int, tuple[int, int]]
+    refs: dict[int, Any]
+    deadlines: dict[int, float]
+    started: float = field(default_factory=time.perf_counter)
+
+
+class GeneratorPool:
+    """``gen_cfg.num_actors`` generator actors behind one ``sample`` call."""
+
+    def __init__(self, model_cfg, gen_cfg, prompt_field: str = "prompt", seed: int = 0, *, max_restarts: int = 3,
+                 mode: Literal["sync", "async"] = "sync", weight_transfer: str | None = None):
+        import ray
+
+        self.model_cfg, self.gen_cfg, self.mode, self.max_restarts = model_cfg, gen_cfg, mode, max_restarts
+        self.version = 0
+        self.restarts = 0
+        self.uid = uuid.uuid4().hex[:12]
+        self.publication = None
+        """The last weights published to every actor (``weight_sync.Publication``); re-applied after a restart."""
+        self.sync_state: dict[str, Any] = {}
+        """Scratch space of ``weight_sync`` for this pool (buffer slots, files to remove, NCCL session)."""
+        self.last_sample_stats: dict[str, float] = {}
+        extra = {"weight_transfer_config": {"backend": "nccl"}} if weight_transfer == "nccl" else None
+        remote_cls = ray.remote(GeneratorActor).options(
+            num_cpus=gen_cfg.num_cpus, num_gpus=gen_cfg.num_gpus, max_restarts=max_restarts, max_task_retries=0,
+            runtime_env={"env_vars": dict(ENV_VARS)},
+        )
+        self.actors = [remote_cls.remote(model_cfg, gen_cfg, i, seed, prompt_field, extra)
+                       for i in range(gen_cfg.num_actors)]
+        self._served = [0] * gen_cfg.num_actors
+        self._info: list[dict] = [{} for _ in self.actors]
+        try:
+            for i in range(len(self.actors)):
+                self._info[i] = self._await_ready(i, count_restart=False)
+            self.param_spec = self._call([0], "param_spec", timeout=gen_cfg.timeout_s, what="param_spec")[0]
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # -- sampling ------------------------------------------------------------------------------
+
+    def sample(self, rows: list[dict], seed: int, greedy: bool = False) -> list[SampleGroup]:
+        """``n`` completions per row (one, greedy, when ``greedy``), one ``SampleGroup`` per row in order."""
+        return self.collect(self.submit(rows, seed, greedy))
+
+    def submit(self, rows: list[dict], seed: int, greedy: bool = False) -> PendingSample:
+        """Start sampling without waiting (async mode overlaps this with training)."""
+        if self.mode == "sync" and len(set(self._served)) > 1:
+            raise RuntimeError(f"refusing to sample in sync mode: generators serve a mix of policy versions "
+                               f"{self._served} (the last weight sync did not reach every generator)")
+        rows = list(rows)
+        shares = {i: b for i, b in enumerate(split_evenly(len(rows), len(self.actors))) if b[1] > b[0]}
+        pending = PendingSample(rows, seed, greedy, self.version, shares, {}, {})
+        for i in shares:
+            self._dispatch(pending, i)
+        return pending
+
+    def collect(self, pending: PendingSample) -> list[SampleGroup]:
+        """Wait for a submitted call; dead actors are restarted, re-synced and their share re-sampled."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        results: dict[int, list[SampleGroup]] = {}
+        attempts = {i: 0 for i in pending.shares}
+        while pending.refs:
+            now = time.perf_counter()
+            first = min(pending.refs, key=pending.deadlines.get)
+            ready, _ = ray.wait(list(pending.refs.values()), num_returns=1,
+                                timeout=max(0.0, pending.deadlines[first] - now))
+            if not ready:
+                raise TimeoutError(f"{self.actor_name(first)} did not answer sample within {self.gen_cfg.timeout_s}s")
+            i = next(j for j, ref in pending.refs.items() if ref == ready[0])
+            del pending.refs[i]
+            try:
+                groups = ray.get(ready[0])
+            except RayActorError as e:
+                reason = f"died ({type(e).__name__})"
+            else:
+                stale = self.mode == "sync" and any(g.policy_version != self.version for g in groups)
+                if not stale:
+                    results[i] = groups
+                    continue
+                reason = f"served version {groups[0].policy_version}, not {self.version} (restarted?)"
+                if self.publication is None:
+                    raise RuntimeError(f"refusing to sample in sync mode: {self.actor_name(i)} {reason}, and no "
+                                       "weights were published to re-sync it from")
+            attempts[i] += 1
+            if attempts[i] > self.max_restarts:
+                raise RuntimeError(f"{self.actor_name(i)} failed {attempts[i]} times during sample; last: {reason}")
+            log.warning("%s %s; restarting, re-syncing and re-sampling its share", self.actor_name(i), reason)
+            self._recover(i)
+            self._dispatch(pending, i)
+        groups = [g for i in sorted(results) for g in results[i]]
+        versions = {g.policy_version for g in groups}
+        if self.mode == "sync" and len(versions) > 1:
+            raise RuntimeError(f"refusing a sample from a mix of policy versions {sorted(versions)} in sync mode")
+        seconds = time.perf_counter() - pending.started
+        tokens = sum(len(c.token_ids or ()) + (c.finish_reason == "stop") for g in groups for c in g.completions)
+        self.last_sample_stats = {"sample_s": seconds, "tokens": float(tokens), "tokens_per_s": tokens / max(seconds, 1e-9)}
+        return groups
+
+    def _dispatch(self, pending: PendingSample, i: int) -> None:
+        start, end = pending.shares[i]
+        pending.refs[i] = self.actors[i].sample.remote(pending.rows[start:end], pending.seed, pending.greedy, start)
+        pending.deadlines[i] = time.perf_counter() + self.gen_cfg.timeout_s
+
+    # -- versions and weights ------------------------------------------------------------------
+
+    def versions(self) -> list[int]:
+        """The policy version each actor serves (asked live)."""
+        return self._call(range(len(self.actors)), "get_version", timeout=self.gen_cfg.timeout_s, what="get_version")
+
+    def load_publication(self, publication) -> float:
+        """Make every actor serve ``publication`` (an actor that dies meanwhile is recovered and
+        loaded again); then it becomes the pool's current weights. Returns the load seconds."""
+        everyone = list(range(len(self.actors)))
+        for attempt in range(self.max_restarts + 1):
+            try:
+                seconds = publication.apply(self, everyone)
+                break
+            except GeneratorLost as e:
+                if attempt == self.max_restarts:
+                    raise
+                log.warning("%s; waiting for its restart before loading again", e)
+                self._recover(e.index, resync=False)
+        self.publication, self.version = publication, publication.version
+        self._served = [publication.version] * len(self.actors)
+        return seconds
+
+    def restart_actor(self, i: int, resync: bool = True) -> None:
+        """Kill actor ``i`` (Ray restarts it), wait for its engine and re-sync it: for a hung actor."""
+        import ray
+
+        ray.kill(self.actors[i], no_restart=False)
+        self._recover(i, resync=resync, old_pid=self._info[i].get("pid"))
+
+    def _recover(self, i: int, resync: bool = True, old_pid: int | None = None) -> None:
+        info = self._await_ready(i, count_restart=True, old_pid=old_pid)
+        self._served[i] = info["version"]
+        if resync and self.publication is not None and info["version"] != self.publication.version:
+            self.publication.apply(self, [i])
+            self._served[i] = self.publication.version
+
+    def _await_ready(self, i: int, count_restart: bool, old_pid: int | None = None) -> dict:
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError
+
+        timeout = self.gen_cfg.start_timeout_s
+        deadline = time.perf_counter() + timeout
+        while True:
+            try:
+                info = ray.get(self.actors[i].ready.remote(), timeout=max(0.0, deadline - time.perf_counter()))
+                if old_pid is None or info["pid"] != old_pid:
+                    break
+                # A kill is asynchronous: the old process may still answer once.
+                time.sleep(0.2)
+            except ActorUnavailableError:
+                if time.perf_counter() > deadline:
+                    raise TimeoutError(f"{self.actor_name(i)} did not come back within {timeout}s") from None
+                time.sleep(0.5)
+            except ActorDiedError as e:
+                raise RuntimeError(f"{self.actor_name(i)} is dead for good (max_restarts={self.max_restarts} "
+                                   f"used up, or its engine fails to start): {e}") from None
+            except GetTimeoutError:
+                raise TimeoutError(f"{self.actor_name(i)}: engine did not start within "
+                                   f"generator.start_timeout_s={timeout}s") from None
+        if count_restart and info["pid"] != self._info[i].get("pid"):
+            self.restarts += 1
+        self._info[i] = info
+        return info
+
+    def _call(self, indices, method: str, *args, timeout: float, what: str) -> list:
+        """``method(*args)`` on the given actors, each answer within ``timeout`` seconds overall."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        indices = list(indices)
+        refs = [getattr(self.actors[i], method).remote(*args) for i in indices]
+        deadline, out = time.perf_counter() + timeout, []
+        for i, ref in zip(indices, refs):
+            try:
+                out.append(ray.get(ref, timeout=max(0.0, deadline - time.perf_counter())))
+            except GetTimeoutError:
+                raise TimeoutError(f"{self.actor_name(i)} did not answer {what} within {timeout}s") from None
+            except RayActorError as e:
+                raise GeneratorLost(i, f"{self.actor_name(i)} died during {what} ({type(e).__name__})") from e
+        return out
+
+    def node_ids(self) -> list[str | None]:
+        return [info.get("node_id") for info in self._info]
+
+    def pids(self) -> list[int | None]:
+        return [info.get("pid") for info in self._info]
+
+    def actor_name(self, i: int) -> str:
+        return f"generator {i} (actor id {self.actors[i]._actor_id.hex()})"
+
+    def shutdown(self) -> None:
+        """Remove this pool's sync files (through an actor on their node) and end the actors."""
+        import ray
+
+        files = sorted(self.sync_state.get("files", ()))
+        if files and self.actors:
+            try:
+                ray.get(self.actors[0].remove_files.remote(files), timeout=30)
+            except Exception as e:  # cleanup must not hide the reason we are shutting down
+                log.warning("could not remove sync files %s: %s", files, e)
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []

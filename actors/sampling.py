@@ -1,0 +1,113 @@
+"""What a generator does around the engine call: turn dataset rows into prompt token ids, derive
+per-prompt seeds, split a batch over actors, and turn vLLM outputs into ``Completion``s.
+
+No Ray and no vLLM import here (the helpers take the tokenizer and output objects as arguments),
+so the rules are unit-testable in milliseconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from judges.base import Completion, Prompt
+
+# Room reserved by default for the KV cache of a CPU engine: vLLM's share-of-memory default
+# goes negative in big processes (see DESIGN.md).
+CPU_KV_CACHE_BYTES = 64 << 20
+
+
+def engine_kwargs(model_cfg, gen_cfg, seed: int, *, on_gpu: bool, extra: dict | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``vllm.LLM``: the model section, then ``generator.engine``, then ``extra``."""
+    kwargs: dict[str, Any] = dict(
+        model=model_cfg.path,
+        tokenizer=model_cfg.tokenizer or model_cfg.path,
+        dtype=model_cfg.dtype,
+        max_model_len=model_cfg.max_model_len,
+        seed=seed,
+        # In-process engine (see DESIGN.md); tensor parallelism needs worker processes.
+        distributed_executor_backend="uni" if gen_cfg.tensor_parallel_size == 1 else "mp",
+        tensor_parallel_size=gen_cfg.tensor_parallel_size,
+    )
+    kwargs.update(gen_cfg.engine)
+    kwargs.update(extra or {})
+    if not on_gpu and "kv_cache_memory_bytes" not in kwargs and "gpu_memory_utilization" not in kwargs:
+        kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+    return kwargs
+
+
+def row_prompt(row: dict, field: str, position: int) -> Prompt:
+    """The prompt of a dataset row; a missing or ill-typed field is an error naming the row."""
+    if not isinstance(row, dict) or field not in row:
+        keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+        raise ValueError(f"row {position}: no prompt field {field!r} (has {keys})")
+    prompt = row[field]
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and all(isinstance(m, dict) and "content" in m for m in prompt):
+        return prompt
+    raise ValueError(f"row {position}: field {field!r} must be a string or a list of chat messages, "
+                     f"got {type(prompt).__name__}")
+
+
+def encode_prompt(tokenizer, prompt: Prompt, *, chat: bool, position: int) -> list[int]:
+    """Prompt token ids as the engine will see them.
+
+    Plain text is tokenized with the tokenizer's special tokens (BOS), like vLLM does for text.
+    With ``chat`` the chat template is rendered with the generation prompt (a bare string becomes
+    one user message) and tokenized without special tokens, the convention for templates that
+    write their own BOS; a template that writes none gets the BOS the tokenizer would add to
+    plain text, so the model sees the same start of sequence in both modes.
+    """
+    if not chat:
+        if not isinstance(prompt, str):
+            raise ValueError(f"row {position}: prompt is a list of chat messages but model.chat_template is off")
+        return list(tokenizer(prompt)["input_ids"])
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    bos = tokenizer.bos_token_id
+    adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+    if adds_bos and ids[:1] != [bos]:
+        ids = [bos] + ids
+    return ids
+
+
+def prompt_seed(seed: int, position: int, n: int) -> int:
+    """The sampling seed of the prompt at ``position`` of a round drawn with ``seed``.
+
+    vLLM seeds the k-th of a request's ``n`` samples with ``seed + k``, so prompts are spaced
+    ``n`` apart: no two samples of a round share a random stream, and the result does not depend
+    on how the batch was split over actors (or re-sampled after a restart).
+    """
+    base = int.from_bytes(hashlib.sha256(f"odpo-round-{seed}".encode()).digest()[:4], "little")
+    return (base + position * n) % (2**31 - n)
+
+
+def split_evenly(count: int, parts: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of each of ``parts`` contiguous shares whose sizes differ by at most one."""
+    base, extra = divmod(count, parts)
+    bounds, start = [], 0
+    for i in range(parts):
+        end = start + base + (1 if i < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def to_completion(output) -> Completion:
+    """A vLLM ``CompletionOutput`` as a ``Completion``.
+
+    ``token_ids`` drop the EOS token that ended a ``stop`` completion (vLLM reports a stop string
+    or stop token in ``stop_reason``; ``None`` there means EOS); ``logprob`` sums the log-probs of
+    every sampled token, EOS included, under the unmodified policy (vLLM's raw log-probs).
+    """
+    ids = list(output.token_ids)
+    finish = "length" if output.finish_reason == "length" else "stop"
+    if finish == "stop" and output.stop_reason is None and ids:
+        ids = ids[:-1]
+    logprob = output.cumulative_logprob
+    if logprob is None and output.logprobs:
+        logprob = sum(step[tok].logprob for step, tok in zip(output.logprobs, output.token_ids))
+    return Completion(text=output.text, finish_reason=finish,
+                      logprob=None if logprob is None else float(logprob), token_ids=ids)

@@ -1,0 +1,76 @@
+"""The generator's rules around the engine call: prompt tokens (plain and chat), seeds, splits,
+and how a vLLM output becomes a ``Completion``."""
+
+import math
+
+import pytest
+from transformers import AutoTokenizer
+from vllm.logprobs import Logprob
+from vllm.outputs import CompletionOutput
+
+from actors.sampling import CPU_KV_CACHE_BYTES, encode_prompt, engine_kwargs, prompt_seed, row_prompt, \
+    split_evenly, to_completion
+from orchestrator.config import GeneratorConfig, ModelConfig
+from tests.conftest import DEMO_MODEL
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(DEMO_MODEL)
+
+
+def test_split_is_even_contiguous_and_covers_everything():
+    assert split_evenly(10, 3) == [(0, 4), (4, 7), (7, 10)]
+    assert split_evenly(2, 4) == [(0, 1), (1, 2), (2, 2), (2, 2)]
+
+
+def test_prompt_seeds_never_share_a_stream_within_a_round():
+    n = 8
+    streams = [prompt_seed(5, p, n) + k for p in range(2000) for k in range(n)]  # vLLM: child k gets seed + k
+    assert len(set(streams)) == len(streams)
+    assert prompt_seed(5, 0, n) != prompt_seed(6, 0, n)
+    assert all(0 <= s < 2**31 for s in streams)
+
+
+def test_plain_prompts_get_bos_and_chat_prompts_the_template(tok):
+    assert encode_prompt(tok, "1+2=", chat=False, position=0) == [1] + tok("1+2=", add_special_tokens=False)["input_ids"]
+    chat = encode_prompt(tok, [{"role": "user", "content": "1+2="}], chat=True, position=0)
+    assert chat[0] == tok.bos_token_id and tok.decode(chat[1:]) == "user: 1+2=\nassistant: "
+    assert encode_prompt(tok, "1+2=", chat=True, position=0) == chat  # a bare string is one user message
+    with pytest.raises(ValueError, match="row 4: prompt is a list of chat messages but model.chat_template is off"):
+        encode_prompt(tok, [{"role": "user", "content": "x"}], chat=False, position=4)
+
+
+def test_row_prompt_errors_name_the_row_and_field():
+    assert row_prompt({"q": "hi"}, "q", 0) == "hi"
+    with pytest.raises(ValueError, match=r"row 3: no prompt field 'prompt' \(has \['q'\]\)"):
+        row_prompt({"q": "hi"}, "prompt", 3)
+    with pytest.raises(ValueError, match=r"row 2: field 'q' must be a string or a list of chat messages, got int"):
+        row_prompt({"q": 7}, "q", 2)
+
+
+def output(ids, finish, stop_reason=None, logps=None):
+    logps = logps or [-0.5] * len(ids)
+    return CompletionOutput(index=0, text="t", token_ids=ids, cumulative_logprob=sum(logps),
+                            logprobs=[{t: Logprob(lp)} for t, lp in zip(ids, logps)],
+                            finish_reason=finish, stop_reason=stop_reason)
+
+
+def test_eos_is_dropped_from_token_ids_but_counted_in_the_logprob():
+    c = to_completion(output([5, 6, 2], "stop", logps=[-0.1, -0.2, -0.3]))
+    assert c.token_ids == [5, 6] and c.finish_reason == "stop" and math.isclose(c.logprob, -0.6)
+    assert to_completion(output([5, 6], "length")).token_ids == [5, 6]
+    assert to_completion(output([5, 6], "length")).finish_reason == "length"
+    # Stopped by a stop string: the last token is text, not EOS.
+    assert to_completion(output([5, 6], "stop", stop_reason="\n")).token_ids == [5, 6]
+
+
+def test_engine_kwargs_layer_model_then_engine_section_then_extra():
+    model, gen = ModelConfig(path=str(DEMO_MODEL), max_model_len=48), GeneratorConfig(engine={"enforce_eager": True})
+    kwargs = engine_kwargs(model, gen, 3, on_gpu=False)
+    assert kwargs["model"] == kwargs["tokenizer"] == str(DEMO_MODEL)
+    assert (kwargs["max_model_len"], kwargs["seed"], kwargs["dtype"]) == (48, 3, "float32")
+    assert kwargs["distributed_executor_backend"] == "uni" and kwargs["enforce_eager"] is True
+    assert kwargs["kv_cache_memory_bytes"] == CPU_KV_CACHE_BYTES
+    explicit = engine_kwargs(model, GeneratorConfig(engine={"gpu_memory_utilization": 0.1}), 3, on_gpu=False)
+    assert "kv_cache_memory_bytes" not in explicit
