@@ -21,8 +21,11 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import transformers, vllm, ray, torch; print('odpo env ok: torch', torch.__version__, 'vllm', vllm.__version__, 'ray', ray.__version__)"
 	touch $(STAMP)
 
+# The demo starts fresh each time (runs/demo is replaced), then charts its metrics.
 demo: $(STAMP)
-	$(PY) -m orchestrator run $(CONFIG)
+	rm -rf runs/demo
+	$(PY) -m orchestrator run $(CONFIG) --set run.name=demo
+	$(PY) -m orchestrator plot runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -ra $(PYTEST_ARGS) tests

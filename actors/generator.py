@@ -62,6 +62,7 @@ class GeneratorActor:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        t0 = time.perf_counter()
         cfg, version, max_len = self.gen_cfg, self.version, self.model_cfg.max_model_len
         n = 1 if greedy else cfg.n
         groups, prompts, params, sampled = [], [], [], []
@@ -85,6 +86,9 @@ class GeneratorActor:
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
             for group, out in zip(sampled, outputs):
                 group.completions = [to_completion(c) for c in out.outputs]
+        elapsed = time.perf_counter() - t0
+        for group in groups:
+            group.sample_s = elapsed
         return groups
 
     def load_weights(self, desc: dict, version: int) -> float:
@@ -228,8 +232,12 @@ class GeneratorPool:
         if self.mode == "sync" and len(versions) > 1:
             raise RuntimeError(f"refusing a sample from a mix of policy versions {sorted(versions)} in sync mode")
         seconds = time.perf_counter() - pending.started
+        # The engines' own time (the slowest share): in async mode the span from submit to collect
+        # also covers whatever the driver did meanwhile.
+        engine_s = max((g.sample_s for g in groups), default=0.0)
         tokens = sum(len(c.token_ids or ()) + (c.finish_reason == "stop") for g in groups for c in g.completions)
-        self.last_sample_stats = {"sample_s": seconds, "tokens": float(tokens), "tokens_per_s": tokens / max(seconds, 1e-9)}
+        self.last_sample_stats = {"sample_s": seconds, "engine_s": engine_s, "tokens": float(tokens),
+                                  "tokens_per_s": tokens / max(engine_s or seconds, 1e-9)}
         return groups
 
     def _dispatch(self, pending: PendingSample, i: int) -> None:

@@ -19,6 +19,8 @@ class SampleGroup:
     prompt_token_ids: list[int] = field(default_factory=list)
     skipped: str | None = None
     """Why the prompt produced no completions (e.g. ``too_long``); None when sampled."""
+    sample_s: float = 0.0
+    """Seconds the generator spent on the call that produced this group."""
 
     def to_item(self) -> JudgeItem:
         return JudgeItem(prompt=self.prompt, completions=self.completions, row=self.row)

@@ -22,7 +22,7 @@ class DataError(ValueError):
     pass
 
 
-def _load_dataset(source: str, split: str):
+def _load_dataset(source: str, split: str, subset: str | None = None):
     import datasets
 
     datasets.disable_progress_bars()
@@ -34,10 +34,10 @@ def _load_dataset(source: str, split: str):
                 raise DataError(f"{source}: unsupported file type {path.suffix!r} (json, jsonl, parquet, csv)")
             return datasets.load_dataset(fmt, data_files=str(path), split="train")
         if path.is_dir():
-            return datasets.load_dataset(str(path), split=split)
+            return datasets.load_dataset(str(path), subset, split=split)
         if source.startswith((".", "/", "~")):
             raise DataError(f"{source}: no such file or folder")
-        return datasets.load_dataset(source, split=split)
+        return datasets.load_dataset(source, subset, split=split)
     except DataError:
         raise
     except Exception as e:  # datasets raises many kinds; the message names the file
@@ -68,11 +68,11 @@ class PromptSet:
         return len(self.rows)
 
 
-def load_prompts(source: str, split: str, prompt_field: str, limit: int = 0) -> PromptSet:
+def load_prompts(source: str, split: str, prompt_field: str, limit: int = 0, subset: str | None = None) -> PromptSet:
     """Load and check rows. A missing prompt column is an error naming the file and field;
     empty, non-text or control-character prompts are skipped and counted; duplicates are kept
     once and counted."""
-    ds = _load_dataset(source, split)
+    ds = _load_dataset(source, split, subset)
     if prompt_field not in ds.column_names:
         raise DataError(
             f"{source}: no column {prompt_field!r} (data.prompt_field); columns are {ds.column_names}"

@@ -11,6 +11,8 @@ and learning; pairs more than ``loop.max_policy_lag`` versions behind the learne
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import random
@@ -114,7 +116,8 @@ class Loop:
         groups = self.collect(self.pending)
         sampler_after_this_round = self.sampler.state()
         self.pending = None
-        gen_s = time.perf_counter() - t
+        gen_wait_s = time.perf_counter() - t
+        gen_s = max((g.sample_s for g in groups), default=0.0) or gen_wait_s
         sync_s = 0.0
         if c.loop.mode == "async":
             sync_s += self.push_weights()
@@ -184,6 +187,8 @@ class Loop:
         rec.update({
             "policy_version": self.state.policy_version,
             "prompts": len(groups),
+            "prompts_sha": hashlib.sha1(json.dumps([g.prompt for g in groups]).encode()).hexdigest()[:12],
+            "data_cursor": self.state.sampler,
             "completions": completions,
             "pairs": len(pairs),
             "pairs_dropped": dict(dropped),
@@ -202,6 +207,7 @@ class Loop:
             "gen_tokens": gen_tokens,
             "gen_tokens_per_s": gen_tokens / gen_s if gen_s > 0 else None,
             "gen_s": gen_s,
+            "gen_wait_s": gen_wait_s,
             "judge_s": judge_s,
             "learn_s": learn_s,
             "sync_s": sync_s,

@@ -31,7 +31,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     }
     written = []
     for name, (title, keys) in charts.items():
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = plt.subplots(figsize=(8, 4))
         for key, label in keys:
             xs, ys = _series(records, key)
             if xs:
@@ -39,13 +39,13 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         ax.set_title(title)
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
         fig.tight_layout()
         fig.savefig(rd.plots_dir / name, dpi=100)
         plt.close(fig)
         written.append(rd.plots_dir / name)
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     rounds = [r for r in records if r.get("round", 0) > 0 and isinstance(r.get("round_s"), (int, float))]
     xs = [r["round"] for r in rounds]
     bottom = [0.0] * len(rounds)
@@ -56,7 +56,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     ax.plot(xs, [r["round_s"] for r in rounds], color="black", linewidth=1, label="round (wall)")
     ax.set_title("Time per round (s)")
     ax.set_xlabel("round")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     fig.tight_layout()
     fig.savefig(rd.plots_dir / "time.png", dpi=100)
     plt.close(fig)

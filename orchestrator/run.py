@@ -24,7 +24,7 @@ from orchestrator.rundir import RunDir
 
 log = logging.getLogger("odpo")
 
-ACTOR_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+ACTOR_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "WARNING"}
 
 
 def setup_logging() -> None:
@@ -77,7 +77,8 @@ def build_parts(c: RunConfig, rd: RunDir) -> Parts:
 
     learner = LearnerGroup(c.model, c.learner, seed=c.run.seed)
     generators = GeneratorPool(c.model, c.generator, prompt_field=c.data.prompt_field, seed=c.run.seed,
-                               max_restarts=c.loop.max_actor_restarts)
+                               max_restarts=c.loop.max_actor_restarts, mode=c.loop.mode,
+                               weight_transfer="nccl" if c.sync.backend == "nccl" else None)
     judges = JudgePool(c.judge, seed=c.run.seed, max_restarts=c.loop.max_actor_restarts)
 
     def sync(version: int) -> dict:
@@ -93,22 +94,23 @@ def run(c: RunConfig, resume: bool = False) -> int:
     if rd.checkpoints() and not resume:
         log.info("%s already has checkpoints: resuming from the last one", rd.root)
         resume = True
-    prompts = load_prompts(c.data.source, c.data.split, c.data.prompt_field)
+    prompts = load_prompts(c.data.source, c.data.split, c.data.prompt_field, subset=c.data.subset)
     eval_prompts = None
     if c.data.eval_source and c.loop.eval_every:
-        eval_prompts = load_prompts(c.data.eval_source, c.data.split, c.data.prompt_field, limit=c.data.eval_size)
+        eval_prompts = load_prompts(c.data.eval_source, c.data.eval_split or c.data.split, c.data.prompt_field,
+                                    limit=c.data.eval_size, subset=c.data.subset)
     log.info("%d training prompts from %s%s", len(prompts), c.data.source,
              f", {len(eval_prompts)} eval prompts from {c.data.eval_source}" if eval_prompts else "")
     rd.write_config(dump_config(c))
 
     stop = threading.Event()
-    install_stop_handlers(stop)
     metrics = Metrics(c.run.name)
     if c.metrics.port:
         port = metrics.serve(c.metrics.host, c.metrics.port)
         log.info("metrics on http://%s:%d/metrics (status: /status)", c.metrics.host, port)
 
     connect_ray(c)
+    install_stop_handlers(stop)  # after ray.init, which installs its own SIGTERM handler
     t = time.perf_counter()
     metrics.set_phase("starting actors")
     parts = build_parts(c, rd)
