@@ -93,6 +93,10 @@ class GeneratorActor:
 
     def load_weights(self, desc: dict, version: int) -> float:
         """Load published weights (``weight_sync`` descriptor); returns the seconds the load took."""
+        delay = getattr(self, "fault_delay_next_load_s", 0.0)
+        if delay:  # fault injection (orchestrator/faults.py): a load that hangs past its timeout
+            self.fault_delay_next_load_s = 0.0
+            time.sleep(delay)
         from actors import weight_sync
 
         seconds = weight_sync.load_into_engine(self.llm, desc, self.spec)
@@ -125,6 +129,10 @@ class GeneratorLost(RuntimeError):
     def __init__(self, index: int, message: str):
         super().__init__(message)
         self.index = index
+
+
+class GeneratorHung(GeneratorLost, TimeoutError):
+    """A generator actor did not answer within its timeout (it is killed and restarted)."""
 
 
 @dataclass
@@ -205,7 +213,7 @@ class GeneratorPool:
             ready, _ = ray.wait(list(pending.refs.values()), num_returns=1,
                                 timeout=max(0.0, pending.deadlines[first] - now))
             if not ready:
-                raise TimeoutError(f"{self.actor_name(first)} did not answer sample within {self.gen_cfg.timeout_s}s")
+                raise GeneratorHung(first, f"{self.actor_name(first)} did not answer sample within {self.gen_cfg.timeout_s}s")
             i = next(j for j, ref in pending.refs.items() if ref == ready[0])
             del pending.refs[i]
             try:
@@ -213,11 +221,13 @@ class GeneratorPool:
             except RayActorError as e:
                 reason = f"died ({type(e).__name__})"
             else:
-                stale = self.mode == "sync" and any(g.policy_version != self.version for g in groups)
+                # A share from an actor that restarted (between calls too) serves older weights than
+                # the pool had when the call was submitted: in either mode it is re-synced and redone.
+                stale = any(g.policy_version != pending.version for g in groups)
                 if not stale:
                     results[i] = groups
                     continue
-                reason = f"served version {groups[0].policy_version}, not {self.version} (restarted?)"
+                reason = f"served version {groups[0].policy_version}, not {pending.version} (restarted?)"
                 if self.publication is None:
                     raise RuntimeError(f"refusing to sample in sync mode: {self.actor_name(i)} {reason}, and no "
                                        "weights were published to re-sync it from")
@@ -262,8 +272,12 @@ class GeneratorPool:
             except GeneratorLost as e:
                 if attempt == self.max_restarts:
                     raise
-                log.warning("%s; waiting for its restart before loading again", e)
-                self._recover(e.index, resync=False)
+                if isinstance(e, GeneratorHung):  # a hung engine must not stall the round: replace it
+                    log.warning("%s; restarting it before loading again", e)
+                    self.restart_actor(e.index, resync=False)
+                else:
+                    log.warning("%s; waiting for its restart before loading again", e)
+                    self._recover(e.index, resync=False)
         self.publication, self.version = publication, publication.version
         self._served = [publication.version] * len(self.actors)
         return seconds
@@ -322,7 +336,7 @@ class GeneratorPool:
             try:
                 out.append(ray.get(ref, timeout=max(0.0, deadline - time.perf_counter())))
             except GetTimeoutError:
-                raise TimeoutError(f"{self.actor_name(i)} did not answer {what} within {timeout}s") from None
+                raise GeneratorHung(i, f"{self.actor_name(i)} did not answer {what} within {timeout}s") from None
             except RayActorError as e:
                 raise GeneratorLost(i, f"{self.actor_name(i)} died during {what} ({type(e).__name__})") from e
         return out

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from judges.base import JudgeItem
-from judges.calling import pop_judge_failures, score_guarded
+from judges.calling import call_score, pop_judge_failures, score_guarded
 from judges.loader import check_judge_spec
 
 log = logging.getLogger("odpo.judges")
@@ -85,13 +85,32 @@ class JudgeHost:
         return self.name
 
     def score(self, items: list[JudgeItem]) -> tuple[list[list[float | None]], dict[str, int], list[str]]:
-        scores, failures, errors = score_guarded(self.judge, items)
+        judge = self.judge
+        if getattr(self, "fault_raise_calls", 0):  # fault injection (orchestrator/faults.py)
+            judge, self.fault_raise_calls = _Raising(judge, self.fault_raise_calls), 0
+        scores, failures, errors = score_guarded(judge, items)
         failures = {**failures, **pop_judge_failures(self.judge)}
         return scores, failures, errors
 
     def close(self) -> None:
         if callable(getattr(self.judge, "close", None)):
             self.judge.close()
+
+
+class _Raising:
+    """A judge whose first ``calls`` score calls raise (a rehearsed judge failure)."""
+
+    def __init__(self, judge, calls: int):
+        self._judge, self._left = judge, calls
+
+    def __getattr__(self, name):
+        return getattr(self._judge, name)
+
+    def score(self, items):
+        if self._left > 0:
+            self._left -= 1
+            raise RuntimeError("injected judge fault (faults.events)")
+        return call_score(self._judge, items)
 
 
 def split_evenly(n: int, parts: int) -> list[range]:
@@ -250,6 +269,11 @@ class JudgePool:
                     lose(chunk, "timeout")
                     errors.append(f"{self.name}: actor {slot}: call timed out after {self.cfg.timeout_s} s")
                     self._replace(slot, "timed out")
+
+    @property
+    def actors(self) -> list[Any]:
+        """The live judge actor handles (none when the judge runs in the driver)."""
+        return list(self._actors)
 
     def shutdown(self) -> None:
         """Close the judges (best effort, bounded) and end the actors."""

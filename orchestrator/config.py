@@ -231,6 +231,36 @@ class MetricsConfig(Section):
     """Port for the HTTP server (0 = off)."""
 
 
+class FaultSpec(Section):
+    kind: Literal["generator", "judge", "learner", "sync"]
+    """What to hit: a generator actor, a judge actor, a learner worker, or a generator's next weight load."""
+    action: Literal["kill", "hang", "raise", "nan"] = "kill"
+    """``kill`` (generator/judge/learner): end the actor as a crash would; ``hang`` (sync): the
+    generator's next weight load sleeps ``seconds``; ``raise`` (judge): its next ``count`` score calls
+    raise; ``nan`` (learner): its next ``count`` steps produce a NaN loss."""
+    round: int = Field(1, ge=1)
+    """Round in which the fault fires (once)."""
+    index: int = Field(0, ge=0)
+    """Which actor of its kind (generator/judge actor index, learner rank)."""
+    seconds: float = Field(0, ge=0)
+    """For ``hang``: how long the call sleeps (set it past ``sync.timeout_s``)."""
+    count: int = Field(1, ge=1)
+    """For ``raise`` and ``nan``: how many calls or steps fail."""
+
+    @model_validator(mode="after")
+    def _action_fits_kind(self) -> "FaultSpec":
+        allowed = {"generator": {"kill"}, "judge": {"kill", "raise"}, "learner": {"kill", "nan"}, "sync": {"hang"}}
+        if self.action not in allowed[self.kind]:
+            raise ValueError(f"action {self.action!r} does not apply to kind {self.kind!r} (allowed: {sorted(allowed[self.kind])})")
+        return self
+
+
+class FaultsConfig(Section):
+    events: list[FaultSpec] = []
+    """Faults to inject, each once at its round (empty = off): for tests, and to rehearse failures
+    on a real cluster, e.g. ``--set 'faults.events=[{kind: generator, round: 3}]'``."""
+
+
 class RunConfig(Section):
     run: RunSection = RunSection()
     """Run identity and seed."""
@@ -252,6 +282,8 @@ class RunConfig(Section):
     """The round loop."""
     metrics: MetricsConfig = MetricsConfig()
     """Prometheus and status endpoint."""
+    faults: FaultsConfig = FaultsConfig()
+    """Fault injection (off by default)."""
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
@@ -344,7 +376,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 
 
 def dump_config(config: RunConfig) -> str:
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """The config as YAML, secrets redacted (see ``redact_secrets``): used for the run directory's
+    ``config.yaml`` and ``odpo validate``. Every other field loads back to the same value."""
+    from orchestrator.security import redact_secrets
+
+    return yaml.safe_dump(redact_secrets(config.model_dump(mode="json")), sort_keys=False)
 
 
 def check_plugins(config: RunConfig) -> None:

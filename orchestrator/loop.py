@@ -20,11 +20,14 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 from judges.pairs import select_pairs
 from orchestrator.data import PromptSampler, PromptSet
 from orchestrator.metrics import Metrics
-from orchestrator.rundir import RunDir, pair_records
+from orchestrator.procs import ProcessMemory, actor_handles
+from orchestrator.faults import FaultInjector
+from orchestrator.rundir import RunDir, checkpoint_problem, pair_records, pairs_from_records
 
 log = logging.getLogger("odpo.loop")
 
@@ -36,8 +39,16 @@ class Parts:
     generators: object  # actors.generator.GeneratorPool
     judges: object  # actors.judge_host.JudgePool
     learner: object  # actors.learner.LearnerGroup
-    sync: object  # callable(version) -> timings dict (wraps actors.weight_sync.sync_weights)
+    make_learner: Callable[[], object]  # builds a fresh LearnerGroup (after a worker died)
+    sync_cfg: object  # the config's sync section
+    run_dir: str
     eval_judges: object | None = None
+
+    def sync(self, version: int) -> dict:
+        """Make every generator serve the learner's current weights as ``version``."""
+        from actors.weight_sync import sync_weights
+
+        return sync_weights(self.learner, self.generators, version, self.sync_cfg, run_dir=self.run_dir)
 
 
 @dataclass
@@ -70,6 +81,11 @@ class Loop:
                         if state.sampler else PromptSampler(len(prompts), config.run.seed))
         self.learner_version = state.policy_version  # weights the learner holds
         self.pending = None  # async mode: sampling submitted for the next round
+        self.memory = ProcessMemory()
+        self.faults = FaultInjector(config.faults)
+        self.learner_restarts = 0
+        self.round_retries = 0
+        self.trained_this_attempt = False
         self.sampler_before_pending: dict | None = None
 
     # --- one round's phases ----------------------------------------------------------------------
@@ -111,8 +127,10 @@ class Loop:
         # 1. sample (sync: now; async: collect what was submitted last round, then start the next)
         m.set_phase("sample", r, policy_version=self.state.policy_version)
         t = time.perf_counter()
+        self.trained_this_attempt = False
         if self.pending is None:
             self.pending = self.submit(r)
+        self.faults.fire("sample", r, self.parts)
         groups = self.collect(self.pending)
         sampler_after_this_round = self.sampler.state()
         self.pending = None
@@ -134,6 +152,7 @@ class Loop:
         t = time.perf_counter()
         live = [g for g in groups if not g.skipped]
         items = [g.to_item() for g in live]
+        self.faults.fire("judge", r, self.parts)
         scored = self.parts.judges.score(items) if items else None
         scores = scored.scores if scored else []
         sel = select_pairs(
@@ -155,7 +174,9 @@ class Loop:
         report: dict = {}
         if pairs:
             lag = max(self.learner_version - p.policy_version for p in pairs)
+            self.faults.fire("learn", r, self.parts)
             report = self.parts.learner.train(pairs, round=r)
+            self.trained_this_attempt = True
             if report.get("weights_changed", True):
                 self.learner_version += 1
         else:
@@ -166,6 +187,7 @@ class Loop:
 
         # 4. push weights (sync mode; async pushes at the start of the next round)
         m.set_phase("sync", r)
+        self.faults.fire("sync", r, self.parts)
         if c.loop.mode == "sync":
             sync_s += self.push_weights()
 
@@ -217,6 +239,7 @@ class Loop:
             "judge_failures": dict(scored.failures) if scored else {},
             "restarts": self.restarts(),
         })
+        rec["rss_mb"] = self.memory.sample(actor_handles(self.parts), rec["restarts"])
         if eval_reward is not None:
             rec["eval_reward"] = eval_reward
         return rec
@@ -236,8 +259,68 @@ class Loop:
         return {
             "generator": getattr(self.parts.generators, "restarts", 0),
             "judge": getattr(self.parts.judges, "restarts", 0),
-            "learner": getattr(self.parts.learner, "restarts", 0),
+            "learner": self.learner_restarts,
+            "round_retries": self.round_retries,
         }
+
+    # --- recovery ------------------------------------------------------------------------------
+    def recover(self, r: int, error: Exception) -> None:
+        """Make round ``r`` safe to run again: rewind the prompt cursor, drop in-flight sampling,
+        replace a hung generator, and bring back a learner that died, hung or already stepped."""
+        from actors.generator import GeneratorHung
+
+        self.round_retries += 1
+        self.pending = None
+        self.sampler = (PromptSampler.from_state(self.state.sampler, len(self.prompts), self.c.run.seed)
+                        if self.state.sampler else PromptSampler(len(self.prompts), self.c.run.seed))
+        if isinstance(error, GeneratorHung):
+            self.parts.generators.restart_actor(error.index)
+        alive = self.learner_alive()
+        if not alive or self.trained_this_attempt:
+            self.restore_learner(rebuild=not alive)
+
+    def learner_alive(self) -> bool:
+        import ray
+
+        try:
+            ray.get([w.apply.remote(_rank) for w in self.parts.learner.workers], timeout=30)
+            return True
+        except Exception:  # dead, or busy in a hung step: either way it must be replaced
+            return False
+
+    def restore_learner(self, rebuild: bool) -> None:
+        """Bring the learner to the end of the last completed round: the newest good checkpoint,
+        then the saved pairs of every round after it, trained again in order."""
+        path, passed_over = self.rd.latest_good_checkpoint(checkpoint_problem)
+        for reason in passed_over:
+            log.warning("skipping checkpoint %s", reason)
+        if rebuild or path is None:  # without a checkpoint, only a fresh learner has the initial weights
+            self.learner_restarts += 1
+            if self.learner_restarts > self.c.loop.max_actor_restarts:
+                raise RuntimeError(f"the learner was rebuilt {self.learner_restarts - 1} times "
+                                   f"(loop.max_actor_restarts={self.c.loop.max_actor_restarts}); giving up")
+            log.warning("rebuilding the learner group")
+            try:
+                self.parts.learner.shutdown()
+            except Exception as e:  # its workers may be gone already
+                log.warning("shutting down the old learner group: %s", e)
+            self.parts.learner = self.parts.make_learner()
+        start = 0
+        if path is not None:
+            self.parts.learner.load(str(path))
+            start = self.rd.read_checkpoint_state(path)["round"]
+        for j in range(start + 1, self.state.round + 1):
+            pairs = pairs_from_records(self.rd.read_pairs(j))
+            if pairs:
+                self.parts.learner.train(pairs, round=j)
+        log.info("learner restored: %s, then the pairs of rounds %d..%d replayed",
+                 path.name if path else "initial weights", start + 1, self.state.round)
+        # The generators get these weights under a new version number.
+        self.learner_version = max(self.learner_version, self.state.policy_version) + 1
+
+
+def _rank(worker) -> int:
+    return worker.rank
 
 
 class _Ready:
@@ -290,7 +373,7 @@ def drive(loop: Loop, save_checkpoint) -> int:
     r = loop.state.round
     while not loop.stop.is_set() and (c.loop.rounds == 0 or r < c.loop.rounds):
         r += 1
-        rec = loop.run_round(r)
+        rec = run_with_retries(loop, r)
         if rec is None:
             log.info("stop requested: round %d abandoned before learning", r)
             break
@@ -309,3 +392,20 @@ def drive(loop: Loop, save_checkpoint) -> int:
     loop.metrics.set_phase("stopped" if loop.stop.is_set() else "finished", loop.state.round)
     rd.write_status(loop.metrics.status())
     return done
+
+
+def run_with_retries(loop: Loop, r: int) -> dict | None:
+    """Run round ``r``; a failure is recovered from and the round redone, up to
+    ``loop.max_round_retries`` times, then the run stops with the round's last error."""
+    failures = 0
+    while True:
+        try:
+            return loop.run_round(r)
+        except Exception as e:  # any failure of a part: the round is redone after recovery
+            failures += 1
+            if failures > loop.c.loop.max_round_retries:
+                raise RuntimeError(f"round {r} failed {failures} times (loop.max_round_retries="
+                                   f"{loop.c.loop.max_round_retries}); last error: {type(e).__name__}: {e}") from e
+            log.warning("round %d failed (%s: %s); recovering and redoing it (%d/%d)", r, type(e).__name__, e,
+                        failures, loop.c.loop.max_round_retries)
+            loop.recover(r, e)

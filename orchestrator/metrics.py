@@ -53,6 +53,7 @@ class Metrics:
         self.dropped = Counter("odpo_pairs_dropped", "Prompts that yielded no pair, by reason", ["reason"], registry=r)
         self.failures = Counter("odpo_failures", "Failures by component and kind", ["component", "kind"], registry=r)
         self.restarts = Gauge("odpo_actor_restarts", "Actor restarts so far, by kind", ["kind"], registry=r)
+        self.rss = Gauge("odpo_process_rss_bytes", "Resident memory of the driver and each local actor", ["process"], registry=r)
         self.skipped_steps = Counter("odpo_learner_skipped_steps", "Optimizer steps skipped for NaN/inf", registry=r)
         self.phase_seconds = Histogram(
             "odpo_loop_phase_seconds", "Seconds per phase of a round", ["phase"], registry=r,
@@ -89,6 +90,8 @@ class Metrics:
                     self.failures.labels(component=component.split("_")[0], kind=kind).inc(n)
         for kind, n in (record.get("restarts") or {}).items():
             self.restarts.labels(kind=kind).set(n)
+        for process, mb in (record.get("rss_mb") or {}).items():
+            self.rss.labels(process=process).set(mb * 2**20)
         if record.get("skipped_steps"):
             self.skipped_steps.inc(record["skipped_steps"])
         for key in PHASE_SECONDS:

@@ -20,7 +20,7 @@ from orchestrator.config import RunConfig, dump_config
 from orchestrator.data import DataError, load_prompts
 from orchestrator.loop import Loop, LoopState, Parts, drive
 from orchestrator.metrics import Metrics
-from orchestrator.rundir import RunDir
+from orchestrator.rundir import RunDir, checkpoint_problem
 
 log = logging.getLogger("odpo")
 
@@ -73,18 +73,17 @@ def build_parts(c: RunConfig, rd: RunDir) -> Parts:
     from actors.generator import GeneratorPool
     from actors.judge_host import JudgePool
     from actors.learner import LearnerGroup
-    from actors.weight_sync import sync_weights
 
-    learner = LearnerGroup(c.model, c.learner, seed=c.run.seed)
+    def make_learner():
+        return LearnerGroup(c.model, c.learner, seed=c.run.seed)
+
+    learner = make_learner()
     generators = GeneratorPool(c.model, c.generator, prompt_field=c.data.prompt_field, seed=c.run.seed,
                                max_restarts=c.loop.max_actor_restarts, mode=c.loop.mode,
                                weight_transfer="nccl" if c.sync.backend == "nccl" else None)
     judges = JudgePool(c.judge, seed=c.run.seed, max_restarts=c.loop.max_actor_restarts)
-
-    def sync(version: int) -> dict:
-        return sync_weights(learner, generators, version, c.sync, run_dir=str(rd.root))
-
-    return Parts(generators=generators, judges=judges, learner=learner, sync=sync)
+    return Parts(generators=generators, judges=judges, learner=learner, make_learner=make_learner,
+                 sync_cfg=c.sync, run_dir=str(rd.root))
 
 
 def run(c: RunConfig, resume: bool = False) -> int:
@@ -146,7 +145,7 @@ def run(c: RunConfig, resume: bool = False) -> int:
 
 def restore(rd: RunDir, parts: Parts) -> LoopState:
     """Load the newest good checkpoint into the learner and generators; trim later outputs."""
-    path, passed_over = rd.latest_good_checkpoint(_checkpoint_problem)
+    path, passed_over = rd.latest_good_checkpoint(checkpoint_problem)
     for reason in passed_over:
         log.warning("skipping checkpoint %s", reason)
     if path is None:
@@ -165,32 +164,7 @@ def restore(rd: RunDir, parts: Parts) -> LoopState:
                      pairs_total=saved.get("pairs_total", 0), rounds_without_pairs=saved.get("rounds_without_pairs", 0))
 
 
-def _checkpoint_problem(path: Path) -> str | None:
-    """Why a checkpoint folder cannot be resumed from (a truncated or missing file), or None."""
-    from safetensors import safe_open
-
-    policy = path / "policy"
-    weights = sorted(policy.glob("*.safetensors"))
-    if not weights:
-        return "no policy weights"
-    for f in [*weights, *path.glob("*.safetensors")]:
-        try:
-            with safe_open(str(f), "np") as st:
-                for key in st.keys():
-                    st.get_slice(key)
-        except Exception as e:  # truncated files fail in several ways
-            return f"{f.name} is unreadable ({type(e).__name__})"
-    optimizer = path / "optimizer.pt"
-    if optimizer.exists():
-        import zipfile
-
-        try:
-            with zipfile.ZipFile(optimizer) as z:
-                if z.testzip() is not None:
-                    return "optimizer.pt is corrupt"
-        except (zipfile.BadZipFile, OSError):
-            return "optimizer.pt is unreadable"
-    return None
+_checkpoint_problem = checkpoint_problem  # (older name)
 
 
 __all__ = ["run", "DataError"]

@@ -115,6 +115,14 @@ class RunDir:
         os.replace(tmp, path)
         return path
 
+    def read_pairs(self, round_: int) -> list[dict]:
+        path = self.pairs_path(round_)
+        if not path.exists():
+            return []
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+
     def remove_pairs_after(self, last_round: int) -> None:
         for p in self.pairs_dir.glob("round_*.parquet"):
             if int(p.stem.split("_")[1]) > last_round:
@@ -182,8 +190,55 @@ def pair_records(pairs: Iterable, round_: int) -> list[dict]:
             "rejected_score": float(p.rejected_score),
             "policy_version": int(p.policy_version),
             "round": int(round_),
+            # What the learner needs to train on the pair again exactly (a rebuilt learner replays).
+            "chosen_finish_reason": p.chosen_finish_reason,
+            "rejected_finish_reason": p.rejected_finish_reason,
+            "chosen_token_ids": p.chosen_token_ids,
+            "rejected_token_ids": p.rejected_token_ids,
         }
         for key, value in p.row.items():
             rec.setdefault(key, value)
         records.append(rec)
     return records
+
+
+_PAIR_FIELDS = ("prompt", "chosen", "rejected", "chosen_score", "rejected_score", "policy_version",
+                "chosen_token_ids", "rejected_token_ids", "chosen_finish_reason", "rejected_finish_reason")
+
+
+def pairs_from_records(records: list[dict]) -> list:
+    """Pairs read back from a pairs file (the inverse of ``pair_records``)."""
+    from judges.pairs_types import PreferencePair
+
+    pairs = []
+    for rec in records:
+        row = {k: v for k, v in rec.items() if k not in _PAIR_FIELDS and k != "round"}
+        pairs.append(PreferencePair(row=row, **{k: rec[k] for k in _PAIR_FIELDS if k in rec}))
+    return pairs
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (a truncated or missing file), or None."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    weights = sorted((path / "policy").glob("*.safetensors"))
+    if not weights:
+        return "no policy weights"
+    for f in [*weights, *path.glob("*.safetensors")]:
+        try:
+            with safe_open(str(f), "np") as st:
+                for key in st.keys():
+                    st.get_slice(key)
+        except Exception as e:  # truncated files fail in several ways
+            return f"{f.name} is unreadable ({type(e).__name__})"
+    optimizer = path / "optimizer.pt"
+    if optimizer.exists():
+        try:
+            with zipfile.ZipFile(optimizer) as z:
+                if z.testzip() is not None:
+                    return "optimizer.pt is corrupt"
+        except (zipfile.BadZipFile, OSError):
+            return "optimizer.pt is unreadable"
+    return None

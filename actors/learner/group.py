@@ -8,10 +8,10 @@ could not rejoin the process group).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -48,11 +48,19 @@ class LearnerGroup:
         return self.workers[0]
 
     def _get(self, refs, what: str):
-        try:
-            return ray.get(refs, timeout=self.cfg.timeout_s)
-        except GetTimeoutError:
-            limit = self.cfg.timeout_s
-            raise TimeoutError(f"learner: {what} did not finish within learner.timeout_s={limit}s") from None
+        """Wait for one ref or a list; a worker's error surfaces as soon as it happens (the other
+        ranks may be blocked in a collective with the dead one and would never answer)."""
+        single = not isinstance(refs, list)
+        waiting = [refs] if single else list(refs)
+        deadline = time.monotonic() + self.cfg.timeout_s
+        while waiting:
+            ready, waiting = ray.wait(waiting, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                limit = self.cfg.timeout_s
+                raise TimeoutError(f"learner: {what} did not finish within learner.timeout_s={limit}s")
+            ray.get(ready[0])  # raises that worker's error now
+        out = ray.get(refs)
+        return out
 
     def _all(self, method: str, *args, what: str) -> list:
         return self._get([getattr(w, method).remote(*args) for w in self.workers], what)

@@ -1,5 +1,6 @@
 """Run directory: atomic pairs/metrics/checkpoint writes, resume trimming, pruning."""
 
+import dataclasses
 import json
 import os
 
@@ -7,7 +8,7 @@ import datasets
 import pytest
 
 from judges.pairs_types import PreferencePair
-from orchestrator.rundir import RunDir, pair_records
+from orchestrator.rundir import RunDir, pair_records, pairs_from_records
 
 
 def test_pairs_file_loads_with_datasets_and_keeps_row_columns(tmp_path):
@@ -17,8 +18,13 @@ def test_pairs_file_loads_with_datasets_and_keeps_row_columns(tmp_path):
     path = rd.write_pairs(7, pair_records(pairs, 7))
     ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
     assert len(ds) == 3
-    assert ds[0] == {"prompt": "1+1=", "chosen": "2", "rejected": "3", "chosen_score": 1.0,
-                     "rejected_score": 0.0, "policy_version": 4, "round": 7, "answer": "2"}
+    expected = {"prompt": "1+1=", "chosen": "2", "rejected": "3", "chosen_score": 1.0,
+                "rejected_score": 0.0, "policy_version": 4, "round": 7, "answer": "2"}
+    assert {k: ds[0][k] for k in expected} == expected
+    back = pairs_from_records(rd.read_pairs(7))
+    # A rebuilt learner replays exactly what was trained (the row's own prompt is the prompt column).
+    assert [dataclasses.replace(p, row={}) for p in back] == [dataclasses.replace(p, row={}) for p in pairs]
+    assert back[0].row == {"answer": "2"}
     assert not [p for p in rd.pairs_dir.iterdir() if p.name.startswith(".")]
 
 
