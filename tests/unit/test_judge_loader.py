@@ -108,12 +108,16 @@ def test_builtins_and_the_example_build():
 
 
 def test_judge_pool_rejects_a_bad_spec_before_starting_ray():
-    import ray
-
-    from actors.judge_host import JudgePool
-
-    config = load_config(DEMO, ["judge.kwargs={answer_feld: answer}"])
-    assert not ray.is_initialized()
-    with pytest.raises(JudgeSpecError, match="judge.kwargs.answer_feld"):
-        JudgePool(config.judge)
-    assert not ray.is_initialized()
+    # In a fresh process: other tests of the session may have a Ray cluster up in this one.
+    code = (
+        "import ray, pytest\n"
+        "from actors.judge_host import JudgePool\n"
+        "from judges.loader import JudgeSpecError\n"
+        "from orchestrator.config import load_config\n"
+        "config = load_config('configs/demo.yaml', ['judge.kwargs={answer_feld: answer}'])\n"
+        "with pytest.raises(JudgeSpecError, match='judge.kwargs.answer_feld'):\n"
+        "    JudgePool(config.judge)\n"
+        "assert not ray.is_initialized()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
