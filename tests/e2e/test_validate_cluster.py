@@ -3,65 +3,21 @@ own ports and temp dir) that advertises 2 logical GPUs and 4 CPUs: the GPU recip
 and each shortfall is named; a shrunk version of it fits. Both address forms are used: the
 dashboard URL (what `ray job submit` takes) and the GCS address."""
 
-import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO
-from tests.integration.runs import free_port
 
 pytestmark = pytest.mark.e2e
 
-VENV_BIN = Path(sys.executable).parent
 CONFIG = "configs/gsm8k-qwen2.5-0.5b.yaml"
 
 
 @pytest.fixture(scope="module")
-def head():
-    ports = {name: free_port() for name in (
-        "port", "dashboard-port", "ray-client-server-port", "node-manager-port", "object-manager-port",
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")}
-    lo = free_port()
-    temp_dir = tempfile.mkdtemp(prefix="odpo-vc-", dir="/tmp")  # short: Ray's socket paths must fit
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    args = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-            "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=4", "--num-gpus=2",
-            f"--temp-dir={temp_dir}", "--disable-usage-stats", f"--min-worker-port={lo}", f"--max-worker-port={lo + 20}"]
-    args += [f"--{name}={port}" for name, port in ports.items()]
-    log = open(Path(temp_dir) / "head.log", "wb")
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            ok = subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", dashboard],
-                                env=env, capture_output=True, timeout=60).returncode == 0
-            if ok:
-                break
-            assert proc.poll() is None, (Path(temp_dir) / "head.log").read_text()[-3000:]
-            assert time.time() < deadline, "the Ray head did not come up in 120 s"
-            time.sleep(2)
-        yield {"dashboard": dashboard, "gcs": f"127.0.0.1:{ports['port']}", "env": env}
-    finally:
-        # `ray start --block` tears down the processes it started when it gets SIGTERM; end its group.
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=60)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+def head(ray_head):
+    return ray_head
 
 
 def validate(head, address, *overrides):
