@@ -68,10 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "validate":
         return validate(args)
     if args.verb == "run":
-        config = load_or_exit(args)
-        from orchestrator.run import run
-
-        return run(config, resume=args.resume)
+        return run_verb(args)
     if args.verb == "status":
         return print_status(args.target)
     if args.verb == "plot":
@@ -103,14 +100,36 @@ def main(argv: list[str] | None = None) -> int:
     raise AssertionError(args.verb)
 
 
+def run_verb(args) -> int:
+    """``odpo run``: a config, data, judge or run-directory problem found before the loop starts
+    is one ``error:`` line on stderr and exit status 2, not a traceback."""
+    config = load_or_exit(args)
+    from judges.loader import JudgeSpecError
+    from orchestrator.config import ConfigError
+    from orchestrator.data import DataError
+    from orchestrator.run import run
+
+    try:
+        return run(config, resume=args.resume)
+    except ConfigError as e:
+        for line in e.problems:
+            print(f"error: {line}", file=sys.stderr)
+    except (DataError, JudgeSpecError, PermissionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
 def validate(args) -> int:
     """Print the resolved config, then the resources it asks for as YAML comments (stdout stays
     valid YAML). With ``--cluster``, compare them with the running cluster: each shortfall is one
     ``error:`` line on stderr and the exit status is 2. Ray is imported only under ``--cluster``."""
     from orchestrator.config import dump_config
     from orchestrator.resources import check_cluster, format_plan, judge_runs_in_driver, resource_plan
+    from orchestrator.security import config_warnings
 
     config = load_or_exit(args)
+    for line in config_warnings(config):
+        print(f"warning: {line}", file=sys.stderr)
     plan = resource_plan(config, judge_in_driver=judge_runs_in_driver(config))
     print(dump_config(config), end="")
     print("\n".join(format_plan(plan)))

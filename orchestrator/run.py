@@ -88,6 +88,10 @@ def build_parts(c: RunConfig, rd: RunDir) -> Parts:
 
 def run(c: RunConfig, resume: bool = False) -> int:
     setup_logging()
+    from orchestrator.security import config_warnings
+
+    for warning in config_warnings(c):
+        log.warning(warning)
     rd = RunDir(Path(c.run.output_dir) / c.run.name)
     rd.create()
     if rd.checkpoints() and not resume:

@@ -124,3 +124,23 @@ def test_a_setup_failure_is_a_clear_error(ray_local):
     cfg = JudgeConfig(cls=f"{T}:SetupFails", num_actors=1, num_cpus=0.5)
     with pytest.raises(JudgePoolError, match=r"SetupFails.*failed to start: .*no reward model at /nowhere"):
         JudgePool(cfg)
+
+
+class OneTooMany:
+    """One score more than there are completions (the actors import it from this module)."""
+
+    def score(self, items):
+        return [[1.0] * (len(it.completions) + 1) for it in items]
+
+
+def test_too_many_scores_lose_the_items_and_the_actor_goes_on(ray_local):
+    pool = pool_of(f"{__name__}:OneTooMany", ray_local, num_actors=1)
+    try:
+        res = pool.score(make_items(n_items=2, per_item=3))
+        again = pool.score(make_items(n_items=1, per_item=2))
+    finally:
+        pool.shutdown()
+    assert flat(res.scores) == [None] * 6
+    assert res.failures == {"wrong_shape": 6} and res.restarts == 0
+    assert res.errors == ["OneTooMany.score: item 0: 4 scores for 3 completions (wrong_shape)"]
+    assert again.failures == {"wrong_shape": 2} and pool.restarts == 0
