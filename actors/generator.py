@@ -60,14 +60,18 @@ class GeneratorActor:
     def param_spec(self):
         return self.spec
 
-    def sample(self, rows: list[dict], seed: int, greedy: bool = False, start: int = 0) -> list[SampleGroup]:
+    def sample(self, rows: list[dict], seed: int, greedy: bool = False, start: int = 0,
+               overrides: dict | None = None) -> list[SampleGroup]:
         """One ``SampleGroup`` per row, in order; ``start`` is the rows' position in the round
-        (seeds derive from it, so a round's result does not depend on the split)."""
+        (seeds derive from it, so a round's result does not depend on the split). ``overrides``
+        replaces sampling fields of the generator config for this call (``n``, ``temperature``,
+        ``max_new_tokens``...: a self-rewarding judge samples its verdicts through here)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         t0 = time.perf_counter()
-        cfg, version, max_len = self.gen_cfg, self.version, self.model_cfg.max_model_len
+        cfg = self.gen_cfg.model_copy(update=overrides) if overrides else self.gen_cfg
+        version, max_len = self.version, self.model_cfg.max_model_len
         n = 1 if greedy else cfg.n
         groups, prompts, params, sampled = [], [], [], []
         for k, row in enumerate(rows):
@@ -151,6 +155,7 @@ class PendingSample:
     refs: dict[int, Any]
     deadlines: dict[int, float]
     started: float = field(default_factory=time.perf_counter)
+    overrides: dict | None = None
 
 
 class GeneratorPool:
@@ -188,18 +193,20 @@ class GeneratorPool:
 
     # -- sampling ------------------------------------------------------------------------------
 
-    def sample(self, rows: list[dict], seed: int, greedy: bool = False) -> list[SampleGroup]:
+    def sample(self, rows: list[dict], seed: int, greedy: bool = False,
+               overrides: dict | None = None) -> list[SampleGroup]:
         """``n`` completions per row (one, greedy, when ``greedy``), one ``SampleGroup`` per row in order."""
-        return self.collect(self.submit(rows, seed, greedy))
+        return self.collect(self.submit(rows, seed, greedy, overrides))
 
-    def submit(self, rows: list[dict], seed: int, greedy: bool = False) -> PendingSample:
+    def submit(self, rows: list[dict], seed: int, greedy: bool = False,
+               overrides: dict | None = None) -> PendingSample:
         """Start sampling without waiting (async mode overlaps this with training)."""
         if self.mode == "sync" and len(set(self._served)) > 1:
             raise RuntimeError(f"refusing to sample in sync mode: generators serve a mix of policy versions "
                                f"{self._served} (the last weight sync did not reach every generator)")
         rows = list(rows)
         shares = {i: b for i, b in enumerate(split_evenly(len(rows), len(self.actors))) if b[1] > b[0]}
-        pending = PendingSample(rows, seed, greedy, self.version, shares, {}, {})
+        pending = PendingSample(rows, seed, greedy, self.version, shares, {}, {}, overrides=overrides)
         for i in shares:
             self._dispatch(pending, i)
         return pending
@@ -256,7 +263,8 @@ class GeneratorPool:
 
     def _dispatch(self, pending: PendingSample, i: int) -> None:
         start, end = pending.shares[i]
-        pending.refs[i] = self.actors[i].sample.remote(pending.rows[start:end], pending.seed, pending.greedy, start)
+        pending.refs[i] = self.actors[i].sample.remote(pending.rows[start:end], pending.seed, pending.greedy, start,
+                                                       pending.overrides)
         pending.deadlines[i] = time.perf_counter() + self.gen_cfg.timeout_s
 
     # -- versions and weights ------------------------------------------------------------------
@@ -367,3 +375,19 @@ class GeneratorPool:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self.actors = []
+
+
+def make_generate_fn(pool: GeneratorPool, prompt_field: str, seed: int):
+    """``generate(prompts, n, temperature, max_tokens) -> list[list[str]]`` on the policy's own
+    generators: what a self-rewarding judge (``judges.llm:LLMJudge(self_rewarding=True)``) samples
+    its verdicts with. The policy's chat template applies as for training prompts."""
+    calls = iter(range(1, 2**62))
+
+    def generate(prompts: list[str], n: int, temperature: float, max_tokens: int) -> list[list[str]]:
+        rows = [{prompt_field: p} for p in prompts]
+        greedy = temperature == 0
+        overrides = {"max_new_tokens": max_tokens, **({} if greedy else {"n": n, "temperature": temperature})}
+        groups = pool.sample(rows, seed=seed * 7_919 + next(calls), greedy=greedy, overrides=overrides)
+        return [[c.text for c in g.completions] for g in groups]
+
+    return generate

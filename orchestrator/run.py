@@ -70,7 +70,7 @@ def install_stop_handlers(stop: threading.Event) -> None:
 
 
 def build_parts(c: RunConfig, rd: RunDir) -> Parts:
-    from actors.generator import GeneratorPool
+    from actors.generator import GeneratorPool, make_generate_fn
     from actors.judge_host import JudgePool
     from actors.learner import LearnerGroup
 
@@ -81,7 +81,8 @@ def build_parts(c: RunConfig, rd: RunDir) -> Parts:
     generators = GeneratorPool(c.model, c.generator, prompt_field=c.data.prompt_field, seed=c.run.seed,
                                max_restarts=c.loop.max_actor_restarts, mode=c.loop.mode,
                                weight_transfer="nccl" if c.sync.backend == "nccl" else None)
-    judges = JudgePool(c.judge, seed=c.run.seed, max_restarts=c.loop.max_actor_restarts)
+    judges = JudgePool(c.judge, seed=c.run.seed, max_restarts=c.loop.max_actor_restarts,
+                       generate_fn=make_generate_fn(generators, c.data.prompt_field, c.run.seed))
     return Parts(generators=generators, judges=judges, learner=learner, make_learner=make_learner,
                  sync_cfg=c.sync, run_dir=str(rd.root))
 

@@ -122,3 +122,29 @@ def test_a_sample_past_the_timeout_is_an_error_naming_the_actor(pool, eval_rows)
     finally:
         pool.gen_cfg = cfg
     assert len(pool.sample(eval_rows[:2], seed=0)) == 2  # the actor itself is fine
+
+
+def test_a_self_rewarding_judge_samples_its_verdicts_on_the_policy_generators(pool):
+    """The LLM judge in self-rewarding mode runs in the driver and generates through the pool."""
+    from actors.generator import make_generate_fn
+    from actors.judge_host import JudgePool
+    from judges.base import Completion, JudgeItem
+    from orchestrator.config import JudgeConfig
+
+    generate = make_generate_fn(pool, "prompt", seed=0)
+    texts = generate(["17+26=", "3+4="], 3, 1.0, 4)
+    assert [len(t) for t in texts] == [3, 3] and all(isinstance(x, str) for t in texts for x in t)
+    assert len(generate(["17+26="], 1, 0.0, 4)[0]) == 1  # temperature 0: one greedy answer
+
+    cfg = JudgeConfig(cls="judges.llm:LLMJudge",
+                      kwargs={"self_rewarding": True, "template": "{prompt}{response}=", "max_tokens": 4})
+    judges = JudgePool(cfg, generate_fn=generate)
+    try:
+        assert judges.runs_in_driver
+        items = [JudgeItem("1+1=", [Completion("2"), Completion("3")], {})]
+        res = judges.score(items)
+        # The tiny demo model never writes "Score: N": every verdict is unparseable, hence None.
+        assert res.scores == [[None, None]]
+        assert res.failures["judge.unparseable"] == 2
+    finally:
+        judges.shutdown()
