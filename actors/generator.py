@@ -123,13 +123,6 @@ class GeneratorActor:
         """Run ``fn(self, *args, **kwargs)`` inside the actor (benchmarks and tests)."""
         return fn(self, *args, **kwargs)
 
-    def remove_files(self, paths: list[str]) -> None:
-        for path in paths:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-
 
 class GeneratorLost(RuntimeError):
     """A generator actor died (Ray restarts it up to ``max_restarts`` times)."""
@@ -366,10 +359,12 @@ class GeneratorPool:
         """Remove this pool's sync files (through an actor on their node) and end the actors."""
         import ray
 
+        from actors.weight_sync import _remove
+
         files = sorted(self.sync_state.get("files", ()))
         if files and self.actors:
             try:
-                ray.get(self.actors[0].remove_files.remote(files), timeout=30)
+                ray.get(self.actors[0].apply.remote(_remove, files), timeout=30)
             except Exception as e:  # cleanup must not hide the reason we are shutting down
                 log.warning("could not remove sync files %s: %s", files, e)
         for actor in self.actors:
