@@ -9,11 +9,14 @@ This module imports no torch, Ray or vLLM, so ``odpo --help`` and ``odpo validat
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orchestrator.beta import BetaSpec
 
 
 class Section(BaseModel):
@@ -148,8 +151,8 @@ class LearnerConfig(Section):
     """CPUs reserved per learner worker."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """Data parallelism: DDP, or FSDP2 (``fully_shard``) for models that do not fit one GPU."""
-    beta: float = Field(0.1, gt=0)
-    """DPO temperature β: rewards are β·(log π − log π_ref)."""
+    beta: BetaSpec = 0.1
+    """DPO temperature β: rewards are β·(log π − log π_ref). A number, or a schedule (see "β schedule" in the README): ``{schedule: linear, start, end, rounds}``, ``{schedule: steps, values: {round: β}}``, ``{schedule: kl_target, start, target_kl, rate, min_beta, max_beta}``."""
     loss_type: Literal["sigmoid", "robust", "hinge", "ipo"] = "sigmoid"
     """DPO loss variant."""
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
@@ -180,6 +183,13 @@ class LearnerConfig(Section):
     """Hold the reference model on CPU to save GPU memory."""
     timeout_s: float = Field(900, gt=0)
     """Longest a ``train`` call (or start-up, save, load) may take; also the torch.distributed collective timeout."""
+
+    @field_validator("beta")
+    @classmethod
+    def _positive_beta(cls, v):
+        if isinstance(v, float) and not (v > 0 and math.isfinite(v)):
+            raise ValueError("must be > 0.0" if not v > 0 else "must be finite")
+        return v
 
     @model_validator(mode="after")
     def _smoothing_fits_loss(self) -> "LearnerConfig":

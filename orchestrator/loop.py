@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from judges.pairs import select_pairs
+from orchestrator.beta import beta_for_round, carry_beta
 from orchestrator.data import PromptSampler, PromptSet
 from orchestrator.metrics import Metrics
 from orchestrator.procs import ProcessMemory, actor_handles
@@ -60,6 +61,8 @@ class LoopState:
     sampler: dict = field(default_factory=dict)
     pairs_total: int = 0
     rounds_without_pairs: int = 0
+    beta: float | None = None
+    """The adaptive β schedule's value for the next round (None for a fixed β or a fixed schedule)."""
 
 
 def _mean(xs) -> float | None:
@@ -172,10 +175,11 @@ class Loop:
         m.set_phase("learn", r)
         t = time.perf_counter()
         report: dict = {}
+        beta = beta_for_round(c.learner.beta, r, self.state.beta)
         if pairs:
             lag = max(self.learner_version - p.policy_version for p in pairs)
             self.faults.fire("learn", r, self.parts)
-            report = self.parts.learner.train(pairs, round=r)
+            report = self.parts.learner.train(pairs, round=r, beta=beta)
             self.trained_this_attempt = True
             if report.get("weights_changed", True):
                 self.learner_version += 1
@@ -203,6 +207,7 @@ class Loop:
 
         self.state.round = r
         self.state.pairs_total += len(pairs)
+        self.state.beta = carry_beta(c.learner.beta, beta, report.get("kl"))
         self.state.sampler = sampler_after_this_round if c.loop.mode == "async" else self.sampler.state()
         self.rd.write_pairs(r, pair_records(pairs, r))
         all_scores = [s for row in scores for s in row]
@@ -217,6 +222,7 @@ class Loop:
             "reward_mean": _mean(all_scores),
             "reward_chosen": _mean([p.chosen_score for p in pairs]),
             "reward_rejected": _mean([p.rejected_score for p in pairs]),
+            "beta": beta,
             "loss": report.get("loss"),
             "nll": report.get("nll"),
             "reward_accuracy": report.get("reward_accuracy"),
@@ -309,10 +315,12 @@ class Loop:
         if path is not None:
             self.parts.learner.load(str(path))
             start = self.rd.read_checkpoint_state(path)["round"]
+        used_beta = {m.get("round"): m.get("beta") for m in self.rd.read_metrics()}
         for j in range(start + 1, self.state.round + 1):
             pairs = pairs_from_records(self.rd.read_pairs(j))
             if pairs:
-                self.parts.learner.train(pairs, round=j)
+                beta = used_beta.get(j) or beta_for_round(self.c.learner.beta, j, None)
+                self.parts.learner.train(pairs, round=j, beta=beta)
         log.info("learner restored: %s, then the pairs of rounds %d..%d replayed",
                  path.name if path else "initial weights", start + 1, self.state.round)
         # The generators get these weights under a new version number.

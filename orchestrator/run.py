@@ -131,6 +131,7 @@ def run(c: RunConfig, resume: bool = False) -> int:
             parts.learner.save(str(staging))
             payload = {"round": st.round, "policy_version": loop.learner_version, "sampler": st.sampler,
                        "pairs_total": st.pairs_total, "rounds_without_pairs": st.rounds_without_pairs,
+                       "beta": st.beta,
                        "seed": c.run.seed, "mode": c.loop.mode, "saved_at": time.time()}
             path = rd.commit_checkpoint(staging, st.round, payload)
             rd.prune_checkpoints(c.loop.keep_checkpoints)
@@ -166,7 +167,8 @@ def restore(rd: RunDir, parts: Parts) -> LoopState:
     rd.remove_pairs_after(saved["round"])
     log.info("resumed from %s: round %d, policy version %d", path, saved["round"], version)
     return LoopState(round=saved["round"], policy_version=version, sampler=saved["sampler"],
-                     pairs_total=saved.get("pairs_total", 0), rounds_without_pairs=saved.get("rounds_without_pairs", 0))
+                     pairs_total=saved.get("pairs_total", 0), rounds_without_pairs=saved.get("rounds_without_pairs", 0),
+                     beta=saved.get("beta"))
 
 
 _checkpoint_problem = checkpoint_problem  # (older name)
