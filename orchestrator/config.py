@@ -139,7 +139,34 @@ class PairsConfig(Section):
     tie_break: Literal["logprob", "random", "shorter"] = "logprob"
     """Among equally scored candidates: the most likely one under the policy (a hard negative), random, or the shorter."""
     max_pairs_per_prompt: int = Field(4, ge=1)
-    """Cap for ``all_pairs_above_margin``."""
+    """Most pairs one prompt yields: the cap of ``all_pairs_above_margin``, and of all sources together when ``sources`` has several."""
+    sources: list[Literal["best_worst", "correction"]] = ["best_worst"]
+    """Where pairs come from: ``best_worst`` (two sampled answers, picked by ``strategy``), ``correction`` (a sampled answer as rejected, the ``corrector``'s improved text of it as chosen: off-policy by design), or both (a prompt may then yield a pair of each kind, in this order)."""
+    length_balance: bool = False
+    """Among equally scored candidates, prefer the pair that keeps ``longer_chosen_share`` (chosen longer, among pairs of unequal length) near 0.5 over the run: a guard against learning that longer is better."""
+    max_length_ratio: float | None = Field(None, ge=1)
+    """Make no pair whose longer side has more than this many times the tokens of the shorter (counted in ``pairs_dropped.length_ratio``); none = no cap."""
+
+    @field_validator("sources")
+    @classmethod
+    def _distinct_sources(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("needs at least one source (best_worst, correction)")
+        if len(set(v)) != len(v):
+            raise ValueError(f"lists a source twice: {v}")
+        return v
+
+
+class CorrectorConfig(Section):
+    cls: str | None = None
+    """The corrector class as ``package.module:ClassName`` (built-ins: ``judges.correction:GoldAnswerCorrector``, ``judges.correction:ReplaceCorrector``); needed when ``pairs.sources`` includes ``correction``. It runs in the judge actors."""
+    kwargs: dict[str, Any] = {}
+    """Keyword arguments for the corrector's constructor; checked against its signature at load time."""
+
+    @field_validator("cls")
+    @classmethod
+    def _dotted_path(cls, v: str | None) -> str | None:
+        return v if v is None else JudgeConfig._dotted_path(v)
 
 
 class LearnerConfig(Section):
@@ -284,6 +311,8 @@ class RunConfig(Section):
     """The judge that scores completions."""
     pairs: PairsConfig = PairsConfig()
     """Pair selection."""
+    corrector: CorrectorConfig = CorrectorConfig()
+    """The corrector that writes the chosen side of correction pairs (``pairs.sources``)."""
     learner: LearnerConfig = LearnerConfig()
     """The DPO learner group."""
     sync: SyncConfig = SyncConfig()
@@ -299,6 +328,8 @@ class RunConfig(Section):
     def _cross_checks(self) -> "RunConfig":
         if self.learner.micro_batch_size > self.learner.batch_size:
             raise ValueError("learner.micro_batch_size: must be <= learner.batch_size")
+        if "correction" in self.pairs.sources and not self.corrector.cls:
+            raise ValueError("corrector.cls: required when pairs.sources includes correction")
         return self
 
 
@@ -399,5 +430,7 @@ def check_plugins(config: RunConfig) -> None:
 
     try:
         check_judge_spec(config.judge.cls, config.judge.kwargs)
+        if config.corrector.cls:
+            check_judge_spec(config.corrector.cls, config.corrector.kwargs, "corrector.cls", ("correct",))
     except JudgeSpecError as e:
         raise ConfigError([str(e)]) from None

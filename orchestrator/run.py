@@ -81,7 +81,8 @@ def build_parts(c: RunConfig, rd: RunDir) -> Parts:
     generators = GeneratorPool(c.model, c.generator, prompt_field=c.data.prompt_field, seed=c.run.seed,
                                max_restarts=c.loop.max_actor_restarts, mode=c.loop.mode,
                                weight_transfer="nccl" if c.sync.backend == "nccl" else None)
-    judges = JudgePool(c.judge, seed=c.run.seed, max_restarts=c.loop.max_actor_restarts,
+    corrector = (c.corrector.cls, c.corrector.kwargs) if "correction" in c.pairs.sources else None
+    judges = JudgePool(c.judge, seed=c.run.seed, max_restarts=c.loop.max_actor_restarts, corrector=corrector,
                        generate_fn=make_generate_fn(generators, c.data.prompt_field, c.run.seed))
     return Parts(generators=generators, judges=judges, learner=learner, make_learner=make_learner,
                  sync_cfg=c.sync, run_dir=str(rd.root))
@@ -131,7 +132,7 @@ def run(c: RunConfig, resume: bool = False) -> int:
             parts.learner.save(str(staging))
             payload = {"round": st.round, "policy_version": loop.learner_version, "sampler": st.sampler,
                        "pairs_total": st.pairs_total, "rounds_without_pairs": st.rounds_without_pairs,
-                       "beta": st.beta,
+                       "beta": st.beta, "length_counts": st.length_counts,
                        "seed": c.run.seed, "mode": c.loop.mode, "saved_at": time.time()}
             path = rd.commit_checkpoint(staging, st.round, payload)
             rd.prune_checkpoints(c.loop.keep_checkpoints)
@@ -168,7 +169,7 @@ def restore(rd: RunDir, parts: Parts) -> LoopState:
     log.info("resumed from %s: round %d, policy version %d", path, saved["round"], version)
     return LoopState(round=saved["round"], policy_version=version, sampler=saved["sampler"],
                      pairs_total=saved.get("pairs_total", 0), rounds_without_pairs=saved.get("rounds_without_pairs", 0),
-                     beta=saved.get("beta"))
+                     beta=saved.get("beta"), length_counts=saved.get("length_counts", {}))
 
 
 _checkpoint_problem = checkpoint_problem  # (older name)
