@@ -199,7 +199,10 @@ def correct_guarded(corrector: Any, items: list[JudgeItem]) -> tuple[list[list[s
 
     raw = attempt(items)
     if raw is None:
-        raw = [(attempt([item]) if len(items) > 1 else None) or [None] * len(item.completions) for item in items]
+        raw = []
+        for item in items:
+            one = attempt([item]) if len(items) > 1 else None
+            raw.append(one[0] if one is not None else [None] * len(item.completions))
     out = []
     for row in raw:
         texts = []
