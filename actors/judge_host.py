@@ -218,18 +218,22 @@ class JudgePool:
             pass
         self._actors[slot] = self._start(slot)
 
+    def _dispatch(self, method: str, items: list[JudgeItem]) -> tuple[list[list[Any]], Counter, list[str]]:
+        """``method`` (``score`` or ``correct``) for every completion of ``items``, in the driver or
+        on the actors: one entry per completion (None where lost), losses by kind, messages."""
+        out: list[list[Any]] = [[None] * len(item.completions) for item in items]
+        failures: Counter = Counter()
+        errors: list[str] = []
+        if items:
+            call = self._call_in_driver if self._local is not None else self._call_on_actors
+            call(method, items, out, failures, errors)
+        return out, failures, errors
+
     def score(self, items: list[JudgeItem]) -> ScoreResult:
         """Score every completion of ``items``; never raises for judge misbehaviour."""
         t0 = time.perf_counter()
         restarts0 = self.restarts
-        scores: list[list[float | None]] = [[None] * len(item.completions) for item in items]
-        failures: Counter = Counter()
-        errors: list[str] = []
-        if items:
-            if self._local is not None:
-                self._call_in_driver("score", items, scores, failures, errors)
-            else:
-                self._call_on_actors("score", items, scores, failures, errors)
+        scores, failures, errors = self._dispatch("score", items)
         penalty = self.cfg.missing_eos_penalty
         if penalty:
             for item, row in zip(items, scores):
@@ -246,14 +250,7 @@ class JudgePool:
         corrector leaves completions uncorrected (counted), it never raises."""
         if self.corrector is None:
             raise JudgePoolError(f"judge {self.cfg.cls}: no corrector hosted (corrector.cls is not set)")
-        corrections: list[list[str | None]] = [[None] * len(item.completions) for item in items]
-        failures: Counter = Counter()
-        errors: list[str] = []
-        if items:
-            if self._local is not None:
-                self._call_in_driver("correct", items, corrections, failures, errors)
-            else:
-                self._call_on_actors("correct", items, corrections, failures, errors)
+        corrections, failures, errors = self._dispatch("correct", items)
         for message in errors:
             log.warning("corrector %s: %s", self.corrector[0], message)
         return CorrectionResult(corrections, {k: v for k, v in failures.items() if v}, errors)
