@@ -64,8 +64,8 @@ class Learner:
         """Optimizer steps taken (skipped steps excluded)."""
         self.skipped_steps = 0
         self._nan_pending = 0
-        self.beta = float(cfg.beta) if isinstance(cfg.beta, (int, float)) else None
-        """β of the DPO term: ``learner.beta`` when it is a number, else the last one ``train`` got."""
+        self.beta: float | None = None
+        """The β the last ``train``/``evaluate`` call was given (a scheduled ``learner.beta``)."""
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -127,9 +127,7 @@ class Learner:
         """Per-pair total loss (with grad) and detached figures for the report."""
         cfg = self.cfg
         pol, rf = (logps / lens.clamp(min=1), ref / lens.clamp(min=1)) if cfg.length_normalize else (logps, ref)
-        if self.beta is None:
-            raise ValueError("learner.beta is a schedule: train() and evaluate() need the round's beta")
-        losses, r_w, r_l = dpo_loss(pol[:, 0], pol[:, 1], rf[:, 0], rf[:, 1], beta=self.beta,
+        losses, r_w, r_l = dpo_loss(pol[:, 0], pol[:, 1], rf[:, 0], rf[:, 1], beta=self._beta(),
                                     loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing)
         nll = completion_nll(logps[:, 0], lens[:, 0])
         total = cfg.dpo_weight * losses + cfg.rpo_alpha * nll
@@ -268,9 +266,16 @@ class Learner:
             grad_norm=sum(norms) / len(norms) if norms else float("nan"),
             tokens=float(counts[0]), learn_s=learn_s, ref_s=ref_s, tokens_per_s=float(counts[0]) / learn_s,
             lr=self.optimizer.param_groups[0]["lr"], optimizer_steps=float(self.steps), ref_refreshed=refreshed,
-            beta=self.beta,
+            beta=self._beta(),
         )
         return report
+
+    def _beta(self) -> float:
+        """β of the DPO term: the one the round was given, else ``learner.beta`` when it is a number."""
+        beta = self.beta if self.beta is not None else self.cfg.beta
+        if not isinstance(beta, (int, float)):
+            raise ValueError("learner.beta is a schedule: train() and evaluate() need the round's beta")
+        return float(beta)
 
     def evaluate(self, pairs: list, beta: float | None = None) -> dict[str, Any]:
         """The report's pair figures for ``pairs`` under the current policy, without a step."""

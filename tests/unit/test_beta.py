@@ -129,3 +129,23 @@ def test_validate_names_a_bad_schedule_field(capsys):
         main(["validate", str(DEMO), "--set", "learner.beta={schedule: linear, start: 0.1, end: 0.02}"])
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == "error: learner.beta.linear.rounds: required"
+
+
+def test_the_learner_uses_the_beta_each_call_gives_it():
+    """A Learner in this process (no Ray): a scheduled learner.beta needs the round's β; the
+    implicit rewards scale with the β given."""
+    from actors.learner.engine import Learner
+    from judges.pairs_types import PreferencePair
+    from orchestrator.config import LearnerConfig, ModelConfig
+    from tests.conftest import DEMO_MODEL
+
+    cfg = LearnerConfig(beta={"schedule": "linear", "start": 0.1, "end": 0.02, "rounds": 5}, batch_size=4,
+                        micro_batch_size=4, lr=1e-3)
+    learner = Learner(ModelConfig(path=str(DEMO_MODEL), max_model_len=64), cfg)
+    pairs = [PreferencePair("17+26=", "43", "4", 1.0, 0.0, prompt_token_ids=[1, 21, 27, 15, 22, 26, 33],
+                            chosen_token_ids=[24, 23, 2], rejected_token_ids=[24, 2])] * 4
+    with pytest.raises(ValueError, match="learner.beta is a schedule"):
+        learner.evaluate(pairs)
+    assert learner.train(pairs, round=1, beta=0.1)["beta"] == 0.1
+    low, high = learner.evaluate(pairs, beta=0.2), learner.evaluate(pairs, beta=0.4)
+    assert high["reward_margin"] == pytest.approx(2 * low["reward_margin"]) and abs(low["reward_margin"]) > 1e-4
