@@ -354,7 +354,7 @@ def format_round(rec: dict, rounds: int) -> str:
         f"round {rec['round']}{total} v{rec.get('policy_version')} | prompts {rec.get('prompts')} "
         f"pairs {rec.get('pairs')}" + (f" (dropped: {dropped})" if dropped else "") +
         f" | reward {f('reward_mean')} chosen {f('reward_chosen')} rejected {f('reward_rejected')}"
-        f" | loss {f('loss')} acc {f('reward_accuracy')} margin {f('reward_margin')} kl {f('kl')}"
+        f" | loss {f('loss')} acc {f('reward_accuracy')} margin {f('reward_margin')} kl {f('kl')} β {f('beta', '{:.3g}')}"
     )
     if "eval_reward" in rec:
         line += f" | eval {f('eval_reward')}"
