@@ -1,7 +1,8 @@
 """``odpo run``: set up the run directory, Ray, the actors and metrics, then drive the loop.
 
 Connects to a running Ray cluster when there is one (``RAY_ADDRESS``, or the environment of a
-``ray job submit`` job) and otherwise starts a local one. SIGTERM/SIGINT (and ``ray job stop``)
+``ray job submit`` job) and otherwise starts a local one; before starting any actor it checks
+that the cluster can hold them all (``orchestrator.preflight``). SIGTERM/SIGINT (and ``ray job stop``)
 ask the loop to stop: a round that has not started learning is abandoned, one that has is
 finished, a checkpoint is written and the process exits 0.
 """
