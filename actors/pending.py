@@ -20,7 +20,7 @@ INTERVAL_S = 30.0
 
 # What Ray's states mean for someone waiting (actor table and placement group table).
 _MEANING = {
-    "PENDING": "not placed yet",
+    "PENDING": "not placed yet",  # a placement group's bundles
     "RESCHEDULING": "being placed again (a node it used was lost)",
     "DEPENDENCIES_UNREADY": "waiting for its constructor's arguments",
     "RESTARTING": "restarting after its process or node died",
@@ -55,8 +55,10 @@ def describe_state(thing: Any) -> str:
         return "state unknown"
     state, pid = info.get("State"), info.get("Pid") or 0
     if state == "PENDING_CREATION":
-        # A process is assigned once the actor is placed; until then it waits for a node.
-        return f"placed (pid {pid}); its constructor is still running" if pid else "not placed yet"
+        # A process is assigned once the actor is placed and its worker has started.
+        if pid:
+            return f"placed (pid {pid}); its constructor is still running"
+        return "no process yet: not placed, or its worker is starting"
     return _MEANING.get(state, state or "state unknown")
 
 

@@ -41,19 +41,23 @@ def test_an_actor_no_node_can_hold_is_reported_as_not_placed_with_the_numbers(ra
     total = ray.cluster_resources()["CPU"]
     for seconds, line in zip((1, 2), waiting.reports):
         head, _, free = line.partition("; the cluster has ")
-        assert head == f"still waiting after {seconds} s (limit test.timeout_s=2.5) for big actor (not placed yet): each asks for 64 CPU"
+        assert head == (f"still waiting after {seconds} s (limit test.timeout_s=2.5) for big actor (no process yet: not"
+                        " placed, or its worker is starting): each asks for 64 CPU")
         assert free.endswith(f" of {total:g} CPU free (short of CPU)")
 
 
 def test_an_actor_still_in_its_constructor_is_reported_as_placed_with_its_pid(ray_local):
-    slow = Slow.options(num_cpus=0.1).remote(4)
-    waiting = ActorWait([("slow actor", slow)], {"CPU": 0.1}, "test.timeout_s=60", interval_s=2.0)
+    slow = Slow.options(num_cpus=0.1).remote(6)
+    waiting = ActorWait([("slow actor", slow)], {"CPU": 0.1}, "test.timeout_s=120", interval_s=1.0)
     try:
-        pid = waiting.get(slow.ready.remote(), timeout=60)
+        pid = waiting.get(slow.ready.remote(), timeout=120)
     finally:
         ray.kill(slow)
-    assert waiting.reports, "a 4 s constructor against a 2 s interval must be reported"
-    assert f"for slow actor (placed (pid {pid}); its constructor is still running): each asks for 0.1 CPU" in waiting.reports[0]
+    # Before its worker process starts (seconds on a loaded machine) it has no pid; for the 6 s of
+    # its constructor it has one.
+    placed = [line for line in waiting.reports
+              if f"for slow actor (placed (pid {pid}); its constructor is still running): each asks for 0.1 CPU" in line]
+    assert len(placed) >= 4, waiting.reports
 
 
 @pytest.mark.parametrize("kind", ["generator", "learner", "judge"])
@@ -77,7 +81,7 @@ def test_every_pool_reports_while_its_actors_wait(kind, ray_local, monkeypatch, 
             cfg = JudgeConfig(cls="judges.verifiable:VerifiableJudge", num_cpus=64, setup_timeout_s=2)
             with pytest.raises(JudgePoolError):
                 JudgePool(cfg)
-            name, limit = "judge actor 0 (not placed yet)", "judge.setup_timeout_s=2"
+            name, limit = "judge actor 0 (no process yet: not placed, or its worker is starting)", "judge.setup_timeout_s=2"
     lines = [r.getMessage() for r in caplog.records if r.name == "actors.pending"]
     assert len(lines) >= 2, lines
     assert all(f"(limit {limit}) for {name}" in line and "each asks for 64 CPU" in line for line in lines), lines
