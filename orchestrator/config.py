@@ -163,7 +163,7 @@ class LearnerConfig(Section):
     """GPUs per learner worker (0 = CPU with gloo; >0 = NCCL)."""
     num_cpus_per_worker: float = Field(1, ge=0)
     """CPUs reserved per learner worker."""
-    resources_per_worker: CustomResources = {}
+    resources: CustomResources = {}
     """Custom Ray resources per learner worker (as ``generator.resources``)."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """Data parallelism: DDP, or FSDP2 (``fully_shard``) for models that do not fit one GPU."""

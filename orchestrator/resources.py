@@ -38,7 +38,7 @@ FIELDS = {
     "generator": ("generator.num_actors", "generator.num_gpus", "generator.num_cpus", "generator.resources"),
     "judge": ("judge.num_actors", "judge.num_gpus", "judge.num_cpus", "judge.resources"),
     "learner": ("learner.num_workers", "learner.num_gpus_per_worker", "learner.num_cpus_per_worker",
-                "learner.resources_per_worker"),
+                "learner.resources"),
 }
 """Per kind: the config fields behind its count, GPUs, CPUs and custom resources per actor."""
 
@@ -78,7 +78,7 @@ def resource_plan(config: Any, judge_in_driver: bool = False) -> dict:
     rows = {
         "generator": (g.num_actors, g.num_gpus, g.num_cpus, g.resources, f"tensor_parallel_size {g.tensor_parallel_size}"),
         "judge": judge_row,
-        "learner": (le.num_workers, le.num_gpus_per_worker, le.num_cpus_per_worker, le.resources_per_worker,
+        "learner": (le.num_workers, le.num_gpus_per_worker, le.num_cpus_per_worker, le.resources,
                     f"strategy {le.strategy}"),
     }
     actors = {}

@@ -23,7 +23,7 @@ from actors.pending import ActorWait, demand_of
 class LearnerGroup:
     def __init__(self, model_cfg: Any, learner_cfg: Any, seed: int = 0):
         cfg = self.cfg = learner_cfg
-        bundle = demand_of(cfg.num_cpus_per_worker, cfg.num_gpus_per_worker, cfg.resources_per_worker)
+        bundle = demand_of(cfg.num_cpus_per_worker, cfg.num_gpus_per_worker, cfg.resources)
         if not bundle:
             raise ValueError("learner.num_cpus_per_worker and learner.num_gpus_per_worker are both 0: "
                              "a worker needs some resource to be placed")
@@ -40,7 +40,7 @@ class LearnerGroup:
             self.workers = [
                 LearnerWorker.options(
                     num_cpus=cfg.num_cpus_per_worker, num_gpus=cfg.num_gpus_per_worker,
-                    resources=dict(cfg.resources_per_worker),
+                    resources=dict(cfg.resources),
                     scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i),
                 ).remote(model_cfg, cfg, seed, i, cfg.num_workers)
                 for i in range(cfg.num_workers)

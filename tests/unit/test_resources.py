@@ -116,7 +116,7 @@ def test_the_first_kind_that_overflows_in_start_order_is_named_with_the_value_th
 
 
 def test_custom_resources_are_planned_and_checked_like_gpus():
-    plan = plan_of(GSM8K, ["generator.resources={a100_node: 1}", "learner.resources_per_worker={a100_node: 1}"])
+    plan = plan_of(GSM8K, ["generator.resources={a100_node: 1}", "learner.resources={a100_node: 1}"])
     assert plan["actors"]["generator"]["resources"] == {"GPU": 1.0, "CPU": 4.0, "a100_node": 1.0}
     assert plan["total"] == {"GPU": 8.0, "CPU": 34.0, "a100_node": 8.0}
     assert format_plan(plan)[:2] == [
@@ -127,10 +127,10 @@ def test_custom_resources_are_planned_and_checked_like_gpus():
     plain = {"GPU": 8.0, "CPU": 64.0}
     assert check_cluster(plan, plain, [plain]) == [
         "a100_node: the config asks for 8 (learner 4 x 1, generator 4 x 1) and the cluster has 0: the learner actors"
-        " would wait forever; lower learner.resources_per_worker.a100_node, generator.resources.a100_node so that"
+        " would wait forever; lower learner.resources.a100_node, generator.resources.a100_node so that"
         " they ask for 8 a100_node less, or add 8 a100_node to the cluster",
         "learner: one actor needs 1 GPU, 4 CPU, 1 a100_node on a single node; the largest node has 8 GPU, 64 CPU,"
-        " 0 a100_node: lower learner.resources_per_worker.a100_node to 0, or add a node with 1 a100_node",
+        " 0 a100_node: lower learner.resources.a100_node to 0, or add a node with 1 a100_node",
         "generator: one actor needs 1 GPU, 4 CPU, 1 a100_node on a single node; the largest node has 8 GPU, 64 CPU,"
         " 0 a100_node: lower generator.resources.a100_node to 0, or add a node with 1 a100_node",
     ]
