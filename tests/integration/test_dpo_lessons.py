@@ -3,10 +3,11 @@ continued after a resume, correction pairs next to best/worst pairs, the identit
 ``odpo audit`` on real pairs (a marker planted by a custom judge is found; the demo's own pairs
 raise nothing)."""
 
+import contextlib
+import io
 import json
-import subprocess
-import sys
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -44,9 +45,14 @@ def lessons(out_dir):
     return out_dir / "lessons"
 
 
-def audit(run_dir, *args):
-    return subprocess.run([sys.executable, "-m", "orchestrator", "audit", str(run_dir), *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+def audit(run_dir, *args) -> SimpleNamespace:
+    """``odpo audit`` through the CLI's entry point, in this process (the tokenizer is loaded already)."""
+    from orchestrator.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(["audit", str(run_dir), *args])
+    return SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def test_correction_pairs_next_to_best_worst_pairs(lessons, tok):
