@@ -69,6 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("make-demo-model", help="rebuild the demo model and data (assets/demo)")
     p.add_argument("--out", default="assets/demo", help="output folder (default: assets/demo)")
     p.add_argument("--steps", type=int, default=240, help="SFT steps (default: 240)")
+
+    p = verbs.add_parser(
+        "make-rehearsal-model",
+        help="write a random-weight model with Qwen2.5-0.5B's architecture and shape (no download), for scale rehearsals")
+    p.add_argument("out", metavar="DIR", help="output folder (Hugging Face format)")
+    p.add_argument("--layers", type=int, default=24, help="decoder layers (default: 24, as Qwen2.5-0.5B)")
+    p.add_argument("--vocab-size", type=int, default=151_936, help="model vocabulary (default: 151936, as Qwen2.5-0.5B)")
+    p.add_argument("--tokenizer-vocab", type=int, default=4096, help="learned BPE entries (default: 4096)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="stored weights dtype (default: bfloat16)")
+    p.add_argument("--seed", type=int, default=0, help="weights and tokenizer seed (default: 0)")
     return parser
 
 
@@ -131,6 +142,19 @@ def main(argv: list[str] | None = None) -> int:
         from orchestrator.demo.model import make_demo_model
 
         print(make_demo_model(Path(args.out), steps=args.steps))
+        return 0
+    if args.verb == "make-rehearsal-model":
+        import json
+
+        from orchestrator.rehearsal import make_rehearsal_model
+
+        try:
+            summary = make_rehearsal_model(args.out, layers=args.layers, vocab_size=args.vocab_size, seed=args.seed,
+                                           dtype=args.dtype, tokenizer_vocab=args.tokenizer_vocab)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(summary))
         return 0
     raise AssertionError(args.verb)
 
