@@ -134,6 +134,8 @@ class JudgePool:
         cls = check_judge_spec(judge_cfg.cls, judge_cfg.kwargs)  # raises JudgeSpecError, before any actor
         self.name = cls.__name__  # every error message carries it
         self.restarts = 0
+        self.progress = (0, 0)
+        """(items scored, items) of the current or last ``score`` call, for progress reports."""
         self._actors: list[Any] = []
         self._slot_restarts: list[int] = []
         self._local: JudgeHost | None = None
@@ -193,11 +195,13 @@ class JudgePool:
         scores: list[list[float | None]] = [[None] * len(item.completions) for item in items]
         failures: Counter = Counter()
         errors: list[str] = []
+        self.progress = (0, len(items))
         if items:
             if self._local is not None:
                 self._score_in_driver(items, scores, failures, errors)
             else:
                 self._score_on_actors(items, scores, failures, errors)
+        self.progress = (len(items), len(items))
         penalty = self.cfg.missing_eos_penalty
         if penalty:
             for item, row in zip(items, scores):
@@ -252,6 +256,7 @@ class JudgePool:
                 slot, chunk, _, attempt = pending.pop(ref)
                 try:
                     self._merge(chunk, ray.get(ref), scores, failures, errors)
+                    self.progress = (self.progress[0] + len(chunk), len(items))
                 except ray.exceptions.RayActorError as e:
                     errors.append(f"{self.name}: actor {slot} died: {_describe(e)}")
                     self._replace(slot, "died")

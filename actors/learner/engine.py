@@ -61,6 +61,8 @@ class Learner:
         """Optimizer steps taken (skipped steps excluded)."""
         self.skipped_steps = 0
         self._nan_pending = 0
+        self.on_step = None
+        """``fn(round, steps_done, steps_total)`` before each step and after the last (progress reports)."""
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -230,11 +232,15 @@ class Learner:
                                  seed=self.seed, round=round) if kept else []
         totals = torch.zeros(len(_FIELDS), dtype=torch.float64)
         applied, skipped, norms, tokens = 0, 0, [], 0
-        for micro_batches in schedule:
+        for k, micro_batches in enumerate(schedule):
+            if self.on_step is not None:
+                self.on_step(round, k, len(schedule))
             ok, norm, n_tokens = self._step(micro_batches, ref_by_index, totals)
             applied, skipped, tokens = applied + ok, skipped + (not ok), tokens + n_tokens
             if ok:
                 norms.append(norm)
+        if self.on_step is not None:
+            self.on_step(round, len(schedule), len(schedule))
         refreshed = self.cfg.ref_refresh_every > 0 and round % self.cfg.ref_refresh_every == 0
         if refreshed:
             self.refresh_reference()
