@@ -87,8 +87,14 @@ class EngineCounter:
 
     @classmethod
     def factory(cls, kind: str, index: int, tag: Any, total: int):
+        """The ``use_tqdm`` callable: vLLM calls it with an iterable to wrap (adding requests:
+        passed through untouched) and without one for the bar of finished requests."""
         reporter = Reporter(kind, index, tag, total)
-        return lambda **kwargs: cls(reporter, **kwargs)
+
+        def make(iterable=None, **kwargs):
+            return iterable if iterable is not None else cls(reporter, **kwargs)
+
+        return make
 
     @property
     def format_dict(self) -> dict:
