@@ -149,10 +149,12 @@ def _logged_round(run_dir: Path) -> int:
 @pytest.fixture(scope="module")
 def resumed(work, env, mlflow_uri):
     """A 4-round run SIGKILLed once round 3 reached every tracker (its checkpoint is round 2),
-    then resumed: rounds 3 and 4 are redone."""
+    then resumed: rounds 3 and 4 are redone. Round 4's weight sync is made to hang (the fault
+    switch) so that the kill lands between the two rounds however fast they run."""
     name, run_dir, log = "resumed", work / "resumed", work / "resumed.log"
     args = ("loop.rounds=4", *TRACKERS, f"report.mlflow_tracking_uri={mlflow_uri}", "report.pairs_every=0")
-    proc = start_run(work, name, *args, env=env)
+    hang = ("faults.events=[{kind: sync, action: hang, round: 4, seconds: 600}]", "sync.timeout_s=900")
+    proc = start_run(work, name, *args, *hang, env=env)
     try:
         wait_for(lambda: _logged_round(run_dir) >= 3, proc, 600, "round 3 in every tracker", log)
     finally:
