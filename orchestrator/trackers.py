@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -265,7 +266,7 @@ class WandbTracker:
         import wandb
 
         self.wandb = wandb
-        run_id = (saved or {}).get("id") or wandb.util.generate_id()
+        run_id = (saved or {}).get("id") or uuid.uuid4().hex[:12]  # W&B ids: [a-z0-9]
         self.run = wandb.init(
             project=owner.cfg.project, entity=owner.cfg.wandb_entity, name=owner.c.run.name, id=run_id,
             resume="allow", dir=str(owner.rd.root), config=owner.config_dict,

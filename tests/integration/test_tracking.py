@@ -176,9 +176,10 @@ def _redone_kept_first(res: dict) -> dict[int, dict]:
 def test_tensorboard_holds_every_round_once_and_resume_replaces_redone_rounds(tracked, resumed):
     scalars, texts = read_tensorboard(tracked["dir"] / "tensorboard")
     check_history(scalars, tracked["lines"], rel=1e-6)  # event files store float32
-    assert "prompts_per_round: 512" in texts["config"][0][0]
-    first_prompt = json.dumps(_pairs(tracked["dir"], 2)[0]["prompt"])[1:-1]
-    assert list(texts["pairs_sample"]) == [2] and first_prompt in texts["pairs_sample"][2][0]
+    assert "prompts_per_round: 512" in texts["config/text_summary"][0][0]
+    first = _pairs(tracked["dir"], 2)[0]
+    table = texts["pairs_sample/text_summary"]
+    assert list(table) == [2] and f"| 2 | {first['prompt']} | {first['chosen']} | {first['rejected']} |" in table[2][0]
     scalars, _ = read_tensorboard(resumed["dir"] / "tensorboard")
     check_history(scalars, resumed["lines"], rel=1e-6)  # purge_step: round 3 is the redone one
 

@@ -66,8 +66,9 @@ def read_wandb_offline(wandb_dir: Path, run_id: str) -> tuple[dict, dict, list[s
             rec = pb.Record()
             rec.ParseFromString(raw)
             kind = rec.WhichOneof("record_type")
-            if kind == "run":
+            if kind == "run":  # the run record carries the config handed to wandb.init
                 ids.append(rec.run.run_id)
+                config.update({u.key: json.loads(u.value_json) for u in rec.run.config.update})
             elif kind == "config":
                 config.update({u.key: json.loads(u.value_json) for u in rec.config.update})
             elif kind == "history":
