@@ -10,10 +10,13 @@ along as a table. A new tracker run gets the resolved config (secrets redacted) 
 hyperparameters.
 
 A resumed run continues the same tracker runs: their ids are kept in ``<run dir>/trackers.json``
-with the last round each one logged. The rounds a resume redoes (those after its checkpoint)
-replace the first values in TensorBoard (``purge_step``); W&B, MLflow and trackio cannot drop a
-logged point, so there a redone round that the tracker already holds is not logged again (it
-keeps its first values) and the rest are: no round appears twice anywhere.
+with the last round each one holds. The rounds a resume redoes (those after its checkpoint)
+replace the first values in TensorBoard (``purge_step``); MLflow and trackio cannot drop a logged
+point, so a redone round they already hold keeps its first values and is not logged again. W&B
+may lose the last rounds in a crash (it writes in the background): online, the server's step
+counter says what it holds; offline, the resumed segment logs every round again. Rounds of
+``metrics.jsonl`` that a tracker does not hold are logged when it opens. No round appears twice
+in a tracker (W&B offline: in a segment; ``wandb sync`` keeps a step's first value).
 
 A tracker that fails (bad credentials, a server down, a call past ``report.timeout_s``) costs a
 warning and one count in ``tracker_errors``, never the run. Secrets come from each tool's own
@@ -127,7 +130,6 @@ class Trackers:
         self.backends: dict = {}
         self._executors: dict[str, ThreadPoolExecutor] = {}
         self._running: dict = {}
-        self._skipped: dict[str, list[int]] = {}
         lines = rundir.read_metrics()
         self.next_round = lines[-1]["round"] + 1 if lines else 0  # the first round this process logs
         self.config_dict = redact_secrets(config.model_dump(mode="json"))
@@ -140,16 +142,18 @@ class Trackers:
             self.backends[name] = backend
             if saved is None:
                 self._guarded(name, "config", backend.log_config, self.config_dict)
-            if backend.rewinds:
-                last = self.next_round - 1
-            else:
-                last = saved.get("last_round", -1) if saved else -1
-            self.ledger[name] = {**backend.state, "last_round": last}
+            held = self._guarded(name, "resume", backend.held_through, saved, self.next_round)
+            self.ledger[name] = {**backend.state, "last_round": -1 if held is None else held}
             log.info("tracker %s: %s", name, backend.describe())
         self._write_ledger()
+        # Rounds already in metrics.jsonl that a tracker does not hold (a tracker new to this run,
+        # or W&B data a crash lost before it reached disk or the server) are logged now.
+        for line in lines:
+            if any(line["round"] > entry["last_round"] for n, entry in self.ledger.items() if n in self.backends):
+                self.log_round(line, backfill=True)
 
     # --- logging ---------------------------------------------------------------------------------
-    def log_round(self, record: dict) -> None:
+    def log_round(self, record: dict, backfill: bool = False) -> None:
         """Log one metrics line (and every ``report.pairs_every`` rounds a sample of its pairs)."""
         r = int(record["round"])
         figures = flatten_figures(record)
@@ -158,8 +162,9 @@ class Trackers:
             table = pairs_table(self.rd.read_pairs(r), self.cfg.pairs_sample)
         for name, backend in self.backends.items():
             if r <= self.ledger[name]["last_round"]:
-                self._skipped.setdefault(name, []).append(r)
-                log.warning("tracker %s already holds round %d (logged before the resume): kept as first logged", name, r)
+                if not backfill:
+                    log.warning("tracker %s already holds round %d (logged before the resume): it keeps the "
+                                "values first logged", name, r)
                 continue
             if self._guarded(name, f"round {r}", backend.log, r, figures, table, ok=True):
                 self.ledger[name]["last_round"] = r
@@ -216,12 +221,10 @@ def open_trackers(config, rundir) -> Trackers | None:
     return Trackers(config, rundir) if config.report.to else None
 
 
-# --- the backends: each has state (what resumes it), rewinds, log_config, log, close, describe ---
+# --- the backends: each has state (what resumes it), held_through, log_config, log, close, describe ---
 
 class TensorBoardTracker:
     """Event files in ``report.tensorboard_dir`` (default ``<run dir>/tensorboard``)."""
-
-    rewinds = True
 
     def __init__(self, owner: Trackers, saved: dict | None):
         from torch.utils.tensorboard import SummaryWriter
@@ -235,6 +238,10 @@ class TensorBoardTracker:
 
     def describe(self) -> str:
         return f"event files in {self.dir}"
+
+    def held_through(self, saved: dict | None, next_round: int) -> int:
+        # purge_step dropped the old values of the rounds from next_round on; a new folder holds none.
+        return next_round - 1 if saved else -1
 
     def log_config(self, config: dict) -> None:
         import yaml
@@ -260,8 +267,6 @@ class TensorBoardTracker:
 class WandbTracker:
     """A W&B run in ``report.project`` (``WANDB_MODE=offline``: files under ``<run dir>/wandb``)."""
 
-    rewinds = False
-
     def __init__(self, owner: Trackers, saved: dict | None):
         import wandb
 
@@ -276,6 +281,15 @@ class WandbTracker:
 
     def describe(self) -> str:
         return f"run {self.run.id} ({self.run.settings.mode}) in project {self.run.project}"
+
+    def held_through(self, saved: dict | None, next_round: int) -> int:
+        # W&B writes in the background (its transaction log in 32 KiB blocks), so a crash can lose
+        # rounds the ledger counts: trust the server's step counter online (a resumed run starts
+        # after its last step). Offline there is no server: the new segment logs every round again;
+        # `wandb sync` keeps the first value of a step that an older segment had written.
+        if self.run.offline:
+            return -1
+        return self.run.step - 1
 
     def log_config(self, config: dict) -> None:
         pass  # handed to wandb.init
@@ -292,8 +306,6 @@ class WandbTracker:
 
 class MlflowTracker:
     """An MLflow run in experiment ``report.project`` on ``report.mlflow_tracking_uri``."""
-
-    rewinds = False
 
     def __init__(self, owner: Trackers, saved: dict | None):
         # A server that is down must fail a call within report.timeout_s, not retry for minutes.
@@ -315,6 +327,9 @@ class MlflowTracker:
 
     def describe(self) -> str:
         return f"run {self.run_id} on {self.client.tracking_uri}"
+
+    def held_through(self, saved: dict | None, next_round: int) -> int:
+        return saved.get("last_round", -1) if saved else -1  # each log_batch returned: on the server
 
     def log_config(self, config: dict) -> None:
         import yaml
@@ -343,8 +358,6 @@ class MlflowTracker:
 class TrackioTracker:
     """A trackio run (local SQLite under ``TRACKIO_DIR``, or a Space with ``TRACKIO_SPACE_ID``)."""
 
-    rewinds = False
-
     def __init__(self, owner: Trackers, saved: dict | None):
         import trackio
 
@@ -356,6 +369,9 @@ class TrackioTracker:
 
     def describe(self) -> str:
         return f"run {self.name} in project {self.state['project']}"
+
+    def held_through(self, saved: dict | None, next_round: int) -> int:
+        return saved.get("last_round", -1) if saved else -1  # each round was flushed to its store
 
     def log_config(self, config: dict) -> None:
         pass  # handed to trackio.init

@@ -55,19 +55,20 @@ def _wandb_records(path: Path) -> list[bytes]:
     return records
 
 
-def read_wandb_offline(wandb_dir: Path, run_id: str) -> tuple[dict, dict, list[str]]:
-    """History, config and run ids of every offline segment of run ``run_id`` (a resumed run
-    writes a second ``offline-run-*-<id>`` folder)."""
+def read_wandb_offline(wandb_dir: Path, run_id: str) -> list[tuple[dict, dict, str]]:
+    """History, config and run id of each offline segment of run ``run_id``, oldest first (a
+    resumed run writes another ``offline-run-*-<id>`` folder; `wandb sync` uploads them in order)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    history, config, ids = _history(), {}, []
+    segments = []
     for folder in sorted(wandb_dir.glob(f"offline-run-*-{run_id}")):
+        history, config, rid = _history(), {}, None
         for raw in _wandb_records(folder / f"run-{run_id}.wandb"):
             rec = pb.Record()
             rec.ParseFromString(raw)
             kind = rec.WhichOneof("record_type")
             if kind == "run":  # the run record carries the config handed to wandb.init
-                ids.append(rec.run.run_id)
+                rid = rec.run.run_id
                 config.update({u.key: json.loads(u.value_json) for u in rec.run.config.update})
             elif kind == "config":
                 config.update({u.key: json.loads(u.value_json) for u in rec.config.update})
@@ -77,7 +78,8 @@ def read_wandb_offline(wandb_dir: Path, run_id: str) -> tuple[dict, dict, list[s
                 for key, value in row.items():
                     if not key.startswith("_"):
                         history[key][step].append(value)
-    return history, config, ids
+        segments.append((history, config, rid))
+    return segments
 
 
 def read_mlflow(uri: str, run_id: str) -> tuple[dict, dict, list[str]]:
