@@ -7,8 +7,10 @@ model folder and a preference dataset, each with a card.
   run's ``model.tokenizer``/``model.path`` when the checkpoint has none) and ``README.md``: base
   model, odpo version, rounds, the eval curve as a table, loss and key config, the judge.
 - ``OUT/pairs/``: every pair of rounds 1..N as parquet shards ``data/train-*.parquet`` (the hub's
-  layout: ``datasets.load_dataset("OUT/pairs")``) and ``README.md``: columns, counts per round and
-  per source, score statistics, policy versions.
+  layout; locally ``datasets.load_dataset("parquet", data_dir="OUT/pairs/data")``: datasets 5.2
+  caches ``load_dataset("OUT/pairs")`` by folder name, so two exports into folders of the same
+  name would read back the first) and ``README.md``: columns, counts per round and per source,
+  score statistics, policy versions.
 
 Each folder is built under a temporary name and renamed into place. ``--push-to-hub REPO``
 uploads the model to the model repo ``REPO`` and the pairs to the dataset repo ``REPO`` with
@@ -230,7 +232,9 @@ def dataset_card(f: dict) -> str:
         out += f"| {name} | {_fmt(st.get('mean'))} | {_fmt(st.get('min'))} | {_fmt(st.get('max'))} |\n"
     out += "\n## Policy versions\n\nThe policy version that sampled each pair (version v = after v learner updates):\n\n"
     out += "| policy_version | pairs |\n|---|---|\n" + "".join(f"| {v} | {k} |\n" for v, k in s["per_version"])
-    out += ("\n## Load\n\n```python\nimport datasets\n\nds = datasets.load_dataset(\"PATH\", split=\"train\")\n```\n")
+    out += ("\n## Load\n\n```python\nimport datasets\n\n"
+            "ds = datasets.load_dataset(\"parquet\", data_dir=\"PATH/data\", split=\"train\")  # a local copy\n"
+            "ds = datasets.load_dataset(\"REPO\", split=\"train\")  # pushed to the hub\n```\n")
     return out
 
 

@@ -200,8 +200,8 @@ def test_wandb_offline_run_holds_every_round_once_across_a_resume(tracked, resum
     # resumed segment, of the same run, holds every round once with the final values.
     run_id = resumed["ledger"]["wandb"]["id"]
     (killed, _, rid0), (final, _, rid1) = read_wandb_offline(resumed["dir"] / "wandb", run_id)
-    assert rid0 == rid1 == run_id
     held = {r for steps in killed.values() for r in steps}
+    assert rid1 == run_id and rid0 in (run_id, None if not held else run_id)  # None: nothing reached disk
     if held:
         check_history(killed, {r: resumed["killed"][r] for r in held})
     check_history(final, resumed["lines"])
@@ -285,7 +285,7 @@ def test_export_model_and_pairs_load_and_cards_carry_the_run(tracked, work, eval
     accuracy = sum((s[0] or 0.0) for s in scores) / len(rows)
     assert accuracy == pytest.approx(last_eval, abs=0.01)
 
-    ds = datasets.load_dataset(str(out / "pairs"), split="train")
+    ds = datasets.load_dataset("parquet", data_dir=str(out / "pairs" / "data"), split="train")
     assert len(ds) == total_pairs > 0
     assert {"prompt", "chosen", "rejected", "chosen_score", "rejected_score", "policy_version", "round"} <= set(ds.column_names)
 

@@ -42,7 +42,7 @@ def run_dir(tmp_path):
 def test_export_writes_the_checkpoint_round_and_its_pairs_with_cards(run_dir, tmp_path):
     summary = export_run(run_dir.root, tmp_path / "out")
     assert summary["round"] == 2 and summary["pairs"] == 3  # round 3's pair is after the checkpoint
-    ds = datasets.load_dataset(str(tmp_path / "out" / "pairs"), split="train")
+    ds = datasets.load_dataset("parquet", data_dir=str(tmp_path / "out" / "pairs" / "data"), split="train")
     assert sorted(ds["prompt"]) == ["1+1=", "2+2=", "3+3="]
     assert ds["source"] == [None, None, "correction"]  # older files: null, as recorded
     card = (tmp_path / "out" / "model" / "README.md").read_text()
