@@ -92,7 +92,8 @@ def build_parts(c: RunConfig, rd: RunDir) -> Parts:
     generators = GeneratorPool(c.model, c.generator, prompt_field=c.data.prompt_field, seed=c.run.seed,
                                max_restarts=c.loop.max_actor_restarts, mode=c.loop.mode,
                                weight_transfer="nccl" if c.sync.backend == "nccl" else None)
-    judges = JudgePool(c.judge, seed=c.run.seed, max_restarts=c.loop.max_actor_restarts,
+    corrector = (c.corrector.cls, c.corrector.kwargs) if "correction" in c.pairs.sources else None
+    judges = JudgePool(c.judge, seed=c.run.seed, max_restarts=c.loop.max_actor_restarts, corrector=corrector,
                        generate_fn=make_generate_fn(generators, c.data.prompt_field, c.run.seed))
     return Parts(generators=generators, judges=judges, learner=learner, make_learner=make_learner,
                  sync_cfg=c.sync, run_dir=str(rd.root))
@@ -151,6 +152,7 @@ def run(c: RunConfig, resume: bool = False, wait_for_resources_s: float = 0.0) -
             parts.learner.save(str(staging))
             payload = {"round": st.round, "policy_version": loop.learner_version, "sampler": st.sampler,
                        "pairs_total": st.pairs_total, "rounds_without_pairs": st.rounds_without_pairs,
+                       "beta": st.beta, "length_counts": st.length_counts,
                        "seed": c.run.seed, "mode": c.loop.mode, "saved_at": time.time()}
             path = rd.commit_checkpoint(staging, st.round, payload)
             rd.prune_checkpoints(c.loop.keep_checkpoints)
@@ -189,7 +191,8 @@ def restore(rd: RunDir, parts: Parts) -> LoopState:
     rd.remove_pairs_after(saved["round"])
     log.info("resumed from %s: round %d, policy version %d", path, saved["round"], version)
     return LoopState(round=saved["round"], policy_version=version, sampler=saved["sampler"],
-                     pairs_total=saved.get("pairs_total", 0), rounds_without_pairs=saved.get("rounds_without_pairs", 0))
+                     pairs_total=saved.get("pairs_total", 0), rounds_without_pairs=saved.get("rounds_without_pairs", 0),
+                     beta=saved.get("beta"), length_counts=saved.get("length_counts", {}))
 
 
 _checkpoint_problem = checkpoint_problem  # (older name)
