@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from actors.pending import ActorWait, demand_of
+from actors.progress import EngineCounter
 from actors.sampling import encode_prompt, engine_kwargs, prompt_seed, row_prompt, split_evenly, to_completion
 from actors.types import SampleGroup
 
@@ -92,7 +93,9 @@ class GeneratorActor:
             ))
             sampled.append(group)
         if prompts:
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            # Finished prompts are reported to the driver as they come (orchestrator/progress.py).
+            counter = EngineCounter.factory("sample", self.index, progress_tag(seed, greedy), len(prompts))
+            outputs = self.llm.generate(prompts, params, use_tqdm=counter)
             for group, out in zip(sampled, outputs):
                 # What the engine itself reports it received: the learner trains these ids.
                 group.prompt_token_ids = list(out.prompt_token_ids)
@@ -125,6 +128,11 @@ class GeneratorActor:
     def apply(self, fn, *args, **kwargs) -> Any:
         """Run ``fn(self, *args, **kwargs)`` inside the actor (benchmarks and tests)."""
         return fn(self, *args, **kwargs)
+
+
+def progress_tag(seed: int, greedy: bool) -> str:
+    """Names one pool-wide ``sample`` call in progress reports: every actor's share carries it."""
+    return f"{seed}:{int(greedy)}"
 
 
 class GeneratorLost(RuntimeError):

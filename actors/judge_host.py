@@ -167,6 +167,8 @@ class JudgePool:
             check_judge_spec(*self.corrector, "corrector.cls", ("correct",))
         self.name = cls.__name__  # every error message carries it
         self.restarts = 0
+        self.progress = (0, 0)
+        """(items done, items) of the current or last ``score``/``correct`` call, for progress reports."""
         self._actors: list[Any] = []
         self._slot_restarts: list[int] = []
         self._local: JudgeHost | None = None
@@ -229,9 +231,11 @@ class JudgePool:
         out: list[list[Any]] = [[None] * len(item.completions) for item in items]
         failures: Counter = Counter()
         errors: list[str] = []
+        self.progress = (0, len(items))
         if items:
             call = self._call_in_driver if self._local is not None else self._call_on_actors
             call(method, items, out, failures, errors)
+        self.progress = (len(items), len(items))
         return out, failures, errors
 
     def score(self, items: list[JudgeItem]) -> ScoreResult:
@@ -305,6 +309,7 @@ class JudgePool:
                 slot, chunk, _, attempt = pending.pop(ref)
                 try:
                     self._merge(chunk, ray.get(ref), scores, failures, errors)
+                    self.progress = (self.progress[0] + len(chunk), len(items))
                 except ray.exceptions.RayActorError as e:
                     errors.append(f"{self.name}: actor {slot} died: {_describe(e)}")
                     self._replace(slot, "died")

@@ -62,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, help="units listed per side (default: 10)")
     p.add_argument("--source", choices=["best_worst", "correction"], help="audit only the pairs of this source")
 
+    p = verbs.add_parser("export", help="write a run's policy as a Hugging Face model folder and its pairs as a "
+                                          "dataset, each with a card (OUT/model, OUT/pairs)")
+    p.add_argument("run_dir")
+    p.add_argument("out")
+    p.add_argument("--round", type=int, default=None, help="checkpoint round to export (default: the newest good one)")
+    p.add_argument("--push-to-hub", metavar="REPO", default=None,
+                   help="also upload the model (model repo REPO) and pairs (dataset repo REPO); token from HF_TOKEN")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create private repos")
+
     p = verbs.add_parser("config-doc", help="print the configuration reference (Markdown) from the config docstrings")
     p.add_argument("--update", metavar="FILE",
                    help="instead, rewrite the text between the config-doc marker lines of FILE (e.g. README.md)")
@@ -123,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.verb == "audit":
         return audit_verb(args)
+    if args.verb == "export":
+        return export_verb(args)
     if args.verb == "config-doc":
         from orchestrator.config_doc import config_reference, update_between_markers
 
@@ -157,6 +168,23 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary))
         return 0
     raise AssertionError(args.verb)
+
+
+def export_verb(args) -> int:
+    """``odpo export``: a run that cannot be exported is one ``error:`` line and exit status 2."""
+    from orchestrator.export import ExportError, export_run, push_to_hub
+
+    try:
+        summary = export_run(args.run_dir, args.out, args.round)
+    except (ExportError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"round {summary['round']} (policy version {summary['policy_version']}): model -> {summary['model']}, "
+          f"{summary['pairs']} pairs -> {summary['dataset']}")
+    if args.push_to_hub:
+        for url in push_to_hub(args.out, args.push_to_hub, private=args.private):
+            print(url)
+    return 0
 
 
 def run_verb(args) -> int:

@@ -93,6 +93,7 @@ class Loop:
         self.round_retries = 0
         self.trained_this_attempt = False
         self.sampler_before_pending: dict | None = None
+        self.trackers = None  # orchestrator.trackers.Trackers when report.to names any (set by run.py)
 
     # --- one round's phases ----------------------------------------------------------------------
     def draw(self) -> list[dict]:
@@ -380,8 +381,7 @@ def drive(loop: Loop, save_checkpoint) -> int:
         eval_reward = loop.evaluate()
         if eval_reward is not None:
             rec = {"round": 0, "policy_version": 0, "eval_reward": eval_reward, "eval_s": time.perf_counter() - t}
-            rd.append_metrics(rec)
-            loop.metrics.record_round(rec)
+            publish(loop, rec)
             log.info("round 0 (before training) | eval %.3f", eval_reward)
     r = loop.state.round
     while not loop.stop.is_set() and (c.loop.rounds == 0 or r < c.loop.rounds):
@@ -390,8 +390,7 @@ def drive(loop: Loop, save_checkpoint) -> int:
         if rec is None:
             log.info("stop requested: round %d abandoned before learning", r)
             break
-        rd.append_metrics(rec)
-        loop.metrics.record_round(rec)
+        publish(loop, rec)
         rd.write_status({**loop.metrics.status(), "phase": "between rounds"})
         log.info(format_round(rec, c.loop.rounds))
         done += 1
@@ -405,6 +404,16 @@ def drive(loop: Loop, save_checkpoint) -> int:
     loop.metrics.set_phase("stopped" if loop.stop.is_set() else "finished", loop.state.round)
     rd.write_status(loop.metrics.status())
     return done
+
+
+def publish(loop: Loop, rec: dict) -> None:
+    """Write a round's metrics line, then hand it to Prometheus and the trackers."""
+    if loop.trackers is not None:
+        rec["tracker_errors"] = dict(loop.trackers.errors)
+    loop.rd.append_metrics(rec)
+    loop.metrics.record_round(rec)
+    if loop.trackers is not None:
+        loop.trackers.log_round(rec)
 
 
 def run_with_retries(loop: Loop, r: int) -> dict | None:
