@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from actors.placement import PlacementError, actor_needs, why_unplaced
 from actors.sampling import encode_prompt, engine_kwargs, prompt_seed, row_prompt, split_evenly, to_completion
 from actors.types import SampleGroup
 
@@ -170,9 +171,11 @@ class GeneratorPool:
         """Scratch space of ``weight_sync`` for this pool (buffer slots, files to remove, NCCL session)."""
         self.last_sample_stats: dict[str, float] = {}
         extra = {"weight_transfer_config": {"backend": "nccl"}} if weight_transfer == "nccl" else None
+        self.needs = actor_needs(gen_cfg.num_cpus, gen_cfg.num_gpus, gen_cfg.resources)
+        """What each actor asks Ray for (``generator.resources`` pins it to nodes that offer them)."""
         remote_cls = ray.remote(GeneratorActor).options(
-            num_cpus=gen_cfg.num_cpus, num_gpus=gen_cfg.num_gpus, max_restarts=max_restarts, max_task_retries=0,
-            runtime_env={"env_vars": dict(ENV_VARS)},
+            num_cpus=gen_cfg.num_cpus, num_gpus=gen_cfg.num_gpus, resources=dict(gen_cfg.resources) or None,
+            max_restarts=max_restarts, max_task_retries=0, runtime_env={"env_vars": dict(ENV_VARS)},
         )
         self.actors = [remote_cls.remote(model_cfg, gen_cfg, i, seed, prompt_field, extra)
                        for i in range(gen_cfg.num_actors)]
@@ -316,20 +319,28 @@ class GeneratorPool:
                     break
                 # A kill is asynchronous: the old process may still answer once.
                 time.sleep(0.2)
-            except ActorUnavailableError:
+            except ActorUnavailableError:  # restarting (its node may be gone): wait for it
                 if time.perf_counter() > deadline:
-                    raise TimeoutError(f"{self.actor_name(i)} did not come back within {timeout}s") from None
+                    self._raise_not_started(i, "did not come back")
                 time.sleep(0.5)
             except ActorDiedError as e:
                 raise RuntimeError(f"{self.actor_name(i)} is dead for good (max_restarts={self.max_restarts} "
                                    f"used up, or its engine fails to start): {e}") from None
             except GetTimeoutError:
-                raise TimeoutError(f"{self.actor_name(i)}: engine did not start within "
-                                   f"generator.start_timeout_s={timeout}s") from None
+                self._raise_not_started(i, "engine did not start")
         if count_restart and info["pid"] != self._info[i].get("pid"):
             self.restarts += 1
         self._info[i] = info
         return info
+
+    def _raise_not_started(self, i: int, what: str):
+        """After ``start_timeout_s``: a ``PlacementError`` naming the missing resources when no
+        alive node can hold the actor (its node was lost), else a plain timeout."""
+        limit = f"generator.start_timeout_s={self.gen_cfg.start_timeout_s:g}s"
+        why = why_unplaced(self.needs)
+        if why:
+            raise PlacementError(f"{self.actor_name(i)} {what} within {limit}: {why}") from None
+        raise TimeoutError(f"{self.actor_name(i)}: {what} within {limit}") from None
 
     def _call(self, indices, method: str, *args, timeout: float, what: str) -> list:
         """``method(*args)`` on the given actors, each answer within ``timeout`` seconds overall."""

@@ -35,6 +35,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from actors.placement import PlacementError, actor_needs, why_unplaced
 from judges.base import JudgeItem
 from judges.calling import call_score, pop_judge_failures, score_guarded
 from judges.loader import check_judge_spec
@@ -157,7 +158,9 @@ class JudgePool:
             ray.get([a.ready.remote() for a in self._actors], timeout=self._setup_timeout())
         except Exception as e:
             self.shutdown()
-            raise JudgePoolError(f"judge {self.cfg.cls} ({self.name}): actor failed to start: {_describe(e)}") from None
+            why = why_unplaced(self._needs()) if isinstance(e, ray.exceptions.GetTimeoutError) else None
+            error = PlacementError if why else JudgePoolError
+            raise error(f"judge {self.cfg.cls} ({self.name}): actor failed to start: {why or _describe(e)}") from None
 
     @property
     def runs_in_driver(self) -> bool:
@@ -166,16 +169,23 @@ class JudgePool:
     def _setup_timeout(self) -> float:
         return float(getattr(self.cfg, "setup_timeout_s", 900))
 
+    def _needs(self) -> dict[str, float]:
+        return actor_needs(self.cfg.num_cpus, self.cfg.num_gpus, self.cfg.resources)
+
     def _start(self, slot: int):
         return self._remote.options(
-            num_cpus=self.cfg.num_cpus, num_gpus=self.cfg.num_gpus, max_restarts=0, max_task_retries=0,
+            num_cpus=self.cfg.num_cpus, num_gpus=self.cfg.num_gpus, resources=dict(self.cfg.resources) or None,
+            max_restarts=0, max_task_retries=0,
         ).remote(self.cfg.cls, dict(self.cfg.kwargs), self.seed + slot)
 
     def _replace(self, slot: int, why: str) -> None:
         """Kill the actor in ``slot`` and start a fresh one (its construction is awaited lazily:
         calls queue behind it, and a failed construction surfaces as a dead actor)."""
         if self._slot_restarts[slot] >= self.max_restarts:
-            raise JudgePoolError(f"judge {self.cfg.cls} ({self.name}): actor {slot} {why}; restarts exhausted ({self.max_restarts})")
+            unplaced = why_unplaced(self._needs())  # e.g. its node was lost and no other offers its resources
+            raise (PlacementError if unplaced else JudgePoolError)(
+                f"judge {self.cfg.cls} ({self.name}): actor {slot} {why}; restarts exhausted ({self.max_restarts})"
+                + (f"; {unplaced}" if unplaced else ""))
         self._slot_restarts[slot] += 1
         self.restarts += 1
         log.warning("judge %s: actor %d %s; restarting (%d/%d)", self.cfg.cls, slot, why,

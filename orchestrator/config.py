@@ -10,14 +10,29 @@ This module imports no torch, Ray or vLLM, so ``odpo --help`` and ``odpo validat
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+def check_custom_resources(v: dict[str, float]) -> dict[str, float]:
+    """Ray custom resources of one actor: names other than CPU/GPU, amounts > 0 in steps of 1e-4."""
+    for name, amount in v.items():
+        if name in ("CPU", "GPU"):
+            raise ValueError(f"{name}: set it with the num_cpus / num_gpus fields, not as a custom resource")
+        if not amount > 0:
+            raise ValueError(f"{name}: must be > 0, got {amount:g}")
+        if abs(round(amount, 4) - amount) > 1e-12:
+            raise ValueError(f"{name}: Ray counts resources in steps of 0.0001, got {amount!r}")
+    return v
+
+
+CustomResources = Annotated[dict[str, float], AfterValidator(check_custom_resources)]
 
 
 class RunSection(Section):
@@ -93,6 +108,8 @@ class GeneratorConfig(Section):
     """GPUs per generator actor (0 on CPU); with tensor parallelism, set to ``tensor_parallel_size``."""
     num_cpus: float = Field(1, ge=0)
     """CPUs reserved per generator actor."""
+    resources: CustomResources = {}
+    """Ray custom resources each generator actor needs, e.g. ``{node_b: 1}`` to place it only on nodes started with ``ray start --resources='{"node_b": 1}'``; checked per node by ``validate --cluster``."""
     tensor_parallel_size: int = Field(1, ge=1)
     """vLLM tensor-parallel size per generator (GPU clusters)."""
     timeout_s: float = Field(600, gt=0)
@@ -112,6 +129,8 @@ class JudgeConfig(Section):
     """GPUs per judge actor (a reward model or LLM judge may need one)."""
     num_cpus: float = Field(0.5, ge=0)
     """CPUs reserved per judge actor."""
+    resources: CustomResources = {}
+    """Ray custom resources each judge actor needs (placement, as ``generator.resources``)."""
     timeout_s: float = Field(300, gt=0)
     """Longest one scoring call (one actor's share of a round) may take; past it, that share scores None and the actor is restarted."""
     setup_timeout_s: float = Field(900, gt=0)
@@ -146,6 +165,8 @@ class LearnerConfig(Section):
     """GPUs per learner worker (0 = CPU with gloo; >0 = NCCL)."""
     num_cpus_per_worker: float = Field(1, ge=0)
     """CPUs reserved per learner worker."""
+    resources: CustomResources = {}
+    """Ray custom resources each learner worker needs, added to its placement-group bundle (placement, as ``generator.resources``)."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """Data parallelism: DDP, or FSDP2 (``fully_shard``) for models that do not fit one GPU."""
     beta: float = Field(0.1, gt=0)

@@ -14,6 +14,10 @@ Semantics of the numbers:
 - judge: ``judge.num_actors`` actors of ``judge.num_gpus`` GPUs each (0 for a reward function).
 - learner: ``learner.num_workers`` workers of ``learner.num_gpus_per_worker`` GPUs each (one
   torch.distributed rank per worker).
+- Custom resources (``generator.resources``, ``judge.resources``, ``learner.resources``) are
+  per actor too: ``{node_b: 1}`` places each actor of that kind on a node started with
+  ``ray start --resources='{"node_b": 1}'``; the check wants some node that offers them together
+  with the actor's CPUs and GPUs, and enough of them in the cluster for every actor.
 - The driver (``odpo run``, the job entrypoint) reserves no Ray resources.
 """
 
@@ -22,6 +26,8 @@ from __future__ import annotations
 import os
 import socket
 from typing import Any
+
+from actors.placement import actor_needs, format_needs, missing_on_every_node
 
 # Ray's resource names.
 GPU, CPU = "GPU", "CPU"
@@ -45,24 +51,31 @@ def judge_runs_in_driver(config: Any) -> bool:
 def resource_plan(config: Any, judge_in_driver: bool = False) -> dict:
     """Per actor kind: count, GPUs and CPUs per actor, and their products; plus totals.
 
-    Returns ``{"actors": {kind: {"count", "gpus", "cpus", "total_gpus", "total_cpus", "detail"}},
-    "total": {"GPU": g, "CPU": c}, "warnings": [...]}``. ``config`` is a ``RunConfig`` (only
+    Returns ``{"actors": {kind: {"count", "gpus", "cpus", "resources", "total_gpus", "total_cpus",
+    "detail"}}, "total": {"GPU": g, "CPU": c, <custom>: n...}, "warnings": [...]}`` (``resources``:
+    the custom resources of one actor). ``config`` is a ``RunConfig`` (only
     attribute access is used). ``judge_in_driver`` (see ``judge_runs_in_driver``): the judge
     starts no actors, so it asks for nothing.
     """
     g, j, le = config.generator, config.judge, config.learner
-    judge_row = (0, 0.0, 0.0, f"{j.cls}, in the driver (uses the generators)") if judge_in_driver else (
-        j.num_actors, j.num_gpus, j.num_cpus, j.cls)
+    judge_row = (0, 0.0, 0.0, {}, f"{j.cls}, in the driver (uses the generators)") if judge_in_driver else (
+        j.num_actors, j.num_gpus, j.num_cpus, j.resources, j.cls)
     rows = {
-        "generator": (g.num_actors, g.num_gpus, g.num_cpus, f"tensor_parallel_size {g.tensor_parallel_size}"),
+        "generator": (g.num_actors, g.num_gpus, g.num_cpus, g.resources,
+                      f"tensor_parallel_size {g.tensor_parallel_size}"),
         "judge": judge_row,
-        "learner": (le.num_workers, le.num_gpus_per_worker, le.num_cpus_per_worker, f"strategy {le.strategy}"),
+        "learner": (le.num_workers, le.num_gpus_per_worker, le.num_cpus_per_worker, le.resources,
+                    f"strategy {le.strategy}"),
     }
     actors = {}
-    for kind, (count, gpus, cpus, detail) in rows.items():
+    for kind, (count, gpus, cpus, custom, detail) in rows.items():
         actors[kind] = {"count": int(count), "gpus": float(gpus), "cpus": float(cpus),
+                        "resources": {k: float(v) for k, v in custom.items()},
                         "total_gpus": count * float(gpus), "total_cpus": count * float(cpus), "detail": detail}
     total = {GPU: sum(a["total_gpus"] for a in actors.values()), CPU: sum(a["total_cpus"] for a in actors.values())}
+    for a in actors.values():
+        for name, amount in a["resources"].items():
+            total[name] = total.get(name, 0.0) + a["count"] * amount
 
     warnings = []
     if g.tensor_parallel_size > 1 and g.num_gpus < g.tensor_parallel_size:
@@ -82,13 +95,20 @@ def format_plan(plan: dict) -> list[str]:
     """The plan as YAML comment lines (``#`` first), so they can follow a YAML document."""
     a = plan["actors"]
     summary = ", ".join(f"{k} {a[k]['count']} x {_num(a[k]['gpus'])} GPU" for k in KINDS)
-    lines = [f"# resources: {summary}; total {_num(plan['total'][GPU])} GPU, {_num(plan['total'][CPU])} CPU"]
+    total = ", ".join(f"{_num(n)} {name}" for name, n in plan["total"].items())
+    lines = [f"# resources: {summary}; total {total}"]
     for k in KINDS:
         r = a[k]
-        lines.append(f"#   {k:<9} {r['count']} x ({_num(r['gpus'])} GPU, {_num(r['cpus'])} CPU)"
-                     f" = {_num(r['total_gpus'])} GPU, {_num(r['total_cpus'])} CPU; {r['detail']}")
+        custom = "".join(f", {_num(n)} {name}" for name, n in r["resources"].items())
+        custom_total = "".join(f", {_num(r['count'] * n)} {name}" for name, n in r["resources"].items())
+        lines.append(f"#   {k:<9} {r['count']} x ({_num(r['gpus'])} GPU, {_num(r['cpus'])} CPU{custom})"
+                     f" = {_num(r['total_gpus'])} GPU, {_num(r['total_cpus'])} CPU{custom_total}; {r['detail']}")
     lines += [f"# warning: {w}" for w in plan["warnings"]]
     return lines
+
+
+def _per_actor(row: dict, res: str) -> float:
+    return {GPU: row["gpus"], CPU: row["cpus"]}.get(res, row["resources"].get(res, 0.0))
 
 
 def check_cluster(plan: dict, cluster_resources: dict, nodes: list[dict] | None = None) -> list[str]:
@@ -101,23 +121,27 @@ def check_cluster(plan: dict, cluster_resources: dict, nodes: list[dict] | None 
     """
     problems = []
     a = plan["actors"]
-    for res, per_actor in ((GPU, "gpus"), (CPU, "cpus")):
-        need, have = plan["total"][res], float(cluster_resources.get(res, 0))
+    for res, need in plan["total"].items():
+        have = float(cluster_resources.get(res, 0))
         if need > have + 1e-9:
-            parts = ", ".join(f"{k} {a[k]['count']} x {_num(a[k][per_actor])}" for k in KINDS if a[k][per_actor])
+            parts = ", ".join(f"{k} {a[k]['count']} x {_num(_per_actor(a[k], res))}" for k in KINDS
+                              if _per_actor(a[k], res))
             problems.append(f"{res}: the config asks for {_num(need)} ({parts}), the cluster has {_num(have)}")
     if nodes:
         for k in KINDS:
             r = a[k]
-            if not r["gpus"] and not r["cpus"]:
+            need = actor_needs(r["cpus"], r["gpus"], r["resources"])
+            missing = missing_on_every_node(need, nodes) if r["count"] and need else None
+            if missing is None:
                 continue
-            fits = [n for n in nodes if float(n.get(GPU, 0)) + 1e-9 >= r["gpus"] and float(n.get(CPU, 0)) + 1e-9 >= r["cpus"]]
-            if not fits:
-                best_gpu = max(float(n.get(GPU, 0)) for n in nodes)
-                best_cpu = max(float(n.get(CPU, 0)) for n in nodes)
-                problems.append(
-                    f"{k}: one actor needs {_num(r['gpus'])} GPU and {_num(r['cpus'])} CPU on a single node;"
-                    f" the largest node has {_num(best_gpu)} GPU, {_num(best_cpu)} CPU")
+            if r["resources"]:
+                problems.append(f"{k}: one actor needs {format_needs(need)} on a single node; missing: {'; '.join(missing)}")
+                continue
+            best_gpu = max(float(n.get(GPU, 0)) for n in nodes)
+            best_cpu = max(float(n.get(CPU, 0)) for n in nodes)
+            problems.append(
+                f"{k}: one actor needs {_num(r['gpus'])} GPU and {_num(r['cpus'])} CPU on a single node;"
+                f" the largest node has {_num(best_gpu)} GPU, {_num(best_cpu)} CPU")
     return problems
 
 

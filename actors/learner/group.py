@@ -16,19 +16,27 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.learner.worker import LearnerWorker
+from actors.placement import PlacementError, actor_needs, why_unplaced
 
 
 class LearnerGroup:
     def __init__(self, model_cfg: Any, learner_cfg: Any, seed: int = 0):
         cfg = self.cfg = learner_cfg
-        bundle = {k: v for k, v in (("CPU", cfg.num_cpus_per_worker), ("GPU", cfg.num_gpus_per_worker)) if v > 0}
-        if not bundle:
+        # One bundle per worker: its CPUs, GPUs and ``learner.resources`` (which pin it to nodes).
+        bundle = actor_needs(cfg.num_cpus_per_worker, cfg.num_gpus_per_worker, cfg.resources)
+        if not {"CPU", "GPU"} & set(bundle):
             raise ValueError("learner.num_cpus_per_worker and learner.num_gpus_per_worker are both 0: "
                              "a worker needs some resource to be placed")
         self.workers: list = []
         self._pg = placement_group([dict(bundle) for _ in range(cfg.num_workers)], strategy="PACK")
         try:
-            self._get(self._pg.ready(), f"placement group of {cfg.num_workers} x {bundle} (free resources?)")
+            try:
+                self._get(self._pg.ready(), f"placement group of {cfg.num_workers} x {bundle} (free resources?)")
+            except TimeoutError as e:
+                why = why_unplaced(bundle)
+                if why:
+                    raise PlacementError(f"learner: a worker cannot be placed: {why}") from e
+                raise
             self.workers = [
                 LearnerWorker.options(
                     num_cpus=cfg.num_cpus_per_worker, num_gpus=cfg.num_gpus_per_worker,

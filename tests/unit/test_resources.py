@@ -140,3 +140,33 @@ def test_validate_without_cluster_imports_no_ray_or_torch(config):
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+def test_custom_resources_are_planned_per_actor_and_totalled():
+    plan = plan_of(REPO / "configs" / "demo.yaml", ["generator.num_actors=2", "generator.resources={node_b: 1}",
+                                                    "judge.resources={node_a: 0.5}", "learner.resources={node_a: 1}"])
+    assert plan["actors"]["generator"]["resources"] == {"node_b": 1.0}
+    assert plan["total"] == {"GPU": 0.0, "CPU": 3.5, "node_b": 2.0, "node_a": 1.5}
+    lines = format_plan(plan)
+    assert lines[0] == "# resources: generator 2 x 0 GPU, judge 1 x 0 GPU, learner 1 x 0 GPU; total 0 GPU, 3.5 CPU, 2 node_b, 1.5 node_a"
+    assert lines[1] == "#   generator 2 x (0 GPU, 1 CPU, 1 node_b) = 0 GPU, 2 CPU, 2 node_b; tensor_parallel_size 1"
+
+
+def test_check_cluster_per_node_with_custom_resources():
+    head, worker = {"CPU": 3.0, "node_a": 4.0}, {"CPU": 1.0, "node_b": 1.0}
+    totals = {"CPU": 4.0, "node_a": 4.0, "node_b": 1.0}
+    pinned = ["generator.resources={node_b: 1}", "judge.resources={node_a: 1}", "learner.resources={node_a: 1}"]
+    demo = REPO / "configs" / "demo.yaml"
+    assert check_cluster(plan_of(demo, pinned), totals, [head, worker]) == []
+    # The node offering node_b is gone: named, in the totals and per node.
+    assert check_cluster(plan_of(demo, pinned), {"CPU": 3.0, "node_a": 4.0}, [head]) == [
+        "node_b: the config asks for 1 (generator 1 x 1), the cluster has 0",
+        "generator: one actor needs 1 CPU, 1 node_b on a single node; missing: 1 node_b (no node has it)",
+    ]
+    # Each resource exists, but not together on one node.
+    assert check_cluster(plan_of(demo, [*pinned, "generator.num_cpus=2"]), totals, [head, worker]) == [
+        "generator: one actor needs 2 CPU, 1 node_b on a single node; missing: 2 CPU, 1 node_b together "
+        "(no single node has all of them)"]
+    # Two generators pinned to the one node_b unit: the cluster's total is short.
+    assert check_cluster(plan_of(demo, [*pinned, "generator.num_actors=2"]), totals, [head, worker]) == [
+        "node_b: the config asks for 2 (generator 2 x 1), the cluster has 1"]
