@@ -360,6 +360,22 @@ class GeneratorPool:
         return out
 
     def node_ids(self) -> list[str | None]:
+        """The node each actor runs on, asked live: an actor that Ray restarted since the pool last
+        heard from it (elsewhere, if its node was lost) is noticed and counted here, so a weight
+        sync picks its path from where the actors are now. An actor that is down is waited for."""
+        for _ in range(self.max_restarts + 1):
+            try:
+                infos = self._call(range(len(self.actors)), "ready", timeout=self.gen_cfg.timeout_s, what="ready")
+                break
+            except GeneratorLost as e:
+                self._recover(e.index, resync=False)
+        else:
+            raise RuntimeError(f"generators kept failing while asked where they run (max_restarts={self.max_restarts})")
+        for i, info in enumerate(infos):
+            if info["pid"] != self._info[i].get("pid"):
+                self.restarts += 1
+                self._served[i] = info["version"]
+            self._info[i] = info
         return [info.get("node_id") for info in self._info]
 
     def pids(self) -> list[int | None]:

@@ -157,8 +157,8 @@ class JudgePool:
         try:
             ray.get([a.ready.remote() for a in self._actors], timeout=self._setup_timeout())
         except Exception as e:
-            self.shutdown()
             why = why_unplaced(self._needs()) if isinstance(e, ray.exceptions.GetTimeoutError) else None
+            self.shutdown(close=not why)  # an actor never placed cannot close its judge
             error = PlacementError if why else JudgePoolError
             raise error(f"judge {self.cfg.cls} ({self.name}): actor failed to start: {why or _describe(e)}") from None
 
@@ -285,7 +285,7 @@ class JudgePool:
         """The live judge actor handles (none when the judge runs in the driver)."""
         return list(self._actors)
 
-    def shutdown(self) -> None:
+    def shutdown(self, close: bool = True) -> None:
         """Close the judges (best effort, bounded) and end the actors."""
         if self._local is not None:
             self._local.close()
@@ -293,7 +293,8 @@ class JudgePool:
         if not self._actors:
             return
         try:
-            self._ray.get([a.close.remote() for a in self._actors], timeout=30)
+            if close:
+                self._ray.get([a.close.remote() for a in self._actors], timeout=30)
         except Exception:  # a dead or hung actor is killed below anyway
             pass
         for actor in self._actors:

@@ -406,11 +406,15 @@ def drive(loop: Loop, save_checkpoint) -> int:
 def checkpoint_before_failing(loop: Loop, save_checkpoint) -> None:
     """The run is stopping on an error: keep the rounds completed since the last checkpoint. A
     learner that already stepped in the failed round is first brought back to the last completed
-    one. Best effort: a failure here is logged, and the run's own error is what gets raised."""
+    one; a learner that is gone is not rebuilt for this. Best effort: a failure here is logged,
+    and the run's own error is what gets raised."""
     try:
+        if not loop.learner_alive():
+            log.warning("the learner is gone: no checkpoint of round %d before stopping", loop.state.round)
+            return
         loop.metrics.set_phase("checkpoint", loop.state.round)
         if loop.trained_this_attempt:
-            loop.restore_learner(rebuild=not loop.learner_alive())
+            loop.restore_learner(rebuild=False)
         save_checkpoint(loop.state)
     except Exception as e:
         log.warning("could not checkpoint round %d before stopping: %s: %s", loop.state.round, type(e).__name__, e)

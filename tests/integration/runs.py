@@ -32,9 +32,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_run(out_dir: Path, name: str, *overrides: str, resume: bool = False) -> subprocess.Popen:
+def start_run(out_dir: Path, name: str, *overrides: str, resume: bool = False,
+              ray_address: str | None = None) -> subprocess.Popen:
     """Start `python -m orchestrator run` in its own session (so its Ray processes can be ended
-    with it, by process group)."""
+    with it, by process group): on a local cluster of its own, or on the cluster at ``ray_address``."""
     args = [sys.executable, "-m", "orchestrator", "run", "configs/demo.yaml",
             "--set", f"run.output_dir={out_dir}", "--set", f"run.name={name}"]
     for o in [*TINY, *overrides]:
@@ -42,6 +43,8 @@ def start_run(out_dir: Path, name: str, *overrides: str, resume: bool = False) -
     if resume:
         args.append("--resume")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
     log = open(out_dir / f"{name}.log", "ab")
     return subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
