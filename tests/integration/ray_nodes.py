@@ -104,16 +104,20 @@ def start_node(*, head_address: str | None = None, num_cpus: float, num_gpus: fl
     return RayNode(proc, ports, temp_dir)
 
 
-def wait_for_nodes(head: RayNode, count: int, timeout: float = 180) -> None:
-    """Wait until the cluster has ``count`` alive nodes (asked by a short-lived driver)."""
+def wait_for_nodes(nodes: list[RayNode], count: int, timeout: float = 300) -> None:
+    """Wait until the cluster of ``nodes`` (the head first) has ``count`` alive nodes, asked by a
+    short-lived driver; on failure the nodes' own logs say why."""
     code = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False);"
             "print(sum(1 for n in ray.nodes() if n['Alive']))")
     deadline = time.time() + timeout
     while True:
-        out = subprocess.run([sys.executable, "-c", code, head.gcs], env=node_env(), capture_output=True,
+        out = subprocess.run([sys.executable, "-c", code, nodes[0].gcs], env=node_env(), capture_output=True,
                              text=True, timeout=120)
-        if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(count)]:
+        alive = out.stdout.strip().splitlines()[-1:]
+        if out.returncode == 0 and alive == [str(count)]:
             return
-        assert head.proc.poll() is None, head.log_tail()
-        assert time.time() < deadline, f"the cluster did not reach {count} alive nodes in {timeout} s:\n{out.stderr[-2000:]}"
+        logs = "\n".join(f"--- node {n.temp_dir} (exit {n.proc.poll()}):\n{n.log_tail(1500)}" for n in nodes)
+        assert nodes[0].proc.poll() is None, logs
+        assert time.time() < deadline, (f"the cluster did not reach {count} alive nodes in {timeout} s "
+                                         f"(alive: {alive}; {out.stderr[-1000:]})\n{logs}")
         time.sleep(2)

@@ -8,12 +8,12 @@ weight sync takes the cross-node path (the object store), as between machines.
 
 - A 3-round run: every round's weights cross nodes (`sync_path` object_store) and its figures
   equal the single-node run's of the same seed (`sync_run`, conftest.py).
-- A 4-round run in which the worker node's raylet is killed (by pid) while round 2 is being
-  judged: the loop notices at round 2's weight sync, the generator comes back on a replacement
-  node that offers `node_b`, is re-synced, and rounds 2 and 3 finish with the same figures. In
-  round 4 the replacement node is killed too, with no node left that offers `node_b`: the run
-  stops after `generator.start_timeout_s` with an error naming `node_b`, having checkpointed
-  round 3.
+- A 4-round run held (by its judge) while round 2 is being judged: a replacement node that offers
+  `node_b` joins, the generator's node is lost (its raylet killed by pid), and the loop notices at
+  round 2's weight sync; Ray restarts the generator on the replacement, the pool waits for it and
+  loads the weights again, and rounds 2 and 3 finish once with the single-node figures. In round 4
+  the replacement is lost too, with no node left that offers `node_b`: the run stops after
+  `generator.start_timeout_s` with an error naming `node_b`, having checkpointed round 3.
 """
 
 import json
@@ -38,9 +38,7 @@ WORKER = {"num_cpus": 1, "resources": {"node_b": 1}, "object_store_mb": 256}
 
 @pytest.fixture(scope="module")
 def cluster():
-    # The GCS declares a node dead after 3 failed health checks 1 s apart (Ray's default: 5, 3 s apart).
-    head = start_node(num_cpus=2, resources={"node_a": 4}, object_store_mb=256, cwd=REPO,
-                      env={"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"})
+    head = start_node(num_cpus=2, resources={"node_a": 4}, object_store_mb=256, cwd=REPO)
     nodes = [head]
 
     def add_worker():
@@ -48,10 +46,10 @@ def cluster():
         return nodes[-1]
 
     try:
-        wait_for_nodes(head, 1)
+        wait_for_nodes(nodes, 1)
         add_worker()
-        wait_for_nodes(head, 2)
-        yield {"head": head, "nodes": nodes, "add_worker": add_worker, "alive": lambda n: wait_for_nodes(head, n)}
+        wait_for_nodes(nodes, 2)
+        yield {"head": head, "nodes": nodes, "add_worker": add_worker, "alive": lambda n: wait_for_nodes(nodes, n)}
     finally:
         for node in reversed(nodes):
             node.stop()
@@ -124,10 +122,9 @@ def test_a_lost_node_is_replaced_and_with_no_node_left_the_run_stops_naming_it(c
         end_group(proc)
     text = log.read_text()
     assert rc != 0, text[-3000:]
-    errors = [line for line in text.splitlines() if line.startswith("actors.placement.PlacementError: ")]
-    assert len(errors) == 1, text[-3000:]
-    assert errors[0].startswith("actors.placement.PlacementError: generator 0 ")
-    assert "within generator.start_timeout_s=90s" in errors[0] and "missing 1 node_b (no node has it)" in errors[0]
+    errors = [line for line in text.splitlines() if "PlacementError: generator 0 " in line]
+    assert errors, text[-3000:]
+    assert "within generator.start_timeout_s=90s" in errors[-1] and "missing 1 node_b (no node has it)" in errors[-1]
 
     lines = metrics(run_dir)
     assert [m["round"] for m in lines] == [0, 1, 2, 3]  # each round once; round 4 never completed
