@@ -16,7 +16,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from actors.placement import PlacementError, actor_needs, why_unplaced
+from actors.pending import ActorWait, demand_of
+from actors.placement import PlacementError, why_unplaced
 from actors.sampling import encode_prompt, engine_kwargs, prompt_seed, row_prompt, split_evenly, to_completion
 from actors.types import SampleGroup
 
@@ -171,10 +172,10 @@ class GeneratorPool:
         """Scratch space of ``weight_sync`` for this pool (buffer slots, files to remove, NCCL session)."""
         self.last_sample_stats: dict[str, float] = {}
         extra = {"weight_transfer_config": {"backend": "nccl"}} if weight_transfer == "nccl" else None
-        self.needs = actor_needs(gen_cfg.num_cpus, gen_cfg.num_gpus, gen_cfg.resources)
+        self.demand = demand_of(gen_cfg.num_cpus, gen_cfg.num_gpus, gen_cfg.resources)
         """What each actor asks Ray for (``generator.resources`` pins it to nodes that offer them)."""
         remote_cls = ray.remote(GeneratorActor).options(
-            num_cpus=gen_cfg.num_cpus, num_gpus=gen_cfg.num_gpus, resources=dict(gen_cfg.resources) or None,
+            num_cpus=gen_cfg.num_cpus, num_gpus=gen_cfg.num_gpus, resources=dict(gen_cfg.resources),
             max_restarts=max_restarts, max_task_retries=0, runtime_env={"env_vars": dict(ENV_VARS)},
         )
         self.actors = [remote_cls.remote(model_cfg, gen_cfg, i, seed, prompt_field, extra)
@@ -312,9 +313,10 @@ class GeneratorPool:
 
         timeout = self.gen_cfg.start_timeout_s
         deadline = time.perf_counter() + timeout
+        waiting = ActorWait([(self.actor_name(i), self.actors[i])], self.demand, f"generator.start_timeout_s={timeout:g}")
         while True:
             try:
-                info = ray.get(self.actors[i].ready.remote(), timeout=max(0.0, deadline - time.perf_counter()))
+                info = waiting.get(self.actors[i].ready.remote(), timeout=max(0.0, deadline - time.perf_counter()))
                 if old_pid is None or info["pid"] != old_pid:
                     break
                 # A kill is asynchronous: the old process may still answer once.
@@ -322,6 +324,7 @@ class GeneratorPool:
             except ActorUnavailableError:  # restarting (its node may be gone): wait for it
                 if time.perf_counter() > deadline:
                     self._raise_not_started(i, "did not come back")
+                waiting.tick()
                 time.sleep(0.5)
             except ActorDiedError as e:
                 raise RuntimeError(f"{self.actor_name(i)} is dead for good (max_restarts={self.max_restarts} "
@@ -337,7 +340,7 @@ class GeneratorPool:
         """After ``start_timeout_s``: a ``PlacementError`` naming the missing resources when no
         alive node can hold the actor (its node was lost), else a plain timeout."""
         limit = f"generator.start_timeout_s={self.gen_cfg.start_timeout_s:g}s"
-        why = why_unplaced(self.needs)
+        why = why_unplaced(self.demand)
         if why:
             raise PlacementError(f"{self.actor_name(i)} {what} within {limit}: {why}") from None
         raise TimeoutError(f"{self.actor_name(i)}: {what} within {limit}") from None

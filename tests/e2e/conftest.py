@@ -1,6 +1,7 @@
 """One Ray head for the end-to-end tests: `ray start --head --block` on loopback, with its own
-ports and temp dir, 4 CPUs and 2 logical GPUs (so resource checks have GPUs to count). It is
-ended by its process group, which `ray start --block` tears down on SIGTERM."""
+ports and temp dir, 2 CPUs (a head too small for the demo's 2.5, as a new user's laptop might
+be: test_submit.py) and 2 logical GPUs (so resource checks have GPUs to count). It is ended by
+its process group, which `ray start --block` tears down on SIGTERM."""
 
 import subprocess
 import time
@@ -13,7 +14,7 @@ from tests.integration.ray_nodes import VENV_BIN, node_env, start_node
 
 @pytest.fixture(scope="session")
 def ray_head():
-    head = start_node(num_cpus=4, num_gpus=2, dashboard=True, cwd=REPO)
+    head = start_node(num_cpus=2, num_gpus=2, dashboard=True, cwd=REPO)
     env = node_env()
     dashboard = f"http://127.0.0.1:{head.ports['dashboard-port']}"
     try:

@@ -85,6 +85,17 @@ class SetupFails:
         return [[0.0] * len(it.completions) for it in items]
 
 
+class MarkerJudge:
+    """Scores 1 for an answer holding ``marker`` and 0 otherwise: a judge with a shortcut, whose
+    pairs teach the marker rather than the task (what ``odpo audit`` must catch)."""
+
+    def __init__(self, marker: str = "7"):
+        self.marker = marker
+
+    def score(self, items):
+        return [[float(self.marker in c.text) for c in it.completions] for it in items]
+
+
 class GateJudge:
     """The demo's judge (``VerifiableJudge``, same scores) that holds the loop at known points: on
     its calls numbered in ``hold_calls`` (1-based, counted by this actor) it writes

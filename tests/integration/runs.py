@@ -33,12 +33,13 @@ def free_port() -> int:
 
 
 def start_run(out_dir: Path, name: str, *overrides: str, resume: bool = False,
-              ray_address: str | None = None) -> subprocess.Popen:
+              config: str = "configs/demo.yaml", tiny: bool = True, ray_address: str | None = None) -> subprocess.Popen:
     """Start `python -m orchestrator run` in its own session (so its Ray processes can be ended
-    with it, by process group): on a local cluster of its own, or on the cluster at ``ray_address``."""
-    args = [sys.executable, "-m", "orchestrator", "run", "configs/demo.yaml",
+    with it, by process group); ``tiny`` shrinks it with ``TINY`` first. It starts a local cluster
+    of its own, or joins the cluster at ``ray_address``."""
+    args = [sys.executable, "-m", "orchestrator", "run", config,
             "--set", f"run.output_dir={out_dir}", "--set", f"run.name={name}"]
-    for o in [*TINY, *overrides]:
+    for o in [*(TINY if tiny else ()), *overrides]:
         args += ["--set", o]
     if resume:
         args.append("--resume")

@@ -116,16 +116,3 @@ def test_validate_imports_no_heavy_framework():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-
-
-def test_custom_resources_place_each_component_and_bad_ones_are_named():
-    config = load_config(DEMO, ["generator.resources={node_b: 1}", "judge.resources={node_a: 0.5}",
-                                "learner.resources={node_a: 1}"])
-    assert (config.generator.resources, config.judge.resources, config.learner.resources) == (
-        {"node_b": 1.0}, {"node_a": 0.5}, {"node_a": 1.0})
-    assert problems(DEMO, ["generator.resources={CPU: 2}", "judge.resources={node_a: 0}",
-                           "learner.resources={node_a: 0.00001}"]) == [
-        "generator.resources: CPU: set it with the num_cpus / num_gpus fields, not as a custom resource",
-        "judge.resources: node_a: must be > 0, got 0",
-        "learner.resources: node_a: Ray counts resources in steps of 0.0001, got 1e-05",
-    ]
