@@ -104,13 +104,37 @@ def start_node(*, head_address: str | None = None, num_cpus: float, num_gpus: fl
     return RayNode(proc, ports, temp_dir)
 
 
-def wait_for_nodes(nodes: list[RayNode], count: int, timeout: float = 300) -> None:
+def add_node(nodes: list[RayNode], attempts: int = 3, **kwargs) -> RayNode:
+    """Start a node (the head when ``nodes`` is empty, else a worker joining ``nodes[0]``), append
+    it to ``nodes`` and wait until it is alive (before any node of ``nodes`` is lost). A node whose `ray start` gives up is started again:
+    on a loaded machine its raylet can die waiting for its dashboard agent (a fixed 15 s in Ray,
+    ray-project/ray#65983)."""
+    for attempt in range(1, attempts + 1):
+        node = start_node(head_address=nodes[0].gcs if nodes else None, **kwargs)
+        nodes.append(node)
+        try:
+            wait_for_nodes(nodes, len(nodes), starting=node)
+            return node
+        except NodeStartFailed:
+            if attempt == attempts:
+                raise
+            nodes.remove(node)
+            node.stop()
+
+
+class NodeStartFailed(AssertionError):
+    """`ray start` of a node exited before the node joined."""
+
+
+def wait_for_nodes(nodes: list[RayNode], count: int, timeout: float = 300, starting: RayNode | None = None) -> None:
     """Wait until the cluster of ``nodes`` (the head first) has ``count`` alive nodes, asked by a
     short-lived driver; on failure the nodes' own logs say why."""
     code = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False);"
             "print(sum(1 for n in ray.nodes() if n['Alive']))")
     deadline = time.time() + timeout
     while True:
+        if starting is not None and starting.proc.poll() is not None:
+            raise NodeStartFailed(f"`ray start` exited ({starting.proc.returncode}):\n{starting.log_tail(1500)}")
         out = subprocess.run([sys.executable, "-c", code, nodes[0].gcs], env=node_env(), capture_output=True,
                              text=True, timeout=120)
         alive = out.stdout.strip().splitlines()[-1:]

@@ -32,6 +32,7 @@ def test_a_judge_or_learner_no_node_can_hold_is_named(ray_local):
                                              r"failed to start: no alive node offers what it needs "
                                              r"\(0.5 CPU, 1 node_gone\): " + MISSING):
         JudgePool(JudgeConfig(resources=GONE, setup_timeout_s=2))
-    with pytest.raises(PlacementError, match=r"learner: a worker cannot be placed: no alive node offers what it "
-                                             r"needs \(1 CPU, 1 node_gone\): " + MISSING):
+    with pytest.raises(PlacementError, match=r"learner: placement group of 1 x \{'CPU': 1.0, 'node_gone': 1.0\} was "
+                                             r"not placed within learner.timeout_s=2s \(no alive node offers what it "
+                                             r"needs \(1 CPU, 1 node_gone\): " + MISSING + r"\)"):
         LearnerGroup(ModelConfig(path=str(DEMO_MODEL)), LearnerConfig(resources=GONE, timeout_s=2))
