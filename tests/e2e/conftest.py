@@ -9,21 +9,23 @@ import time
 import pytest
 
 from tests.conftest import REPO
-from tests.integration.ray_nodes import VENV_BIN, node_env, start_node
+from tests.integration.ray_nodes import VENV_BIN, add_node, node_env
 
 
 @pytest.fixture(scope="session")
 def ray_head():
-    head = start_node(num_cpus=2, num_gpus=2, dashboard=True, cwd=REPO)
+    nodes: list = []
     env = node_env()
-    dashboard = f"http://127.0.0.1:{head.ports['dashboard-port']}"
     try:
+        head = add_node(nodes, num_cpus=2, num_gpus=2, dashboard=True, cwd=REPO)
+        dashboard = f"http://127.0.0.1:{head.ports['dashboard-port']}"
         deadline = time.time() + 120
         while subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", dashboard],
                              env=env, capture_output=True, timeout=60).returncode != 0:
             assert head.proc.poll() is None, head.log_tail()
-            assert time.time() < deadline, "the Ray head did not come up in 120 s"
+            assert time.time() < deadline, "the Ray head's job server did not come up in 120 s"
             time.sleep(2)
         yield {"dashboard": dashboard, "gcs": head.gcs, "env": env}
     finally:
-        head.stop()
+        for node in nodes:
+            node.stop()

@@ -28,9 +28,12 @@ NODE_PORTS = ("node-manager-port", "object-manager-port", "dashboard-agent-liste
 
 
 def node_env(**extra: str) -> dict:
-    """The nodes' environment: this venv's `python` first on PATH (a job's entrypoint runs it)."""
+    """The nodes' environment: this venv's `python` first on PATH (a job's entrypoint runs it), and
+    5 minutes rather than 30 s for each dashboard module to start (on a loaded machine a head's
+    dashboard otherwise fails to start: "Module MetricsHead failed to start")."""
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
-           "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **extra}
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT": "300",
+           **extra}
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -133,13 +136,13 @@ def wait_for_nodes(nodes: list[RayNode], count: int, timeout: float = 300, start
             "print(sum(1 for n in ray.nodes() if n['Alive']))")
     deadline = time.time() + timeout
     while True:
-        if starting is not None and starting.proc.poll() is not None:
-            raise NodeStartFailed(f"`ray start` exited ({starting.proc.returncode}):\n{starting.log_tail(1500)}")
         out = subprocess.run([sys.executable, "-c", code, nodes[0].gcs], env=node_env(), capture_output=True,
                              text=True, timeout=120)
         alive = out.stdout.strip().splitlines()[-1:]
         if out.returncode == 0 and alive == [str(count)]:
             return
+        if starting is not None and starting.proc.poll() is not None:
+            raise NodeStartFailed(f"`ray start` exited ({starting.proc.returncode}):\n{starting.log_tail(1500)}")
         logs = "\n".join(f"--- node {n.temp_dir} (exit {n.proc.poll()}):\n{n.log_tail(1500)}" for n in nodes)
         assert nodes[0].proc.poll() is None, logs
         assert time.time() < deadline, (f"the cluster did not reach {count} alive nodes in {timeout} s "
