@@ -109,9 +109,9 @@ def start_node(*, head_address: str | None = None, num_cpus: float, num_gpus: fl
 
 def add_node(nodes: list[RayNode], attempts: int = 3, **kwargs) -> RayNode:
     """Start a node (the head when ``nodes`` is empty, else a worker joining ``nodes[0]``), append
-    it to ``nodes`` and wait until it is alive (before any node of ``nodes`` is lost). A node whose `ray start` gives up is started again:
-    on a loaded machine its raylet can die waiting for its dashboard agent (a fixed 15 s in Ray,
-    ray-project/ray#65983)."""
+    it to ``nodes`` and wait until it is alive (call it before any node of ``nodes`` is lost). A
+    node whose `ray start` gives up is started again: on a loaded machine its raylet can die
+    waiting for its dashboard agent (a fixed 15 s in Ray, ray-project/ray#65983)."""
     for attempt in range(1, attempts + 1):
         node = start_node(head_address=nodes[0].gcs if nodes else None, **kwargs)
         nodes.append(node)
