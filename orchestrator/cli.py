@@ -232,7 +232,8 @@ def validate(args) -> int:
     problems = check_cluster(plan, totals, nodes)
     for line in problems:
         print(f"error: {line}", file=sys.stderr)
-    have = f"{totals.get('GPU', 0):g} GPU, {totals.get('CPU', 0):g} CPU on {len(nodes)} node(s)"
+    custom = "".join(f", {totals.get(k, 0):g} {k}" for k in plan["total"] if k not in ("GPU", "CPU"))
+    have = f"{totals.get('GPU', 0):g} GPU, {totals.get('CPU', 0):g} CPU{custom} on {len(nodes)} node(s)"
     print(f"# cluster: {have}; {'does not fit' if problems else 'fits'}")
     return 2 if problems else 0
 
