@@ -8,12 +8,13 @@ checkpoint that rank 0 streams (``weights``); the reference is a local copy of t
 Per round: tokenize the pairs, compute the reference log-probs of every pair once (no grad,
 shared across ranks), then take optimizer steps with gradient accumulation; a step whose loss or
 gradient is not finite on any rank is skipped on all of them. Log-probs are computed at
-completion positions only (``modeling.completion_logps``).
+completion positions only (``modeling.completion_logp_sums``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from typing import Any, Iterator
 
@@ -22,10 +23,12 @@ import torch.distributed as dist
 
 from actors.learner import checkpoint, sharding
 from actors.learner.batching import TokenizedPair, collate, rank_schedule, tokenize_pairs
-from actors.learner.modeling import build_empty, completion_logps, materialize
+from actors.learner.modeling import build_empty, completion_logp_sums, materialize
 from actors.learner.weights import SafetensorsSource, StateDictSource, copy_local, iter_full, load_streamed, \
     resolve_folder, tied_aliases
 from actors.loss import completion_nll, dpo_loss
+
+log = logging.getLogger(__name__)
 
 # Sums kept per round, all-reduced at its end; every report mean is one of these over "pairs".
 _FIELDS = ("pairs", "loss", "dpo_loss", "nll", "accuracy", "margin", "reward_chosen", "reward_rejected",
@@ -131,7 +134,7 @@ class Learner:
         batch = {k: v.to(device) for k, v in collate(pairs, self.pad_id).items()}
         hf_model = self.reference if model is self.reference else self.model
         with self._autocast():
-            sums, lens = completion_logps(model, hf_model, batch, chunk=self.cfg.logprob_chunk)
+            sums, lens = completion_logp_sums(model, hf_model, batch, chunk=self.cfg.logprob_chunk)
         b = len(pairs)
         return torch.stack([sums[:b], sums[b:]], 1), torch.stack([lens[:b], lens[b:]], 1)
 
@@ -196,8 +199,21 @@ class Learner:
         self._nan_pending += steps
 
     def _tokenize(self, pairs: list) -> tuple[list[TokenizedPair], dict]:
-        return tokenize_pairs(self.tokenizer, pairs, chat_template=self.model_cfg.chat_template,
-                              max_len=self.model_cfg.max_model_len)
+        kept, stats = tokenize_pairs(self.tokenizer, pairs, chat_template=self.model_cfg.chat_template,
+                                     max_len=self.model_cfg.max_model_len)
+        if stats["retokenized"] and self.rank == 0:
+            log.warning("%d pairs carry no prompt token ids (a pairs file from before odpo carried ids end "
+                        "to end): their prompts were re-tokenized from text", stats["retokenized"])
+        return kept, stats
+
+    def completion_logps(self, pairs: list) -> torch.Tensor:
+        """``[N, 2]`` summed log-probs of each pair's chosen and rejected completion under the
+        current policy (NaN for a pair dropped as too long or empty); every rank calls."""
+        kept, _ = self._tokenize(pairs)
+        out = torch.full((len(pairs), 2), float("nan"))
+        if kept:
+            out[[p.index for p in kept]] = self._all_logps(self.model, kept, self.device)[0]
+        return out
 
     def _step(self, micro_batches, ref: torch.Tensor, totals: torch.Tensor) -> tuple[bool, float, int]:
         """One optimizer step over this rank's micro-batches; returns (applied, grad norm, tokens)."""
@@ -286,7 +302,8 @@ class Learner:
         report["reward_accuracy"] = report.pop("accuracy")
         report["reward_margin"] = report.pop("margin")
         report.update(pairs=float(n_in), pairs_trained=n, pairs_too_long=float(stats["too_long"]),
-                      pairs_truncated=float(stats["truncated"]), pairs_empty=float(stats["empty"]))
+                      pairs_truncated=float(stats["truncated"]), pairs_empty=float(stats["empty"]),
+                      pairs_retokenized=float(stats["retokenized"]))
         return report
 
     # -- weights -------------------------------------------------------------------------------

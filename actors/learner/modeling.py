@@ -5,7 +5,7 @@
 - ``materialize``: allocate the (possibly already sharded) parameters on a device, keeping the
   buffers and the tied embedding/LM-head sharing. The values then come from
   ``actors.learner.weights.load_streamed``.
-- ``completion_logps``: a forward whose LM head computes log-probs of the completion tokens
+- ``completion_logp_sums``: a forward whose LM head computes log-probs of the completion tokens
   only, in chunks (``actors.loss.linear_logps``): the ``[batch, length, vocab]`` logits never
   exist. The LM head still runs inside the model's own forward, so DDP and FSDP hooks see an
   ordinary forward.
@@ -102,7 +102,7 @@ def _head_computes(head: nn.Module, fn):
         del head.forward
 
 
-def completion_logps(model: nn.Module, hf_model: nn.Module, batch: dict[str, torch.Tensor], *,
+def completion_logp_sums(model: nn.Module, hf_model: nn.Module, batch: dict[str, torch.Tensor], *,
                      chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence summed completion log-probs ``[rows]`` and token counts ``[rows]``.
 
