@@ -171,19 +171,29 @@ def worker(rank: int, world: int, port: int, phase: str, model: str, out_dir: st
         dist.destroy_process_group()
 
 
-@__import__("torch").no_grad()
-def _compare_logps(learner, pairs) -> float:
-    """The completion-only chunked log-probs against the full-logits ones (previous code)."""
+def _compare_logps(learner, pairs) -> dict:
+    """The completion-only chunked log-probs against the full-logits ones (previous code), on
+    the model: per token, and per sequence as the learner sums them."""
+    import torch
+
     from actors.learner.batching import collate
-    from actors.loss import token_logps
+    from actors.loss import completion_targets, linear_logps, token_logps
 
     kept, _ = learner._tokenize(pairs)
-    new, _ = learner._logps(learner.model, kept, learner.device)
-    batch = collate(kept, learner.pad_id)
-    logits = learner.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           use_cache=False).logits
-    old = token_logps(logits, batch["input_ids"], batch["completion_mask"]).sum(-1)
-    return float((new.T.reshape(-1) - old).abs().max())
+    model = learner.model
+    with torch.no_grad():
+        new, _ = learner._logps(model, kept, learner.device)
+        batch = collate(kept, learner.pad_id)
+        ids, mask = batch["input_ids"], batch["completion_mask"]
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False).logits
+        old_tokens = token_logps(logits, ids, mask)
+        del logits
+        select, targets, _ = completion_targets(ids, mask)
+        hidden = model.model(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+        tokens = linear_logps(hidden[:, :-1][select], model.lm_head.weight, None, targets)
+    old = old_tokens.sum(-1)
+    return {"token": float((tokens - old_tokens[select]).abs().max()),
+            "sum": float((new.T.reshape(-1) - old).abs().max()), "sum_magnitude": float(old.abs().max())}
 
 
 def _logprob_stage(model: str, *, naive: bool, base: int) -> dict:
@@ -274,7 +284,9 @@ def summarize(logprob: dict, load: list[dict], one: dict, two: list[dict]) -> di
         "logprob_peak_vs_naive": round(chunked["peak"] / naive["peak"], 4),
         "logprob_stage_s": chunked["seconds"], "logprob_naive_stage_s": naive["seconds"],
         "logprob_stage_max_abs_diff": float((chunked["sums"] - naive["sums"]).abs().max()),
-        "logprob_model_max_abs_diff": one["logprob_max_abs_diff"],
+        "logprob_token_max_abs_diff": one["logprob_max_abs_diff"]["token"],
+        "logprob_sum_max_abs_diff": one["logprob_max_abs_diff"]["sum"],
+        "logprob_sum_magnitude": one["logprob_max_abs_diff"]["sum_magnitude"],
         "ckpt_save_s": two[0]["ckpt_save_s"], "ckpt_load_s": two[0]["ckpt_load_s"],
         "ckpt_peak_rss_per_rank": max(r["ckpt_peak"] for r in two),
         "ckpt_extra_rss_per_rank": max(r["ckpt_extra"] for r in two), "ckpt_bytes": two[0]["ckpt_bytes"],

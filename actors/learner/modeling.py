@@ -111,8 +111,7 @@ def completion_logp_sums(model: nn.Module, hf_model: nn.Module, batch: dict[str,
     ``attention_mask`` and ``completion_mask`` (``actors.learner.batching.collate``).
     """
     ids, mask = batch["input_ids"], batch["completion_mask"]
-    select, targets, rows = completion_targets(ids, mask)
-    n_rows = ids.shape[0]
+    select, targets, _ = completion_targets(ids, mask)
     if not completion_head_ok(hf_model):
         logits = model(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False).logits
         sums = token_logps(logits, ids, mask).sum(-1)
@@ -124,5 +123,6 @@ def completion_logp_sums(model: nn.Module, hf_model: nn.Module, batch: dict[str,
 
         with _head_computes(head, head_forward):
             token = model(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False).logits
-        sums = torch.zeros(n_rows, dtype=token.dtype, device=token.device).index_add(0, rows, token)
+        # Laid out as [rows, T-1] and summed per row: the same additions as the full-logits path.
+        sums = torch.zeros(select.shape, dtype=token.dtype, device=token.device).masked_scatter(select, token).sum(-1)
     return sums, select.sum(-1).to(sums.dtype)

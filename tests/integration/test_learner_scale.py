@@ -17,18 +17,21 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.integration
-
-WORDS = "the quick brown fox jumps over a lazy dog and then sleeps in the warm sun all day".split()
-
+# Two spawned ranks build, step, save and load a 67M model: ~2 CPU-minutes, far longer on a loaded box.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
 
 def pairs(n: int = 8, offset: int = 0):
+    """Pairs as the generators hand them over: exact prompt and completion token ids (varied
+    lengths, so padding and masking matter), ids below the tokenizer's 4,099."""
     from judges.pairs_types import PreferencePair
 
     out = []
     for i in range(offset, offset + n):
-        prompt = " ".join(WORDS[i % 7 : i % 7 + 6])
-        out.append(PreferencePair(prompt, " ".join(WORDS[: 3 + i % 5]), " ".join(WORDS[4 : 5 + i % 4]), 1.0, 0.0))
+        g = torch.Generator().manual_seed(i)
+        prompt, chosen, rejected = (torch.randint(0, 4099, (k,), generator=g).tolist()
+                                    for k in (6 + i % 7, 3 + i % 5, 2 + i % 4))
+        out.append(PreferencePair("", "", "", 1.0, 0.0, prompt_token_ids=prompt, chosen_token_ids=chosen,
+                                  rejected_token_ids=rejected))
     return out
 
 
@@ -61,7 +64,8 @@ def _tied(model) -> bool:
     return model.get_output_embeddings().weight is model.get_input_embeddings().weight
 
 
-def _scenario(rank: int, world: int, port: int, name: str, model_path: str, out: str, ckpt: str) -> None:
+def _fsdp_then_ddp(rank: int, world: int, port: int, model_path: str, out: str, ckpt: str) -> None:
+    """In two gloo ranks: the FSDP learner's scenario, then a DDP learner on the same steps."""
     import torch.distributed as dist
 
     from actors.learner.engine import Learner
@@ -69,49 +73,31 @@ def _scenario(rank: int, world: int, port: int, name: str, model_path: str, out:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TOKENIZERS_PARALLELISM="false")
     torch.set_num_threads(1)
-    if world > 1:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     model_cfg = ModelConfig(path=model_path, max_model_len=64)
-    res: dict = {}
-    if name == "fsdp":
-        learner = Learner(model_cfg, _cfg(world, "fsdp", activation_checkpointing=True))
-        res["tied"] = [_tied(learner.model), _tied(learner.reference)]
-        res["init"] = _snapshot(learner)
-        res["step1"] = learner.train(pairs(), round=1)
-        res["step2"] = learner.train(pairs(offset=3), round=2)
-        res["after"] = _snapshot(learner)
-        learner.save(ckpt)
-        res["shard_files"] = sorted(p.name for p in (Path(ckpt) / "state").iterdir())
-        res["step3"] = learner.train(pairs(offset=5), round=3)
-        learner.load(ckpt)
-        res["loaded"] = _snapshot(learner)
-        res["step3_again"] = learner.train(pairs(offset=5), round=3)
-        res["tied_end"] = [_tied(learner.model), _tied(learner.reference)]
-    elif name == "ddp":
-        learner = Learner(model_cfg, _cfg(world, "ddp"))
-        res["step1"] = learner.train(pairs(), round=1)
-        res["step2"] = learner.train(pairs(offset=3), round=2)
-        res["after"] = _snapshot(learner)
-    elif name == "resume_single":  # the 2-rank FSDP checkpoint into one rank: resharded on load
-        learner = Learner(model_cfg, _cfg(world, "ddp"))
-        learner.load(ckpt)
-        res["loaded"] = _snapshot(learner)
-        res["step3_again"] = learner.train(pairs(offset=5), round=3)
+    fsdp: dict = {}
+    learner = Learner(model_cfg, _cfg(world, "fsdp", activation_checkpointing=True))
+    fsdp["tied"] = [_tied(learner.model), _tied(learner.reference)]
+    fsdp["init"] = _snapshot(learner)
+    fsdp["step1"] = learner.train(pairs(), round=1)
+    fsdp["step2"] = learner.train(pairs(offset=3), round=2)
+    fsdp["after"] = _snapshot(learner)
+    learner.save(ckpt)
+    fsdp["shard_files"] = sorted(p.name for p in (Path(ckpt) / "state").iterdir())
+    fsdp["step3"] = learner.train(pairs(offset=5), round=3)
+    learner.load(ckpt)
+    fsdp["loaded"] = _snapshot(learner)
+    fsdp["step3_again"] = learner.train(pairs(offset=5), round=3)
+    fsdp["tied_end"] = [_tied(learner.model), _tied(learner.reference)]
+    del learner
+    ddp: dict = {}
+    learner = Learner(model_cfg, _cfg(world, "ddp"))
+    ddp["step1"] = learner.train(pairs(), round=1)
+    ddp["step2"] = learner.train(pairs(offset=3), round=2)
+    ddp["after"] = _snapshot(learner)
     if rank == 0:
-        torch.save(res, out)
-    if world > 1:
-        dist.destroy_process_group()
-
-
-def run_scenario(name: str, world: int, model_path: Path, tmp: Path, ckpt: Path) -> dict:
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = tmp / f"{name}.pt"
-    mp.spawn(_scenario, args=(world, port, name, str(model_path), str(out), str(ckpt)), nprocs=world)
-    return torch.load(out, weights_only=False)
+        torch.save({"fsdp": fsdp, "ddp": ddp}, out)
+    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -125,14 +111,24 @@ def small_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(small_model, tmp_path_factory) -> dict:
+    import torch.multiprocessing as mp
+
+    from actors.learner.engine import Learner
+    from orchestrator.config import ModelConfig
+
     tmp = tmp_path_factory.mktemp("scale")
-    ckpt = tmp / "ckpt"
-    return {
-        "fsdp": run_scenario("fsdp", 2, small_model, tmp, ckpt),
-        "ddp": run_scenario("ddp", 2, small_model, tmp, ckpt),
-        "resume_single": run_scenario("resume_single", 1, small_model, tmp, ckpt),
-        "ckpt": ckpt,
-    }
+    ckpt, out = tmp / "ckpt", tmp / "two_ranks.pt"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_fsdp_then_ddp, args=(2, port, str(small_model), str(out), str(ckpt)), nprocs=2)
+    results = torch.load(out, weights_only=False)
+    # The 2-rank FSDP checkpoint into one rank (this process, no process group): resharded on load.
+    single = Learner(ModelConfig(path=str(small_model), max_model_len=64), _cfg(1, "ddp"))
+    single.load(str(ckpt))
+    results["resume_single"] = {"loaded": _snapshot(single), "step3_again": single.train(pairs(offset=5), round=3)}
+    results["ckpt"] = ckpt
+    return results
 
 
 def _max_diff(a: dict, b: dict) -> float:
