@@ -21,9 +21,11 @@ This module knows the learner only through the attributes it reads (``model``, `
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,15 @@ _LEGACY_FILES = ("reference.safetensors", "optimizer.pt")
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns that it runs in a single process when there is no process group; that is the
+    one-worker learner's normal case."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -82,7 +93,8 @@ def save(learner: Any, path: str) -> None:
     # An optimizer that has not stepped has no state, and asking DCP for it would create some.
     has_optimizer = bool(learner.optimizer.state)
     state = _sharded_state(learner, optimizer=has_optimizer)
-    dcp.save(state, checkpoint_id=str(staged_state))
+    with _quiet_single_process():
+        dcp.save(state, checkpoint_id=str(staged_state))
     del state
     write_hf_folder(staged_policy, learner.model, learner.iter_full_state(), source_path=learner.model_cfg.path,
                     tokenizer=learner.tokenizer, write=rank == 0)
@@ -123,7 +135,8 @@ def _load_sharded(learner: Any, root: Path) -> None:
     if not meta["optimizer"]:
         learner.optimizer.state.clear()  # saved before the first step: start the moments afresh
     state = _sharded_state(learner, optimizer=meta["optimizer"])
-    dcp.load(state, checkpoint_id=str(root / STATE_DIR))  # in place, each rank its own shards
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(root / STATE_DIR))  # in place, each rank its own shards
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     partial = StateDictOptions(strict=False)  # tied aliases were left out
