@@ -54,8 +54,11 @@ class _LinearLogProbs(torch.autograd.Function):
         lse = torch.empty_like(out)
         for s in range(0, hidden.shape[0], chunk):
             logits = F.linear(hidden[s : s + chunk], weight, bias).to(acc)
-            lse[s : s + chunk] = torch.logsumexp(logits, -1)
-            out[s : s + chunk] = logits.gather(-1, targets[s : s + chunk, None]).squeeze(-1) - lse[s : s + chunk]
+            picked = logits.gather(-1, targets[s : s + chunk, None]).squeeze(-1)
+            # logsumexp in place (torch.logsumexp would allocate a second chunk-sized tensor).
+            top = logits.amax(-1, keepdim=True)
+            lse[s : s + chunk] = logits.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(-1))
+            out[s : s + chunk] = picked - lse[s : s + chunk]
             del logits
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk = chunk
@@ -72,7 +75,7 @@ class _LinearLogProbs(torch.autograd.Function):
         for s in range(0, hidden.shape[0], ctx.chunk):
             h = hidden[s : s + ctx.chunk]
             # d logp / d logits = onehot(y) - softmax(logits), times the incoming gradient.
-            g = torch.exp(F.linear(h, weight, bias).to(acc) - lse[s : s + ctx.chunk, None]).neg_()
+            g = F.linear(h, weight, bias).to(acc).sub_(lse[s : s + ctx.chunk, None]).exp_().neg_()
             g.scatter_add_(-1, targets[s : s + ctx.chunk, None], torch.ones_like(g[:, :1]))
             g.mul_(grad_out[s : s + ctx.chunk, None].to(acc))
             if want_h:
@@ -88,13 +91,14 @@ class _LinearLogProbs(torch.autograd.Function):
 
 
 def linear_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                 chunk: int = 1024) -> torch.Tensor:
+                 chunk: int = 256) -> torch.Tensor:
     """Log-prob of ``targets`` under ``softmax(hidden @ weight.T + bias)``, shape ``[N]`` (fp32, or
     fp64 for fp64 inputs).
 
     ``hidden`` is ``[N, H]`` (only the positions that are scored), ``weight`` the LM head's
     ``[V, H]``. Equal to ``log_softmax(logits).gather(targets)`` on full logits, but peak memory is
-    one ``[chunk, V]`` block instead of ``[N, V]`` (times the copies autograd keeps).
+    one ``[chunk, V]`` block (every step in place) instead of ``[N, V]`` times the copies autograd
+    keeps, plus the head's gradient.
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")

@@ -182,7 +182,7 @@ class LearnerConfig(Section):
     """Dtype the reference is held and run in; ``auto`` = bfloat16 on GPU, float32 on CPU (where bf16 is slower)."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward instead of keeping them: activation memory of one layer instead of all, about a third more compute."""
-    logprob_chunk: int = Field(1024, ge=1)
+    logprob_chunk: int = Field(256, ge=1)
     """Completion tokens whose vocabulary logits are computed at once (log-probs are taken at completion positions only, this many at a time)."""
     timeout_s: float = Field(900, gt=0)
     """Longest a ``train`` call (or start-up, save, load) may take; also the torch.distributed collective timeout."""

@@ -103,7 +103,7 @@ def _head_computes(head: nn.Module, fn):
 
 
 def completion_logp_sums(model: nn.Module, hf_model: nn.Module, batch: dict[str, torch.Tensor], *,
-                     chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                     chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence summed completion log-probs ``[rows]`` and token counts ``[rows]``.
 
     ``model`` is what runs the forward (the DDP wrapper, or the FSDP/plain model itself) and
