@@ -17,6 +17,7 @@ from actors.learner import LearnerGroup
 from judges.pairs_types import PreferencePair
 from orchestrator.config import LearnerConfig, ModelConfig
 from tests.conftest import DEMO_DATA, DEMO_MODEL
+from tests.conftest import same_state as _same
 
 pytestmark = pytest.mark.integration
 
@@ -80,15 +81,6 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def _same(a, b) -> bool:
-    """Exact equality of nested containers of tensors and plain values."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def test_two_workers_take_the_same_step_as_one(one, two):

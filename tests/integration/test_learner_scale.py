@@ -17,8 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import same_state as _same
+
 # Two spawned ranks build, step, save and load a 67M model: ~2 CPU-minutes, far longer on a loaded box.
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
+
 
 def pairs(n: int = 8, offset: int = 0):
     """Pairs as the generators hand them over: exact prompt and completion token ids (varied
@@ -135,15 +138,6 @@ def _max_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
-
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def test_meta_init_and_streamed_load_equal_a_plain_load(runs, small_model):

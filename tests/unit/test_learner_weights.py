@@ -16,6 +16,7 @@ from actors.learner.weights import SafetensorsSource, StateDictSource, iter_full
 from orchestrator.config import LearnerConfig, ModelConfig
 from orchestrator.rundir import checkpoint_problem
 from tests.conftest import DEMO_MODEL
+from tests.conftest import same_state as _same
 
 
 def _plain():
@@ -107,15 +108,6 @@ def _state(learner) -> dict:
             "reference": {k: v.clone() for k, v in learner.reference.state_dict().items()},
             "optimizer": copy.deepcopy(learner.optimizer.state_dict()), "steps": learner.steps}
 
-
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def test_checkpoint_round_trip_and_problem_detection(learner, tmp_path):
