@@ -19,7 +19,7 @@ Each memory figure is measured in the process it describes: the increase of its 
 RSS after imports, before any model is built. Each train call is one optimizer step (one
 round); its tokens per second cover the reference forward and the step, for the whole group.
 
-    flock /tmp/odpo-bigmem.lock .venv/bin/python bench/scale.py [--model DIR] [--keep-model]
+    flock /tmp/odpo-bigmem.lock .venv/bin/python bench/scale.py [--model DIR] [--keep DIR] [--phases ...]
 
 Prints one JSON line last (figures in bytes, seconds and tokens per second).
 """
@@ -232,10 +232,12 @@ def _logprob_stage(model: str, *, naive: bool, base: int) -> dict:
             "inputs_bytes": start - base}
 
 
-def launch(phase: str, world: int, model: str, out_dir: str) -> list[dict]:
+def launch(phase: str, world: int, model: str, out_dir: str, fresh: bool = True) -> list[dict]:
     import torch
     import torch.multiprocessing as mp
 
+    if not fresh:
+        return [torch.load(Path(out_dir) / f"{phase}-{world}-{r}.pt", weights_only=False) for r in range(world)]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -248,8 +250,14 @@ def launch(phase: str, world: int, model: str, out_dir: str) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="rehearsal model folder (default: made in a temp folder, then removed)")
+    parser.add_argument("--phases", default="logprob,load,train1,train2",
+                        help="comma-separated phases to run (default: all); the others' results are read "
+                             "from --keep (a folder a previous run of the same code left)")
+    parser.add_argument("--keep", help="keep each phase's results in this folder (default: a temp folder, removed)")
     args = parser.parse_args()
-    out_dir = tempfile.mkdtemp(prefix="odpo-scale-")
+    out_dir = args.keep or tempfile.mkdtemp(prefix="odpo-scale-")
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    phases = set(args.phases.split(","))
     model = args.model
     try:
         if model is None:
@@ -257,13 +265,15 @@ def main() -> None:
 
             model = str(Path(out_dir) / "model")
             make_rehearsal_model(model)
-        logprob = {kind: launch(f"logprob_{kind}", 1, model, out_dir)[0] for kind in ("naive", "chunked")}
-        load = launch("load", 2, model, out_dir)
-        one = launch("train", 1, model, out_dir)[0]
-        two = launch("train", 2, model, out_dir)
+        run = lambda name, phase, world: launch(phase, world, model, out_dir, name in phases)  # noqa: E731
+        logprob = {kind: run("logprob", f"logprob_{kind}", 1)[0] for kind in ("naive", "chunked")}
+        load = run("load", "load", 2)
+        one = run("train1", "train", 1)[0]
+        two = run("train2", "train", 2)
         figures = summarize(logprob, load, one, two)
     finally:
-        shutil.rmtree(out_dir, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(out_dir, ignore_errors=True)
     print(json.dumps(figures))
 
 

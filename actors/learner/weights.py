@@ -154,16 +154,21 @@ def _scatter_into(target: torch.Tensor, full: torch.Tensor | None) -> None:
     if sharded is not None:
         group, rows = sharded
         local = target.to_local()
-        buf = torch.empty((rows, *target.shape[1:]), dtype=target.dtype, device=local.device)
+        start, end = _local_rows(target, rows, group)
+        # A full-size contiguous shard receives in place; a short last shard through a buffer.
+        in_place = end - start == rows and local.is_contiguous()
+        buf = local if in_place else torch.empty((rows, *target.shape[1:]), dtype=target.dtype, device=local.device)
         chunks = None
         if _rank() == 0:
-            padded = torch.zeros((rows * dist.get_world_size(group), *target.shape[1:]), dtype=target.dtype,
-                                 device=local.device)
-            padded[: full.shape[0]].copy_(full)
+            padded = full.to(local.device).contiguous()
+            if rows * dist.get_world_size(group) != full.shape[0]:  # rows that do not divide: pad
+                padded = torch.zeros((rows * dist.get_world_size(group), *target.shape[1:]), dtype=target.dtype,
+                                     device=local.device)
+                padded[: full.shape[0]].copy_(full)
             chunks = list(padded.chunk(dist.get_world_size(group)))
         dist.scatter(buf, chunks, group=group, group_src=0)
-        start, end = _local_rows(target, rows, group)
-        local.copy_(buf[: end - start])
+        if not in_place:
+            local.copy_(buf[: end - start])
         return
     if isinstance(target, DTensor):  # another layout: broadcast the whole tensor, keep the slice
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
