@@ -31,6 +31,80 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, completion_mask: tor
     return torch.where(completion_mask[:, 1:].bool(), logps, torch.zeros_like(logps))
 
 
+def completion_targets(labels: torch.Tensor, completion_mask: torch.Tensor):
+    """Where the completion tokens are predicted: ``(select, targets, rows)``.
+
+    ``select`` (``[B, T-1]`` bool) marks the positions t whose next token t+1 is a completion
+    token; ``targets`` are those next tokens and ``rows`` their sequence index, both ``[N]`` in
+    row-major order (the order of ``hidden[:, :-1][select]``).
+    """
+    select = completion_mask[:, 1:].bool()
+    return select, labels[:, 1:][select], select.nonzero()[:, 0]
+
+
+class _LinearLogProbs(torch.autograd.Function):
+    """log softmax(h W^T + b)[y] for rows of ``h``, ``chunk`` rows at a time, never holding more
+    than one chunk of logits; the backward recomputes each chunk's logits and accumulates the
+    weight gradient in place (one weight-sized buffer, no per-chunk copy)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk):
+        acc = torch.promote_types(torch.float32, hidden.dtype)  # fp32, or fp64 for fp64 inputs
+        out = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
+        lse = torch.empty_like(out)
+        for s in range(0, hidden.shape[0], chunk):
+            logits = F.linear(hidden[s : s + chunk], weight, bias).to(acc)
+            picked = logits.gather(-1, targets[s : s + chunk, None]).squeeze(-1)
+            # logsumexp in place (torch.logsumexp would allocate a second chunk-sized tensor).
+            top = logits.amax(-1, keepdim=True)
+            lse[s : s + chunk] = logits.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(-1))
+            out[s : s + chunk] = picked - lse[s : s + chunk]
+            del logits
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if want_h else None
+        acc = lse.dtype
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if want_b else None
+        for s in range(0, hidden.shape[0], ctx.chunk):
+            h = hidden[s : s + ctx.chunk]
+            # d logp / d logits = onehot(y) - softmax(logits), times the incoming gradient.
+            g = F.linear(h, weight, bias).to(acc).sub_(lse[s : s + ctx.chunk, None]).exp_().neg_()
+            g.scatter_add_(-1, targets[s : s + ctx.chunk, None], torch.ones_like(g[:, :1]))
+            g.mul_(grad_out[s : s + ctx.chunk, None].to(acc))
+            if want_h:
+                grad_h[s : s + ctx.chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+            if want_w:
+                grad_w.addmm_(g.t(), h.to(acc))
+            if want_b:
+                grad_b += g.sum(0)
+            del g
+        grad_w = grad_w.to(weight.dtype) if want_w else None
+        grad_b = grad_b.to(bias.dtype) if want_b else None
+        return grad_h, grad_w, grad_b, None, None
+
+
+def linear_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                 chunk: int = 256) -> torch.Tensor:
+    """Log-prob of ``targets`` under ``softmax(hidden @ weight.T + bias)``, shape ``[N]`` (fp32, or
+    fp64 for fp64 inputs).
+
+    ``hidden`` is ``[N, H]`` (only the positions that are scored), ``weight`` the LM head's
+    ``[V, H]``. Equal to ``log_softmax(logits).gather(targets)`` on full logits, but peak memory is
+    one ``[chunk, V]`` block (every step in place) instead of ``[N, V]`` times the copies autograd
+    keeps, plus the head's gradient.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    return _LinearLogProbs.apply(hidden, weight, bias, targets, chunk)
+
+
 def completion_lengths(completion_mask: torch.Tensor) -> torch.Tensor:
     """Number of scored completion tokens per sequence (the first token is never scored)."""
     return completion_mask[:, 1:].sum(-1)

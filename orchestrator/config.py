@@ -226,7 +226,13 @@ class LearnerConfig(Section):
     ref_refresh_every: int = Field(0, ge=0)
     """Copy the policy into the reference after the steps of each round whose number is a multiple of k (0 = never: a fixed reference, as in RLHFlow's recipes; 1 = the reference is always the last round's policy)."""
     ref_on_cpu: bool = False
-    """Hold the reference model on CPU to save GPU memory."""
+    """Hold the reference model on CPU to save GPU memory (FSDP: its shards, gathered to the GPU for each forward; DDP: it also runs on CPU)."""
+    ref_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Dtype the reference is held and run in; ``auto`` = bfloat16 on GPU, float32 on CPU (where bf16 is slower)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward instead of keeping them: activation memory of one layer instead of all, about a third more compute."""
+    logprob_chunk: int = Field(256, ge=1)
+    """Completion tokens whose vocabulary logits are computed at once (log-probs are taken at completion positions only, this many at a time)."""
     timeout_s: float = Field(900, gt=0)
     """Longest a ``train`` call (or start-up, save, load) may take; also the torch.distributed collective timeout."""
 

@@ -5,7 +5,7 @@ Layout (see DESIGN.md)::
     runs/<name>/config.yaml            resolved config
     runs/<name>/metrics.jsonl          one JSON object per round
     runs/<name>/pairs/round_NNNNNN.parquet   every pair, with the exact token ids the learner trained
-    runs/<name>/checkpoints/round_NNNNNN/{policy/, reference.safetensors, optimizer.pt, loop_state.json}
+    runs/<name>/checkpoints/round_NNNNNN/{policy/, state/, trainer.json, loop_state.json}  (actors/learner/checkpoint.py)
     runs/<name>/status.json            the live /status document
     runs/<name>/plots/
 
@@ -233,6 +233,12 @@ def checkpoint_problem(path: Path) -> str | None:
 
     from safetensors import safe_open
 
+    if (path / "trainer.json").exists() or (path / "state").exists():  # the sharded learner format
+        from actors.learner.checkpoint import checkpoint_problem as learner_problem
+
+        problem = learner_problem(path)
+        if problem:
+            return problem
     weights = sorted((path / "policy").glob("*.safetensors"))
     if not weights:
         return "no policy weights"

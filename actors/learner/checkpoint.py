@@ -1,84 +1,54 @@
-"""Learner checkpoints: the policy in Hugging Face format, the reference, optimizer and scheduler.
+"""Learner checkpoints: every rank writes and reads its own shards; the policy also as HF.
 
-Layout under ``path``::
+Layout under ``path`` (format 2)::
 
-    policy/                   config.json, model.safetensors, tokenizer files (loads in vLLM and transformers)
-    reference.safetensors     the frozen reference (tied tensors stored once, aliases in the metadata)
-    optimizer.pt              optimizer, scheduler and step counters (plain containers: torch.load(weights_only=True))
+    state/          torch.distributed.checkpoint: policy, reference and optimizer, one file per
+                    rank holding that rank's shards (under DDP each replicated tensor once), and
+                    ``.metadata``. Loading reads only the byte ranges of a rank's own shards, and
+                    reshards when the world size or strategy changed.
+    policy/         the policy in Hugging Face format (config, safetensors, tokenizer) for serving
+                    and for other tools; streamed out tensor by tensor (``hf_export``).
+    trainer.json    format, strategy, world size, scheduler and step counters; written last.
 
-Rank 0 writes each part to a temporary name and renames it into place, so a crash never leaves a
-half-written part. Under FSDP gathering the full tensors is a collective: every rank calls
-``save_checkpoint``. ``load_checkpoint`` is called on every rank and reads ``path`` itself, so on
-a multi-node cluster ``path`` must be on a filesystem every worker sees.
+``state`` and ``policy`` are written under temporary names and renamed into place, then
+``trainer.json``: a folder without it is incomplete. ``path`` must be on a filesystem every
+worker sees. Format 1 (``policy/``, ``reference.safetensors``, ``optimizer.pt``, written by
+earlier versions) still loads: its weights are streamed from rank 0 like the initial model.
+
+This module knows the learner only through the attributes it reads (``model``, ``reference``,
+``optimizer``, ...); it imports nothing from ``engine``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
-if TYPE_CHECKING:
-    from actors.learner.engine import Learner
-
-_FORMAT = 1
-
-
-def _full_options(**kw):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, **kw)
+FORMAT = 2
+STATE_DIR, POLICY_DIR, TRAINER_FILE = "state", "policy", "trainer.json"
+_LEGACY_FILES = ("reference.safetensors", "optimizer.pt")
 
 
-def _reference_state(learner: "Learner") -> dict[str, torch.Tensor]:
-    if learner.fsdp and not learner.cfg.ref_on_cpu:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        return get_model_state_dict(learner.reference, options=_full_options(cpu_offload=True))
-    return {k: v.detach().cpu() for k, v in learner.reference.state_dict().items()}
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
-def _optimizer_state(learner: "Learner") -> dict:
-    if learner.fsdp and learner.optimizer.state:
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-        # Keyed by parameter name; gathered to full tensors on rank 0.
-        return get_optimizer_state_dict(learner.model, learner.optimizer, options=_full_options(cpu_offload=True))
-    # DDP ranks hold identical optimizer state; an empty FSDP state is saved the same way.
-    return learner.optimizer.state_dict()
-
-
-def _write_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors refuses tensors sharing memory (tied embeddings): store each once, note aliases."""
-    from safetensors.torch import save_file
-
-    unique, aliases, seen = {}, {}, {}
-    for name, t in tensors.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else name
-        if key in seen:
-            aliases[name] = seen[key]
-        else:
-            seen[key] = name
-            unique[name] = t.contiguous()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(unique, str(tmp), metadata={"aliases": json.dumps(aliases)})
-    os.replace(tmp, path)
-
-
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
-    with safe_open(str(path), framework="pt") as f:
-        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
-    for name, target in aliases.items():
-        tensors[name] = tensors[target]
-    return tensors
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns that it runs in a single process when there is no process group; that is the
+    one-worker learner's normal case."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -89,72 +59,143 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(learner: "Learner", path: str) -> None:
-    """Write the learner's state under ``path`` (every rank calls; rank 0 writes)."""
+def _sharded_state(learner: Any, *, optimizer: bool) -> dict[str, Any]:
+    """Each rank's shards of policy, reference (tied aliases left out) and optimizer state."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    from actors.learner.weights import tied_aliases
+
+    state: dict[str, Any] = {}
+    for key, model in (("policy", learner.model), ("reference", learner.reference)):
+        sd = get_model_state_dict(model)
+        for alias in tied_aliases(model):
+            sd.pop(alias, None)
+        state[key] = sd
+    if optimizer:
+        state["optimizer"] = get_optimizer_state_dict(learner.model, learner.optimizer)
+    return state
+
+
+def save(learner: Any, path: str) -> None:
+    """Write the learner's state under ``path``; a collective (every rank calls it)."""
+    import torch.distributed.checkpoint as dcp
+
+    from actors.learner.hf_export import write_hf_folder
+
+    root, rank = Path(path), learner.rank
+    staged_state, staged_policy = root / f".{STATE_DIR}.partial", root / f".{POLICY_DIR}.partial"
     learner.reshard()
-    policy = learner.full_state_dict()
-    reference = _reference_state(learner)
-    optimizer = _optimizer_state(learner)
-    if learner.rank != 0:
-        return
-    root = Path(path)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".policy.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    learner.model.save_pretrained(tmp, state_dict=policy, safe_serialization=True)
-    learner.tokenizer.save_pretrained(tmp)
-    _replace_dir(tmp, root / "policy")
-    _write_tensors(reference, root / "reference.safetensors")
-    state = {
-        "format": _FORMAT,
-        "strategy": "fsdp" if learner.fsdp else "ddp",
-        "optimizer_keys": "names" if learner.fsdp and learner.optimizer.state else "indices",
-        "optimizer": optimizer,
-        "scheduler": learner.scheduler.state_dict(),
-        "steps": learner.steps,
-        "skipped_steps": learner.skipped_steps,
-    }
-    tmp_pt = root / f".optimizer.pt.tmp-{os.getpid()}"
-    torch.save(state, tmp_pt)
-    os.replace(tmp_pt, root / "optimizer.pt")
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in (staged_state, staged_policy):
+            shutil.rmtree(stale, ignore_errors=True)
+    _barrier()
+    # An optimizer that has not stepped has no state, and asking DCP for it would create some.
+    has_optimizer = bool(learner.optimizer.state)
+    state = _sharded_state(learner, optimizer=has_optimizer)
+    with _quiet_single_process():
+        dcp.save(state, checkpoint_id=str(staged_state))
+    del state
+    write_hf_folder(staged_policy, learner.model, learner.iter_full_state(), source_path=learner.model_cfg.path,
+                    tokenizer=learner.tokenizer, write=rank == 0)
+    _barrier()
+    if rank == 0:
+        _replace_dir(staged_state, root / STATE_DIR)
+        _replace_dir(staged_policy, root / POLICY_DIR)
+        for name in _LEGACY_FILES:
+            (root / name).unlink(missing_ok=True)
+        meta = {"format": FORMAT, "strategy": "fsdp" if learner.fsdp else "ddp", "world_size": learner.world_size,
+                "optimizer": has_optimizer, "scheduler": learner.scheduler.state_dict(), "steps": learner.steps,
+                "skipped_steps": learner.skipped_steps}
+        tmp = root / f".{TRAINER_FILE}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(meta, indent=1) + "\n")
+        os.replace(tmp, root / TRAINER_FILE)
+    _barrier()
 
 
-def load_checkpoint(learner: "Learner", path: str) -> None:
+def load(learner: Any, path: str) -> None:
     """Restore policy, reference, optimizer, scheduler and counters from ``path`` (every rank)."""
-    from transformers import AutoModelForCausalLM
-
     root = Path(path)
-    for part in ("policy", "reference.safetensors", "optimizer.pt"):
-        if not (root / part).exists():
-            raise FileNotFoundError(f"learner checkpoint {root}: missing {part}")
-    dtype = getattr(torch, learner.model_cfg.dtype)
-    policy = AutoModelForCausalLM.from_pretrained(root / "policy", dtype=dtype).state_dict()
-    reference = _read_tensors(root / "reference.safetensors")
+    if (root / TRAINER_FILE).exists():
+        _load_sharded(learner, root)
+    elif all((root / name).exists() for name in (POLICY_DIR, *_LEGACY_FILES)):
+        _load_legacy(learner, root)
+    else:
+        raise FileNotFoundError(f"learner checkpoint {root}: missing {TRAINER_FILE}")
+
+
+def _load_sharded(learner: Any, root: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    meta = json.loads((root / TRAINER_FILE).read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"learner checkpoint {root}: unknown format {meta.get('format')!r}")
+    learner.reshard()
+    if not meta["optimizer"]:
+        learner.optimizer.state.clear()  # saved before the first step: start the moments afresh
+    state = _sharded_state(learner, optimizer=meta["optimizer"])
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=str(root / STATE_DIR))  # in place, each rank its own shards
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    partial = StateDictOptions(strict=False)  # tied aliases were left out
+    set_model_state_dict(learner.model, state["policy"], options=partial)
+    set_model_state_dict(learner.reference, state["reference"], options=partial)
+    if meta["optimizer"]:
+        set_optimizer_state_dict(learner.model, learner.optimizer, state["optimizer"])
+    learner.scheduler.load_state_dict(meta["scheduler"])
+    learner.steps, learner.skipped_steps = int(meta["steps"]), int(meta["skipped_steps"])
+
+
+def _load_legacy(learner: Any, root: Path) -> None:
+    """Format 1: weights streamed from rank 0's reads; the optimizer file is read by every rank
+    (demo-sized checkpoints only ever had this format)."""
+    from actors.learner.weights import SafetensorsSource, load_streamed
+
     state = torch.load(root / "optimizer.pt", map_location="cpu", weights_only=True)
-    if state.get("format") != _FORMAT:
+    if state.get("format") != 1:
         raise ValueError(f"learner checkpoint {root}: unknown optimizer.pt format {state.get('format')!r}")
     saved_strategy, strategy = state["strategy"], "fsdp" if learner.fsdp else "ddp"
     if saved_strategy != strategy and state["optimizer"]["state"]:
         raise ValueError(f"learner checkpoint {root}: optimizer saved under {saved_strategy}, "
                          f"learner.strategy is now {strategy}")
     learner.reshard()
-    with torch.no_grad():
-        if learner.fsdp:
-            from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
-            set_model_state_dict(learner.model, policy, options=_full_options())
-            if learner.cfg.ref_on_cpu:
-                learner.reference.load_state_dict(reference)
-            else:
-                set_model_state_dict(learner.reference, reference, options=_full_options())
-        else:
-            learner.model.load_state_dict(policy)
-            learner.reference.load_state_dict(reference)
+    rank0 = learner.rank == 0
+    load_streamed(learner.model, SafetensorsSource(root / POLICY_DIR) if rank0 else None, where=f"{root}/policy")
+    load_streamed(learner.reference, SafetensorsSource(root / "reference.safetensors") if rank0 else None,
+                  where=f"{root}/reference.safetensors")
     if state["optimizer_keys"] == "names":
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(learner.model, learner.optimizer, state["optimizer"], options=_full_options())
+        set_optimizer_state_dict(learner.model, learner.optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
     else:
         learner.optimizer.load_state_dict(state["optimizer"])
     learner.scheduler.load_state_dict(state["scheduler"])
     learner.steps, learner.skipped_steps = int(state["steps"]), int(state["skipped_steps"])
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the learner part of a format-2 checkpoint folder cannot be loaded (a missing or
+    truncated file), or None. Reads only ``trainer.json`` and the shard index; no collective."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        meta = json.loads((path / TRAINER_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return f"{TRAINER_FILE} is unreadable ({type(e).__name__})"
+    if meta.get("format") != FORMAT:
+        return f"{TRAINER_FILE}: unknown format {meta.get('format')!r}"
+    try:
+        metadata = FileSystemReader(str(path / STATE_DIR)).read_metadata()
+    except Exception as e:  # missing or truncated .metadata fail in several ways
+        return f"{STATE_DIR}/.metadata is unreadable ({type(e).__name__})"
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(needed.items()):
+        f = path / STATE_DIR / name
+        if not f.exists() or f.stat().st_size < end:
+            return f"{STATE_DIR}/{name} is {'missing' if not f.exists() else 'truncated'}"
+    return None

@@ -1,25 +1,32 @@
-"""One data-parallel rank of the DPO learner: policy, frozen reference, optimizer, the round loop.
+"""One data-parallel rank of the DPO learner: policy, frozen reference, optimizer, the round.
 
 ``Learner`` has no Ray in it. Inside a ``LearnerWorker`` actor it runs with torch.distributed
 initialized (DDP or FSDP2 across the workers); in a plain process (tests, benches) it runs alone.
+Start-up never holds a full copy on any rank but rank 0, and there one tensor at a time: both
+models are built on the meta device, sharded (``sharding``), materialized, and filled from the
+checkpoint that rank 0 streams (``weights``); the reference is a local copy of the policy.
 Per round: tokenize the pairs, compute the reference log-probs of every pair once (no grad,
 shared across ranks), then take optimizer steps with gradient accumulation; a step whose loss or
-gradient is not finite on any rank is skipped on all of them.
+gradient is not finite on any rank is skipped on all of them. Log-probs are computed at
+completion positions only (``modeling.completion_logp_sums``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 
+from actors.learner import checkpoint, sharding
 from actors.learner.batching import TokenizedPair, collate, rank_schedule, tokenize_pairs
-from actors.loss import completion_lengths, completion_nll, dpo_loss, token_logps
+from actors.learner.modeling import build_empty, completion_logp_sums, materialize
+from actors.learner.weights import SafetensorsSource, StateDictSource, copy_local, iter_full, load_streamed, \
+    resolve_folder, tied_aliases
+from actors.loss import completion_nll, dpo_loss
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +39,29 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def ref_dtype(cfg: Any, on_gpu: bool) -> torch.dtype:
+    """``learner.ref_dtype``, with ``auto`` = bfloat16 on GPU, float32 on CPU (bf16 is slower there)."""
+    if cfg.ref_dtype == "auto":
+        return torch.bfloat16 if on_gpu else torch.float32
+    return getattr(torch, cfg.ref_dtype)
+
+
+def _weights_source(path: str):
+    """What rank 0 streams the initial weights from: the safetensors files, else (``.bin``
+    checkpoints) the state dict transformers loads (one full copy on rank 0)."""
+    folder = resolve_folder(path)
+    if list(folder.glob("*.safetensors")):
+        return SafetensorsSource(folder)
+    from transformers import AutoModelForCausalLM
+
+    return StateDictSource(AutoModelForCausalLM.from_pretrained(path).state_dict())
+
+
 class Learner:
     """A DPO learner rank built from the ``model`` and ``learner`` config sections."""
 
     def __init__(self, model_cfg: Any, cfg: Any, *, seed: int = 0):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.model_cfg, self.cfg, self.seed = model_cfg, cfg, seed
         self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
@@ -48,14 +73,30 @@ class Learner:
         self.tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer or model_cfg.path)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
-        policy = AutoModelForCausalLM.from_pretrained(model_cfg.path, dtype=getattr(torch, model_cfg.dtype))
-        reference = copy.deepcopy(policy).requires_grad_(False).eval()
-        self.model = policy.to(self.device)
-        """The HF model being trained (for FSDP: sharded in place, still the HF class)."""
-        self.ref_device = torch.device("cpu") if cfg.ref_on_cpu else self.device
-        self.reference = reference.to(self.ref_device)
         self.fsdp = cfg.strategy == "fsdp" and _distributed()
-        self.train_model = self._wrap()
+        self.ref_dtype = ref_dtype(cfg, on_gpu)
+        self.model = build_empty(model_cfg.path, getattr(torch, model_cfg.dtype))
+        """The HF model being trained (for FSDP: sharded in place, still the HF class)."""
+        self.reference = build_empty(model_cfg.path, self.ref_dtype).requires_grad_(False).eval()
+        if cfg.activation_checkpointing:
+            sharding.enable_activation_checkpointing(self.model)
+        # The reference's shards live on CPU with ``ref_on_cpu``; under FSDP they are gathered to
+        # the GPU for its forward (CPU offload), under DDP it runs on CPU.
+        ref_store = torch.device("cpu") if cfg.ref_on_cpu else self.device
+        self.ref_device = self.device if self.fsdp else ref_store
+        if self.fsdp:
+            sharding.fsdp_shard(self.model, mixed_precision=on_gpu)
+            sharding.fsdp_shard(self.reference, cpu_offload=cfg.ref_on_cpu and on_gpu)
+        materialize(self.model, self.device)
+        materialize(self.reference, ref_store)
+        source = _weights_source(model_cfg.path) if self.rank == 0 else None
+        load_streamed(self.model, source, where=f"model.path {model_cfg.path}")
+        del source
+        copy_local(self.reference, self.model)
+        if self.fsdp or not _distributed():
+            self.train_model = self.model
+        else:
+            self.train_model = sharding.ddp_wrap(self.model, self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -71,39 +112,17 @@ class Learner:
 
     # -- setup ---------------------------------------------------------------------------------
 
-    def _wrap(self) -> torch.nn.Module:
-        if self.fsdp:
-            from torch.distributed.fsdp import fully_shard
-
-            # Shard each transformer block, then the root (embeddings, head, tied weights).
-            targets = tuple(getattr(self.model, "_no_split_modules", None) or ())
-            for model in (self.model, None if self.cfg.ref_on_cpu else self.reference):
-                if model is None:
-                    continue
-                for module in model.modules():
-                    if type(module).__name__ in targets:
-                        fully_shard(module)
-                fully_shard(model)
-            return self.model
-        if _distributed():
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            # Buffers (rotary tables) are identical on every rank: no need to broadcast them per forward.
-            return DistributedDataParallel(self.model, device_ids=ids, forward_sync_buffers=False)
-        return self.model
-
     def _autocast(self):
-        if self.device.type == "cuda":
+        # FSDP on GPU computes in bf16 through its MixedPrecisionPolicy; DDP through autocast.
+        if self.device.type == "cuda" and not self.fsdp:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def _grad_sync(self, sync: bool):
-        """Gradient all-reduce only on the last micro-batch of a step."""
-        if self.fsdp:
-            self.model.set_requires_gradient_sync(sync)
-            return contextlib.nullcontext()
-        if sync or self.train_model is self.model:
+        """DDP: gradient all-reduce only on the last micro-batch of a step (the replicas' local
+        gradients are full-size anyway). FSDP reduce-scatters after every micro-batch, so no rank
+        ever holds an unsharded gradient between micro-batches."""
+        if sync or self.fsdp or self.train_model is self.model:
             return contextlib.nullcontext()
         return self.train_model.no_sync()
 
@@ -117,11 +136,9 @@ class Learner:
     def _logps(self, model: torch.nn.Module, pairs: list[TokenizedPair], device: torch.device):
         """Summed completion log-probs and lengths, each ``[B, 2]`` (chosen, rejected)."""
         batch = {k: v.to(device) for k, v in collate(pairs, self.pad_id).items()}
+        hf_model = self.reference if model is self.reference else self.model
         with self._autocast():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           use_cache=False).logits
-        sums = token_logps(logits, batch["input_ids"], batch["completion_mask"]).sum(-1)
-        lens = completion_lengths(batch["completion_mask"]).to(sums.dtype)
+            sums, lens = completion_logp_sums(model, hf_model, batch, chunk=self.cfg.logprob_chunk)
         b = len(pairs)
         return torch.stack([sums[:b], sums[b:]], 1), torch.stack([lens[:b], lens[b:]], 1)
 
@@ -175,6 +192,8 @@ class Learner:
         for r, part in enumerate(parts):
             idx = list(range(r, len(pairs), world))
             full[idx] = part[: len(idx)]
+        if self.fsdp:
+            sharding.reshard(model)  # a root unit keeps its parameters gathered after a forward
         return full[:, :2], full[:, 2:]
 
     # -- rounds --------------------------------------------------------------------------------
@@ -309,54 +328,41 @@ class Learner:
     # -- weights -------------------------------------------------------------------------------
 
     def reshard(self) -> None:
-        """FSDP: put every module back in its sharded state. A root module keeps its parameters
-        unsharded after a forward, and state-dict reads and writes need the sharded ones."""
-        if not self.fsdp:
-            return
-        from torch.distributed.fsdp import FSDPModule
-
-        for module in [*self.reference.modules(), *self.model.modules()]:
-            if isinstance(module, FSDPModule):
-                module.reshard()
+        """FSDP: put every unit back in its sharded state (state-dict reads and writes need it)."""
+        if self.fsdp:
+            sharding.reshard(self.reference, self.model)
 
     @torch.no_grad()
     def refresh_reference(self) -> None:
-        """Copy the policy into the reference (a collective under FSDP with ``ref_on_cpu``)."""
+        """Copy the policy into the reference: each rank its own shards (or whole models under
+        DDP), cast to ``ref_dtype``; no communication."""
         self.reshard()
-        if self.fsdp and not self.cfg.ref_on_cpu:
-            # Both are sharded the same way: copy local shards.
-            for ref_p, p in zip(self.reference.parameters(), self.model.parameters()):
-                ref_p.copy_(p)
-            return
-        if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        copy_local(self.reference, self.model)
 
-            state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
-        else:
-            state = self.model.state_dict()
-        self.reference.load_state_dict(state)
+    def iter_full_state(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor | None]]:
+        """The policy tensor by tensor, in Hugging Face naming (a tied LM head left out, as in
+        checkpoints): ``(name, whole CPU tensor in dtype)`` on rank 0, ``(name, None)`` on the
+        others. Every rank must iterate to the end together (under FSDP each item is a gather
+        to rank 0); rank 0 holds one tensor at a time. Under DDP on CPU in the held dtype the
+        tensors are the parameters themselves (no copy): consume them before the next step.
+        """
+        self.reshard()
+        yield from iter_full(self.model, dtype)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The policy's full state dict (HF names) as CPU tensors on rank 0.
-
-        DDP on CPU: the parameters themselves, detached (no copy). On GPU: one CPU copy. FSDP: a
-        collective that every rank must call; rank 0 gets the gathered dict, the others ``{}``.
-        """
-        if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            self.reshard()
-            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        """The policy's full state dict (HF names, tied aliases included) as CPU tensors on
+        rank 0, ``{}`` on the others; a collective under FSDP. Holds the whole model on rank 0:
+        prefer ``iter_full_state`` where the consumer can take tensors one at a time."""
+        state = {name: t for name, t in self.iter_full_state() if t is not None}
+        if state:
+            for alias, name in tied_aliases(self.model).items():
+                state[alias] = state[name]
+        return state
 
     def save(self, path: str) -> None:
-        """Checkpoint to ``path`` (see ``actors.learner.checkpoint``); every rank calls, rank 0 writes."""
-        from actors.learner.checkpoint import save_checkpoint
-
-        save_checkpoint(self, path)
+        """Checkpoint to ``path`` (see ``actors.learner.checkpoint``); every rank calls."""
+        checkpoint.save(self, path)
 
     def load(self, path: str) -> None:
         """Restore policy, reference, optimizer and scheduler from ``path`` (every rank calls)."""
-        from actors.learner.checkpoint import load_checkpoint
-
-        load_checkpoint(self, path)
+        checkpoint.load(self, path)

@@ -88,7 +88,7 @@ class LearnerGroup:
         return self._all("evaluate", ray.put(pairs), beta, what="evaluate")[0]
 
     def save(self, path: str) -> None:
-        """Checkpoint to ``path``: ``policy/`` (HF format), ``reference.safetensors``, ``optimizer.pt``."""
+        """Checkpoint to ``path``: ``state/`` (each rank's shards), ``policy/`` (HF format), ``trainer.json``."""
         self._all("save", path, what=f"save({path})")
 
     def load(self, path: str) -> None:

@@ -17,6 +17,7 @@ from actors.learner import LearnerGroup
 from judges.pairs_types import PreferencePair
 from orchestrator.config import LearnerConfig, ModelConfig
 from tests.conftest import DEMO_DATA, DEMO_MODEL
+from tests.conftest import same_state as _same
 
 pytestmark = pytest.mark.integration
 
@@ -80,15 +81,6 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def _same(a, b) -> bool:
-    """Exact equality of nested containers of tensors and plain values."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def test_two_workers_take_the_same_step_as_one(one, two):
@@ -174,12 +166,13 @@ def test_save_load_round_trip_is_exact(two, checkpoint):
     group, _ = two
     path, policy, reference, optim = checkpoint
     for name in ("policy/config.json", "policy/model.safetensors", "policy/tokenizer.json",
-                 "reference.safetensors", "optimizer.pt"):
+                 "state/.metadata", "state/__0_0.distcp", "state/__1_0.distcp", "trainer.json"):
         assert (path / name).is_file(), name
     assert not [p.name for p in path.iterdir() if p.name.startswith(".")]  # no temp leftovers
-    state = torch.load(path / "optimizer.pt", weights_only=True)
-    assert state["steps"] == optim[0][2] and state["optimizer"]["state"]
-    assert _same(load_file(str(path / "reference.safetensors"))["model.norm.weight"], reference[0]["model.norm.weight"])
+    state = json.loads((path / "trainer.json").read_text())
+    assert state["steps"] == optim[0][2] and state["optimizer"] and state["world_size"] == 2
+    assert _same(load_file(str(path / "policy" / "model.safetensors"))["model.norm.weight"],
+                 policy[0]["model.norm.weight"])
 
     then = group.train(PAIRS[32:], round=9)
     assert _max_diff(_on_all(group, _policy)[0], policy[0]) > 1e-4

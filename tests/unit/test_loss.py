@@ -146,3 +146,80 @@ def test_sequence_logps_matches_a_manual_gather_over_the_demo_model():
             torch.log_softmax(logits[row, t - 1].double(), -1)[ids[t]].item() for t in range(len(prompt), len(ids))
         )
         assert float(got[row]) == pytest.approx(want, abs=1e-5)
+
+
+def test_linear_logps_equals_full_log_softmax_with_gradients():
+    from actors.loss import linear_logps
+
+    g = torch.Generator().manual_seed(0)
+    n, h, v = 11, 4, 9
+    hidden = torch.randn(n, h, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(v, h, dtype=torch.float64, generator=g, requires_grad=True)
+    bias = torch.randn(v, dtype=torch.float64, generator=g, requires_grad=True)
+    targets = torch.randint(0, v, (n,), generator=g)
+    full = torch.log_softmax(hidden @ weight.T + bias, -1).gather(-1, targets[:, None]).squeeze(-1)
+    for chunk in (1, 4, 11, 100):  # chunks that divide n, do not, and exceed it
+        assert torch.allclose(linear_logps(hidden, weight, bias, targets, chunk), full, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a, b, c: linear_logps(a, b, c, targets, 4), (hidden, weight, bias))
+    assert torch.autograd.gradcheck(lambda a, b: linear_logps(a, b, None, targets, 3), (hidden, weight))
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        linear_logps(hidden, weight, None, targets, 0)
+
+
+def test_completion_targets_select_the_positions_predicting_completion_tokens():
+    from actors.loss import completion_targets
+
+    labels = torch.tensor([[5, 6, 7, 8, 0], [5, 9, 9, 0, 0]])
+    mask = torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 0, 0]])
+    select, targets, rows = completion_targets(labels, mask)
+    assert select.tolist() == [[False, True, True, False], [True, True, False, False]]
+    assert targets.tolist() == [7, 8, 9, 9] and rows.tolist() == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("model_path", ["demo", "rehearsal"])
+def test_completion_only_logps_equal_the_full_logits_path(model_path):
+    """The learner's completion-only chunked log-probs (inside the model's forward, by its LM
+    head) against full logits + ``token_logps``, on the demo model and a 2-layer rehearsal model
+    (Qwen2.5-0.5B's layer shape and tied 151,936-entry vocabulary), values and gradients."""
+    from transformers import AutoModelForCausalLM
+
+    from actors.learner.modeling import completion_logp_sums
+
+    if model_path == "demo":
+        model, vocab = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32).eval(), 128
+    else:
+        from transformers import Qwen2ForCausalLM
+
+        from orchestrator.rehearsal import rehearsal_config
+
+        torch.manual_seed(0)
+        model, vocab = Qwen2ForCausalLM(rehearsal_config(layers=1)).eval(), 151_936
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, min(vocab, 4000), (4, 24), generator=g)
+    attention = torch.ones_like(ids)
+    attention[2:, 20:] = 0  # right padding
+    mask = torch.zeros_like(ids)
+    mask[:, 9:] = 1
+    mask[2:, 20:] = 0
+    mask[1, 12:] = 0
+    batch = {"input_ids": ids, "attention_mask": attention, "completion_mask": mask}
+    sums, lens = completion_logp_sums(model, model, batch, chunk=7)
+    sums.sum().backward()
+    got_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    per_token = token_logps(model(input_ids=ids, attention_mask=attention).logits, ids, mask)
+    full = per_token.sum(-1)
+    full.sum().backward()
+    assert lens.tolist() == [15, 3, 11, 11]  # scored: positions 9.. of each completion
+    # Per token to 1e-5; the sums (about -180 here) to fp32 rounding at their size.
+    from actors.loss import completion_targets, linear_logps
+
+    select, targets, _ = completion_targets(ids, mask)
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids, attention_mask=attention).last_hidden_state
+        tokens = linear_logps(hidden[:, :-1][select], model.lm_head.weight, None, targets, 7)
+    assert float((tokens - per_token.detach()[select]).abs().max()) < 1e-5
+    assert torch.allclose(sums, full, rtol=2e-7, atol=1e-6)
+    for name, p in model.named_parameters():
+        assert float((got_grads[name] - p.grad).abs().max()) < 1e-5 * max(1.0, float(p.grad.abs().max())), name
+    assert model.lm_head.forward.__func__ is type(model.lm_head).forward  # the head is itself again

@@ -1,0 +1,72 @@
+"""How the learner's models are spread over the ranks: FSDP2 or DDP, and activation checkpointing.
+
+FSDP2 (``fully_shard``) as large-model trainers set it up: one unit per decoder layer (its
+parameters are gathered just before it runs and freed right after, forward and backward), an
+untied input embedding and LM head one unit each, the root holding what is left (final norm,
+and a tied embedding/LM head, which must stay one tensor used at both ends of the forward). Every parameter, gradient and optimizer state is held as a
+1/world shard; gradients are reduce-scattered after every backward. On GPU the policy computes
+in bfloat16 with fp32 gradient reduction (``MixedPrecisionPolicy``) over fp32 master shards.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks (Hugging Face ``_no_split_modules`` classes)."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"{type(model).__name__}: no decoder layers found (_no_split_modules={sorted(names)})")
+    return layers
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward instead of keeping them
+    (non-reentrant checkpointing, composes with FSDP2)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def fsdp_shard(model: nn.Module, *, mixed_precision: bool = False, cpu_offload: bool = False) -> nn.Module:
+    """Shard ``model`` in place with FSDP2 over all ranks (meta or real parameters alike)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    kw: dict[str, Any] = {}
+    if mixed_precision:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    kw["offload_policy"] = CPUOffloadPolicy(pin_memory=True) if cpu_offload else OffloadPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kw)
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if out is None or out.weight is not inp.weight:
+        # Untied, each end is its own unit (gathered only while it runs); a tied pair is used at
+        # both ends of the forward, so it stays in the root unit with the final norm.
+        for end in (inp, out):
+            if end is not None:
+                fully_shard(end, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def ddp_wrap(model: nn.Module, device: torch.device) -> nn.Module:
+    """DDP over all ranks. The ranks already hold identical weights (rank 0 broadcast them), so
+    no start-up broadcast; buffers (rotary tables) are identical and not re-synced per forward."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, init_sync=False, forward_sync_buffers=False)
+
+
+def reshard(*models: nn.Module) -> None:
+    """Put every FSDP unit of ``models`` back in its sharded state (the root keeps its parameters
+    gathered after a forward; state-dict reads and writes need the shards)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
