@@ -10,7 +10,7 @@ Each cell reports the held-out greedy accuracy (all 500 eval prompts) at round 0
 hundredths). Each variant's best lr is the one with the highest mean of the last 3 evals.
 
     .venv/bin/python bench/ablation.py [--rounds 40] [--lrs 1e-5,3e-5,1e-4] [--out DIR]
-    .venv/bin/python bench/ablation.py --quick      # CI-sized: 2 rounds of 32 prompts, 100 eval prompts
+    .venv/bin/python bench/ablation.py --quick      # CI-sized: lrs 3e-5 and 1e-4, 2 rounds of 32 prompts, 100 eval prompts
 
 `--out DIR` keeps every run there and reuses the cells already finished (an interrupted sweep
 picks up where it stopped). The full sweep is 9 demo runs one after another: about 20 min on an
@@ -39,17 +39,17 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--eval-every", type=int, default=5)
-    ap.add_argument("--lrs", default="1e-5,3e-5,1e-4")
+    ap.add_argument("--lrs", default=None, help="comma-separated grid (default 1e-5,3e-5,1e-4; --quick: 3e-5,1e-4)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="keep the runs here and reuse finished ones")
-    ap.add_argument("--quick", action="store_true", help="CI-sized: 2 rounds of 32 prompts, 100 eval prompts")
+    ap.add_argument("--quick", action="store_true", help="CI-sized: 2 lrs, 2 rounds of 32 prompts, 100 eval prompts")
     ap.add_argument("--set", action="append", default=[], help="extra config override for every cell")
     args = ap.parse_args()
     rounds, eval_every, extra = args.rounds, args.eval_every, list(args.set)
     if args.quick:
         rounds, eval_every, extra = 2, 1, [*QUICK, *extra]
-    lrs = [float(x) for x in args.lrs.split(",")]
+    lrs = [float(x) for x in (args.lrs or ("3e-5,1e-4" if args.quick else "1e-5,3e-5,1e-4")).split(",")]
     t0 = time.time()
     cells: dict = {}
     for name in args.variants.split(","):

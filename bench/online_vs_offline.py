@@ -18,7 +18,7 @@ optimizer steps of each run are reported (a policy that improves makes more all-
 which make no pair, so the counts differ a little; see README).
 
     .venv/bin/python bench/online_vs_offline.py [--lr-dpo 3e-5] [--lr-dpo-nll 1e-4] [--out DIR]
-    .venv/bin/python bench/online_vs_offline.py --quick     # CI-sized: 4 rounds of 32 prompts
+    .venv/bin/python bench/online_vs_offline.py --quick     # CI-sized: DPO only, 4 rounds of 32 prompts
 
 Prints a table, writes the chart (`--chart`, default docs/online-vs-offline.png) and one JSON line last.
 Six demo runs one after another: about 15 min on an idle 2-core machine.
@@ -27,6 +27,7 @@ Six demo runs one after another: about 15 min on an idle 2-core machine.
 import argparse
 import json
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -63,15 +64,16 @@ def summarize(lines: list[dict], batch_size: int) -> dict:
     }
 
 
-def chart(results: dict, lrs: dict, path: Path) -> None:
+def chart(results: dict, lrs: dict, losses: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(LOSSES), figsize=(11, 4), sharey=True)
+    fig, axes = plt.subplots(1, len(losses), figsize=(5.5 * len(losses), 4), sharey=True, squeeze=False)
+    axes = axes[0]
     titles = {"dpo": "DPO only", "dpo_nll": "DPO + NLL on chosen"}
-    for ax, loss in zip(axes, LOSSES):
+    for ax, loss in zip(axes, losses):
         for schedule, style in zip(SCHEDULES, ("-o", "--s", ":^")):
             res = results[f"{schedule}_{loss}"]
             xs, ys = zip(*res["evals"])
@@ -97,20 +99,24 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--out", default=None, help="keep the runs here and reuse finished ones")
-    ap.add_argument("--chart", default=str(REPO / "docs" / "online-vs-offline.png"))
-    ap.add_argument("--quick", action="store_true", help="CI-sized: 4 rounds of 32 prompts, 2 iterations")
+    ap.add_argument("--chart", default=None, help="default docs/online-vs-offline.png (--quick: a temp file)")
+    ap.add_argument("--losses", default=None, help="comma-separated subset of dpo,dpo_nll (default both; --quick: dpo)")
+    ap.add_argument("--quick", action="store_true", help="CI-sized: DPO only, 4 rounds of 32 prompts, 2 iterations")
     ap.add_argument("--set", action="append", default=[], help="extra config override for every run")
     args = ap.parse_args()
     rounds, iterations, eval_every, extra = args.rounds, args.iterations, args.eval_every, list(args.set)
     if args.quick:
         rounds, iterations, eval_every, extra = 4, 2, 1, [*QUICK, *extra]
     lrs = {"dpo": args.lr_dpo, "dpo_nll": args.lr_dpo_nll}
+    chart_path = Path(args.chart or (tempfile.mkdtemp(prefix="odpo-ovo-") + "/online-vs-offline.png" if args.quick
+                                     else REPO / "docs" / "online-vs-offline.png"))
+    losses = (args.losses or ("dpo" if args.quick else "dpo,dpo_nll")).split(",")
     t0 = time.time()
     results = {}
-    for loss, loss_overrides in LOSSES.items():
+    for loss in losses:
         for schedule in SCHEDULES:
             k = regenerate_every(schedule, rounds, iterations)
-            overrides = [*loss_overrides, f"learner.lr={lrs[loss]}", f"run.seed={args.seed}",
+            overrides = [*LOSSES[loss], f"learner.lr={lrs[loss]}", f"run.seed={args.seed}",
                          f"loop.rounds={rounds}", f"loop.eval_every={eval_every}", f"loop.regenerate_every={k}",
                          "loop.checkpoint_every=0", f"learner.batch_size={args.batch_size}",
                          f"learner.micro_batch_size={args.batch_size}", "learner.epochs_per_round=1", *extra]
@@ -120,7 +126,7 @@ def main():
                                              "wall_s": round(wall)}
     same_prompts = len({tuple(r.pop("prompts_sha")) for r in results.values()}) == 1
     round1_identical = len({r.pop("round1") for r in results.values()}) == 1
-    chart(results, lrs, Path(args.chart))
+    chart(results, lrs, losses, chart_path)
     for name, r in results.items():
         print(f"{name:18s} {r['eval_start']:.3f} -> {r['eval_last3']:.3f} (gain {r['gain']:+.3f})  "
               f"pairs {r['pairs']} steps {r['steps']} max lag {r['max_policy_lag']}")
@@ -130,16 +136,11 @@ def main():
 
     out = {"bench": "online_vs_offline", "rounds": rounds, "iterations": iterations, "eval_every": eval_every,
            "seed": args.seed, "quick": args.quick, "lr": lrs,
-           "dpo_gain": results["online_dpo"]["gain"],
-           "online_minus_offline_dpo": diff("online_dpo", "offline_dpo"),
-           "online_minus_iterative_dpo": diff("online_dpo", "iterative_dpo"),
-           "iterative_minus_offline_dpo": diff("iterative_dpo", "offline_dpo"),
-           "online_minus_offline_dpo_nll": diff("online_dpo_nll", "offline_dpo_nll"),
-           "online_minus_iterative_dpo_nll": diff("online_dpo_nll", "iterative_dpo_nll"),
-           "iterative_minus_offline_dpo_nll": diff("iterative_dpo_nll", "offline_dpo_nll"),
+           **({"dpo_gain": results["online_dpo"]["gain"]} if "dpo" in losses else {}),
+           **{f"{a}_minus_{b}_{loss}": diff(f"{a}_{loss}", f"{b}_{loss}") for loss in losses
+              for a, b in (("online", "offline"), ("online", "iterative"), ("iterative", "offline"))},
            "same_prompts": same_prompts, "round1_identical": round1_identical,
-           "runs": results, "chart": str(Path(args.chart).resolve().relative_to(REPO)) if
-           Path(args.chart).resolve().is_relative_to(REPO) else args.chart,
+           "runs": results, "chart": str(chart_path.resolve().relative_to(REPO)) if chart_path.resolve().is_relative_to(REPO) else str(chart_path),
            "wall_s": round(time.time() - t0)}
     print(json.dumps(out))
 
