@@ -14,8 +14,11 @@ orchestrator/regenerate.py), each with DPO only (`rpo_alpha: 0`) and DPO + NLL (
 at the learning rate bench/ablation.py found best for that loss. Round 1 of every variant samples
 the same policy with the same seeds, so its pairs are identical across variants (checked:
 `round1_identical`); every round draws the same prompts (checked: `same_prompts`). The pairs and
-optimizer steps of each run are reported (a policy that improves makes more all-correct prompts,
-which make no pair, so the counts differ a little; see README).
+optimizer steps of each run are reported: they differ a little, because a prompt whose n answers
+are all right or all wrong makes no pair and the policies that sample differ. So each online and
+iterative run is also scored at the step count of the offline run of its loss (`at_offline_steps`:
+the mean of its 3 evals ending at its last eval round within that many steps), and
+`online_minus_offline_<loss>_equal_steps` compares that with offline.
 
     .venv/bin/python bench/online_vs_offline.py [--lr-dpo 3e-5] [--lr-dpo-nll 1e-4] [--out DIR]
     .venv/bin/python bench/online_vs_offline.py --quick     # CI-sized: DPO only, 4 rounds of 32 prompts
@@ -58,10 +61,19 @@ def summarize(lines: list[dict], batch_size: int) -> dict:
         "evals": [[r, round(v, 3)] for r, v in points],
         "pairs": sum(m["pairs"] for m in trained),
         "steps": sum(math.ceil(m["pairs"] / batch_size) for m in trained),
+        "steps_by_round": {m["round"]: sum(math.ceil(x["pairs"] / batch_size) for x in trained[:i + 1])
+                           for i, m in enumerate(trained)},
         "max_policy_lag": max((m["policy_lag"] for m in trained), default=0),
         "prompts_sha": [m["prompts_sha"] for m in trained],
         "round1": (trained[0]["pairs"], trained[0]["reward_mean"]) if trained else None,
     }
+
+
+def at_steps(run: dict, steps: int) -> tuple[int, float]:
+    """The mean of the 3 evals of ``run`` ending at its last eval round that took at most ``steps``
+    optimizer steps, and that round: ``run`` compared with a run that took only ``steps`` in all."""
+    points = [(r, v) for r, v in run["evals"] if r == 0 or run["steps_by_round"][r] <= steps]
+    return points[-1][0], round(sum(v for _, v in points[-3:]) / len(points[-3:]), 3)
 
 
 def chart(results: dict, lrs: dict, losses: list[str], path: Path) -> None:
@@ -124,6 +136,13 @@ def main():
                                      reuse=args.out is not None)
             results[f"{schedule}_{loss}"] = {**summarize(lines, args.batch_size), "regenerate_every": k,
                                              "wall_s": round(wall)}
+    for loss in losses:  # equal steps: online cut at the steps offline took (it made fewer pairs)
+        offline = results[f"offline_{loss}"]
+        for schedule in ("online", "iterative"):
+            r, v = at_steps(results[f"{schedule}_{loss}"], offline["steps"])
+            results[f"{schedule}_{loss}"]["at_offline_steps"] = {"round": r, "eval_last3": v}
+    for r in results.values():
+        r.pop("steps_by_round")
     same_prompts = len({tuple(r.pop("prompts_sha")) for r in results.values()}) == 1
     round1_identical = len({r.pop("round1") for r in results.values()}) == 1
     chart(results, lrs, losses, chart_path)
@@ -139,6 +158,9 @@ def main():
            **({"dpo_gain": results["online_dpo"]["gain"]} if "dpo" in losses else {}),
            **{f"{a}_minus_{b}_{loss}": diff(f"{a}_{loss}", f"{b}_{loss}") for loss in losses
               for a, b in (("online", "offline"), ("online", "iterative"), ("iterative", "offline"))},
+           **{f"online_minus_offline_{loss}_equal_steps": round(
+               results[f"online_{loss}"]["at_offline_steps"]["eval_last3"] - results[f"offline_{loss}"]["eval_last3"], 3)
+              for loss in losses},
            "same_prompts": same_prompts, "round1_identical": round1_identical,
            "runs": results, "chart": str(chart_path.resolve().relative_to(REPO)) if chart_path.resolve().is_relative_to(REPO) else str(chart_path),
            "wall_s": round(time.time() - t0)}
