@@ -72,7 +72,8 @@ def main():
         print(f"{name:8s} " + "  ".join(f"lr {k}: {v['eval_start']:.3f} -> {v['eval_last3']:.3f}"
                                         for k, v in by_lr.items()) + f"   best lr {best[name]['lr']:g}")
     out = {"bench": "ablation", "rounds": rounds, "eval_every": eval_every, "seed": args.seed,
-           "quick": args.quick, "lrs": lrs, "best": best, "cells": cells, "wall_s": round(time.time() - t0)}
+           "quick": args.quick, "lrs": lrs, "best": best, "cells": cells, "wall_s": sum(c["wall_s"] for by_lr in cells.values() for c in by_lr.values()),
+           "bench_s": round(time.time() - t0)}
     print(json.dumps(out))
 
 

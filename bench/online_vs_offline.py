@@ -93,7 +93,7 @@ def chart(results: dict, lrs: dict, losses: list[str], path: Path) -> None:
         ax.set_title(f"{titles[loss]}, lr {lrs[loss]:g}")
         ax.set_xlabel("round (256 prompts, one pass over its pairs)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")
     axes[0].set_ylabel("held-out greedy accuracy (500 prompts)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -163,7 +163,7 @@ def main():
               for loss in losses},
            "same_prompts": same_prompts, "round1_identical": round1_identical,
            "runs": results, "chart": str(chart_path.resolve().relative_to(REPO)) if chart_path.resolve().is_relative_to(REPO) else str(chart_path),
-           "wall_s": round(time.time() - t0)}
+           "wall_s": sum(r["wall_s"] for r in results.values()), "bench_s": round(time.time() - t0)}
     print(json.dumps(out))
 
 
