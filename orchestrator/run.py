@@ -1,7 +1,8 @@
 """``odpo run``: set up the run directory, Ray, the actors and metrics, then drive the loop.
 
 Connects to a running Ray cluster when there is one (``RAY_ADDRESS``, or the environment of a
-``ray job submit`` job) and otherwise starts a local one. SIGTERM/SIGINT (and ``ray job stop``)
+``ray job submit`` job) and otherwise starts a local one; before starting any actor it checks
+that the cluster can hold them all (``orchestrator.preflight``). SIGTERM/SIGINT (and ``ray job stop``)
 ask the loop to stop: a round that has not started learning is abandoned, one that has is
 finished, a checkpoint is written and the process exits 0.
 """
@@ -20,6 +21,7 @@ from orchestrator.config import RunConfig, dump_config
 from orchestrator.data import DataError, load_prompts
 from orchestrator.loop import Loop, LoopState, Parts, drive
 from orchestrator.metrics import Metrics
+from orchestrator.preflight import await_fit
 from orchestrator.rundir import RunDir, checkpoint_problem
 
 log = logging.getLogger("odpo")
@@ -55,8 +57,16 @@ def connect_ray(c: RunConfig) -> None:
     # address="local": a new cluster of our own, even when someone's `ray start` cluster runs here
     # (plain ray.init() would join that one, and then refuses num_cpus).
     num_cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed(c)))
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+             runtime_env=local_runtime_env())
     log.info("started a local Ray cluster with %d CPUs", num_cpus)
+
+
+def local_runtime_env() -> dict:
+    """Every actor of a local cluster imports from the current folder first, as the driver does
+    (``odpo`` puts it on ``sys.path``): a judge module next to the config loads in its actor too."""
+    path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
+    return {"env_vars": {"PYTHONPATH": path}}
 
 
 def install_stop_handlers(stop: threading.Event) -> None:
@@ -83,13 +93,14 @@ def build_parts(c: RunConfig, rd: RunDir) -> Parts:
     generators = GeneratorPool(c.model, c.generator, prompt_field=c.data.prompt_field, seed=c.run.seed,
                                max_restarts=c.loop.max_actor_restarts, mode=c.loop.mode,
                                weight_transfer="nccl" if c.sync.backend == "nccl" else None)
-    judges = JudgePool(c.judge, seed=c.run.seed, max_restarts=c.loop.max_actor_restarts,
+    corrector = (c.corrector.cls, c.corrector.kwargs) if "correction" in c.pairs.sources else None
+    judges = JudgePool(c.judge, seed=c.run.seed, max_restarts=c.loop.max_actor_restarts, corrector=corrector,
                        generate_fn=make_generate_fn(generators, c.data.prompt_field, c.run.seed))
     return Parts(generators=generators, judges=judges, learner=learner, make_learner=make_learner,
                  sync_cfg=c.sync, run_dir=str(rd.root))
 
 
-def run(c: RunConfig, resume: bool = False) -> int:
+def run(c: RunConfig, resume: bool = False, wait_for_resources_s: float = 0.0) -> int:
     setup_logging()
     from orchestrator.security import config_warnings
 
@@ -116,6 +127,11 @@ def run(c: RunConfig, resume: bool = False) -> int:
         log.info("metrics on http://%s:%d/metrics (status: /status)", c.metrics.host, port)
 
     connect_ray(c)
+    try:  # before any actor: a cluster that cannot hold them all is an error now, not a silent wait
+        await_fit(c, wait_for_resources_s)
+    except BaseException:
+        metrics.close()
+        raise
     install_stop_handlers(stop)  # after ray.init, which installs its own SIGTERM handler
     t = time.perf_counter()
     metrics.set_phase("starting actors")
@@ -133,6 +149,7 @@ def run(c: RunConfig, resume: bool = False) -> int:
             parts.learner.save(str(staging))
             payload = {"round": st.round, "policy_version": loop.learner_version, "sampler": st.sampler,
                        "pairs_total": st.pairs_total, "rounds_without_pairs": st.rounds_without_pairs,
+                       "beta": st.beta, "length_counts": st.length_counts,
                        "seed": c.run.seed, "mode": c.loop.mode, "saved_at": time.time()}
             path = rd.commit_checkpoint(staging, st.round, payload)
             rd.prune_checkpoints(c.loop.keep_checkpoints)
@@ -168,7 +185,8 @@ def restore(rd: RunDir, parts: Parts) -> LoopState:
     rd.remove_pairs_after(saved["round"])
     log.info("resumed from %s: round %d, policy version %d", path, saved["round"], version)
     return LoopState(round=saved["round"], policy_version=version, sampler=saved["sampler"],
-                     pairs_total=saved.get("pairs_total", 0), rounds_without_pairs=saved.get("rounds_without_pairs", 0))
+                     pairs_total=saved.get("pairs_total", 0), rounds_without_pairs=saved.get("rounds_without_pairs", 0),
+                     beta=saved.get("beta"), length_counts=saved.get("length_counts", {}))
 
 
 _checkpoint_problem = checkpoint_problem  # (older name)

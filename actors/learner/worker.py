@@ -53,11 +53,11 @@ class LearnerWorker:
 
     # The round API (each a collective: the group calls every worker at once).
 
-    def train(self, pairs: list, round: int) -> dict:
-        return self.engine.train(pairs, round)
+    def train(self, pairs: list, round: int, beta: float | None = None) -> dict:
+        return self.engine.train(pairs, round, beta)
 
-    def evaluate(self, pairs: list) -> dict:
-        return self.engine.evaluate(pairs)
+    def evaluate(self, pairs: list, beta: float | None = None) -> dict:
+        return self.engine.evaluate(pairs, beta)
 
     def save(self, path: str) -> None:
         self.engine.save(path)
