@@ -97,6 +97,8 @@ class Loop:
         # loop.regenerate_every > 1: offline / iterative DPO (orchestrator/regenerate.py)
         self.bank = SampleBank(rundir.root, config.loop.regenerate_every) \
             if config.loop.regenerate_every > 1 else None
+        self.trackers = None  # orchestrator.trackers.Trackers when report.to names any (set by run.py)
+        self.sync_path: str | None = None  # how this round's weight sync travelled (weight_sync's ``path``)
 
     # --- one round's phases ----------------------------------------------------------------------
     def draw(self) -> list[dict]:
@@ -112,7 +114,7 @@ class Loop:
         if self.state.policy_version == self.learner_version:
             return 0.0
         t = time.perf_counter()
-        self.parts.sync(self.learner_version)
+        self.sync_path = self.parts.sync(self.learner_version).get("path")
         self.state.policy_version = self.learner_version
         return time.perf_counter() - t
 
@@ -138,6 +140,7 @@ class Loop:
         m.set_phase("sample", r, policy_version=self.state.policy_version)
         t = time.perf_counter()
         self.trained_this_attempt = False
+        self.sync_path = None
         if self.pending is None and self.bank is None:
             self.pending = self.submit(r)
         self.faults.fire("sample", r, self.parts)
@@ -252,6 +255,7 @@ class Loop:
             "judge_s": judge_s,
             "learn_s": learn_s,
             "sync_s": sync_s,
+            "sync_path": self.sync_path,
             "eval_s": eval_s,
             "round_s": time.perf_counter() - t_round,
             "policy_lag": lag,
@@ -391,18 +395,21 @@ def drive(loop: Loop, save_checkpoint) -> int:
         eval_reward = loop.evaluate()
         if eval_reward is not None:
             rec = {"round": 0, "policy_version": 0, "eval_reward": eval_reward, "eval_s": time.perf_counter() - t}
-            rd.append_metrics(rec)
-            loop.metrics.record_round(rec)
+            publish(loop, rec)
             log.info("round 0 (before training) | eval %.3f", eval_reward)
     r = loop.state.round
     while not loop.stop.is_set() and (c.loop.rounds == 0 or r < c.loop.rounds):
         r += 1
-        rec = run_with_retries(loop, r)
+        try:
+            rec = run_with_retries(loop, r)
+        except Exception:
+            if loop.state.round != last_checkpointed:
+                checkpoint_before_failing(loop, save_checkpoint)
+            raise
         if rec is None:
             log.info("stop requested: round %d abandoned before learning", r)
             break
-        rd.append_metrics(rec)
-        loop.metrics.record_round(rec)
+        publish(loop, rec)
         rd.write_status({**loop.metrics.status(), "phase": "between rounds"})
         log.info(format_round(rec, c.loop.rounds))
         done += 1
@@ -418,13 +425,44 @@ def drive(loop: Loop, save_checkpoint) -> int:
     return done
 
 
+def publish(loop: Loop, rec: dict) -> None:
+    """Write a round's metrics line, then hand it to Prometheus and the trackers."""
+    if loop.trackers is not None:
+        rec["tracker_errors"] = dict(loop.trackers.errors)
+    loop.rd.append_metrics(rec)
+    loop.metrics.record_round(rec)
+    if loop.trackers is not None:
+        loop.trackers.log_round(rec)
+
+
+def checkpoint_before_failing(loop: Loop, save_checkpoint) -> None:
+    """The run is stopping on an error: keep the rounds completed since the last checkpoint. A
+    learner that already stepped in the failed round is first brought back to the last completed
+    one; a learner that is gone is not rebuilt for this. Best effort: a failure here is logged,
+    and the run's own error is what gets raised."""
+    try:
+        if not loop.learner_alive():
+            log.warning("the learner is gone: no checkpoint of round %d before stopping", loop.state.round)
+            return
+        loop.metrics.set_phase("checkpoint", loop.state.round)
+        if loop.trained_this_attempt:
+            loop.restore_learner(rebuild=False)
+        save_checkpoint(loop.state)
+    except Exception as e:
+        log.warning("could not checkpoint round %d before stopping: %s: %s", loop.state.round, type(e).__name__, e)
+
+
 def run_with_retries(loop: Loop, r: int) -> dict | None:
     """Run round ``r``; a failure is recovered from and the round redone, up to
     ``loop.max_round_retries`` times, then the run stops with the round's last error."""
+    from actors.placement import PlacementError
+
     failures = 0
     while True:
         try:
             return loop.run_round(r)
+        except PlacementError:  # no alive node can hold a part: a retry would only wait again
+            raise
         except Exception as e:  # any failure of a part: the round is redone after recovery
             failures += 1
             if failures > loop.c.loop.max_round_retries:

@@ -22,7 +22,9 @@ from orchestrator.data import DataError, load_prompts
 from orchestrator.loop import Loop, LoopState, Parts, drive
 from orchestrator.metrics import Metrics
 from orchestrator.preflight import await_fit
+from orchestrator.progress import ProgressWatcher
 from orchestrator.rundir import RunDir, checkpoint_problem
+from orchestrator.trackers import open_trackers
 
 log = logging.getLogger("odpo")
 
@@ -137,11 +139,15 @@ def run(c: RunConfig, resume: bool = False, wait_for_resources_s: float = 0.0) -
     metrics.set_phase("starting actors")
     parts = build_parts(c, rd)
     log.info("actors ready in %.1fs", time.perf_counter() - t)
+    watcher = trackers = None
     try:
+        # Before any sampling: actors look the progress board up once, at their first report.
+        watcher = ProgressWatcher(metrics, parts.judges, c.run.seed, c.log.progress_every_s).start()
         state = LoopState()
         if resume:
             state = restore(rd, parts)
         loop = Loop(c, rd, parts, prompts, eval_prompts, metrics, stop, state)
+        loop.trackers = trackers = open_trackers(c, rd)
 
         def save_checkpoint(st: LoopState) -> None:
             t0 = time.perf_counter()
@@ -157,6 +163,9 @@ def run(c: RunConfig, resume: bool = False, wait_for_resources_s: float = 0.0) -
 
         drive(loop, save_checkpoint)
     finally:
+        for closing in (watcher, trackers):
+            if closing is not None:
+                closing.close()
         for part in (parts.generators, parts.judges, parts.learner):
             try:
                 part.shutdown()
