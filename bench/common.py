@@ -14,9 +14,25 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def run_config(name: str, overrides: list[str], config: str = "configs/demo.yaml",
-               out_dir: str | None = None, timeout: float = 1800) -> tuple[list[dict], float]:
-    """Run one config to the end; returns (metrics lines, wall seconds)."""
+               out_dir: str | None = None, timeout: float = 1800, reuse: bool = False) -> tuple[list[dict], float]:
+    """Run one config to the end; returns (metrics lines, wall seconds).
+
+    With ``reuse``, a run already finished in ``out_dir`` (its wall time recorded in
+    ``<name>.done.json`` next to it) is read back instead of run again: a long bench that was
+    interrupted picks up where it stopped.
+    """
     out_dir = out_dir or tempfile.mkdtemp(prefix="odpo-bench-")
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    done = Path(out_dir) / f"{name}.done.json"
+    metrics_path = Path(out_dir) / name / "metrics.jsonl"
+    if reuse and done.exists() and json.loads(done.read_text()).get("overrides") == overrides:
+        wall = json.loads(done.read_text())["wall_s"]
+        print(f"{name}: reusing the finished run in {out_dir} ({wall:.0f}s)", file=sys.stderr)
+        return read_metrics(metrics_path), wall
+    if (Path(out_dir) / name).exists():  # a half-finished earlier attempt: start clean, not resume
+        import shutil
+
+        shutil.rmtree(Path(out_dir) / name)
     args = [sys.executable, "-m", "orchestrator", "run", config,
             "--set", f"run.output_dir={out_dir}", "--set", f"run.name={name}"]
     for o in overrides:
@@ -30,9 +46,24 @@ def run_config(name: str, overrides: list[str], config: str = "configs/demo.yaml
     if proc.returncode != 0:
         sys.stderr.write(log_path.read_text()[-4000:])
         raise SystemExit(f"{name}: odpo run exited {proc.returncode} (log: {log_path})")
-    lines = [json.loads(x) for x in (Path(out_dir) / name / "metrics.jsonl").read_text().splitlines()]
+    lines = read_metrics(metrics_path)
+    done.write_text(json.dumps({"overrides": overrides, "wall_s": wall}) + "\n")
     print(f"{name}: {len(lines)} metrics lines in {wall:.0f}s ({log_path})", file=sys.stderr)
     return lines, wall
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(x) for x in Path(path).read_text().splitlines()]
+
+
+def evals(lines: list[dict]) -> list[tuple[int, float]]:
+    """The run's (round, eval_reward) points, round 0 first."""
+    return [(m["round"], m["eval_reward"]) for m in lines if m.get("eval_reward") is not None]
+
+
+def last3(lines: list[dict]) -> float:
+    """Mean of the last 3 eval points (single points swing by a few hundredths)."""
+    return mean([v for _, v in evals(lines)[-3:]])
 
 
 def mean(xs):

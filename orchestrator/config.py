@@ -284,6 +284,17 @@ class LoopConfig(Section):
     """Restarts allowed per actor before the run stops with an error."""
     max_round_retries: int = Field(2, ge=0)
     """Retries of a failed round before the run stops with an error."""
+    regenerate_every: int = Field(1, ge=1)
+    """Sample the policy every k rounds (1 = every round: online DPO). With k > 1, the first round of
+    each k draws and samples the prompts of all k rounds with the policy it holds, and the k rounds
+    train on those samples in order: k = ``rounds`` is offline DPO (the initial policy sampled once),
+    k = ``rounds``/4 iterative DPO with 4 iterations. Samples go to ``<run>/samples/``; sync mode only."""
+
+    @model_validator(mode="after")
+    def _regenerate_needs_sync(self) -> "LoopConfig":
+        if self.regenerate_every > 1 and self.mode != "sync":
+            raise ValueError("regenerate_every > 1 needs mode: sync (async mode samples every round)")
+        return self
 
 
 class MetricsConfig(Section):

@@ -28,6 +28,7 @@ from orchestrator.metrics import Metrics
 from orchestrator.pairing import PairMaker, pair_figures
 from orchestrator.procs import ProcessMemory, actor_handles
 from orchestrator.faults import FaultInjector
+from orchestrator.regenerate import SampleBank
 from orchestrator.rundir import RunDir, checkpoint_problem, pair_records, pairs_from_records
 
 log = logging.getLogger("odpo.loop")
@@ -93,6 +94,9 @@ class Loop:
         self.round_retries = 0
         self.trained_this_attempt = False
         self.sampler_before_pending: dict | None = None
+        # loop.regenerate_every > 1: offline / iterative DPO (orchestrator/regenerate.py)
+        self.bank = SampleBank(rundir.root, config.loop.regenerate_every) \
+            if config.loop.regenerate_every > 1 else None
         self.trackers = None  # orchestrator.trackers.Trackers when report.to names any (set by run.py)
         self.sync_path: str | None = None  # how this round's weight sync travelled (weight_sync's ``path``)
 
@@ -137,10 +141,13 @@ class Loop:
         t = time.perf_counter()
         self.trained_this_attempt = False
         self.sync_path = None
-        if self.pending is None:
+        if self.pending is None and self.bank is None:
             self.pending = self.submit(r)
         self.faults.fire("sample", r, self.parts)
-        groups = self.collect(self.pending)
+        if self.bank is not None:  # this round's share of the window's samples
+            groups = self.bank.take(r, self.state.policy_version, lambda j: self.collect(self.submit(j)))
+        else:
+            groups = self.collect(self.pending)
         sampler_after_this_round = self.sampler.state()
         self.pending = None
         gen_wait_s = time.perf_counter() - t
@@ -170,7 +177,9 @@ class Loop:
         )
         dropped = Counter(sel.dropped)
         dropped["too_long"] += sum(1 for g in groups if g.skipped)
-        pairs = [p for p in sel.pairs if self.learner_version - p.policy_version <= c.loop.max_policy_lag]
+        # Stale = behind the policy that was meant to sample (a window's samples are old by design).
+        newest = self.bank.sample_version(r) if self.bank is not None else self.learner_version
+        pairs = [p for p in sel.pairs if newest - p.policy_version <= c.loop.max_policy_lag]
         dropped["stale"] += len(sel.pairs) - len(pairs)
         judge_s = time.perf_counter() - t
         if self.stop.is_set():
@@ -254,6 +263,8 @@ class Loop:
             "corrector_failures": sel.corrector_failures,
             "restarts": self.restarts(),
         })
+        if self.bank is not None:
+            rec.update(self.bank.record(r))
         rec["rss_mb"] = self.memory.sample(actor_handles(self.parts), rec["restarts"])
         if eval_reward is not None:
             rec["eval_reward"] = eval_reward

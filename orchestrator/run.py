@@ -56,8 +56,11 @@ def connect_ray(c: RunConfig) -> None:
         log.info("connected to Ray cluster at %s", os.environ["RAY_ADDRESS"])
         return
     # A local cluster: advertise enough logical CPUs for every actor (the demo's share a 2-core box).
+    # address="local": a new cluster of our own, even when someone's `ray start` cluster runs here
+    # (plain ray.init() would join that one, and then refuses num_cpus).
     num_cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed(c)))
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, runtime_env=local_runtime_env())
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+             runtime_env=local_runtime_env())
     log.info("started a local Ray cluster with %d CPUs", num_cpus)
 
 
