@@ -5,9 +5,11 @@ Layout under ``path``::
     policy/                   config.json, model.safetensors, tokenizer files (loads in vLLM and transformers)
     reference.safetensors     the frozen reference (tied tensors stored once, aliases in the metadata)
     optimizer.pt              optimizer, scheduler and step counters (plain containers: torch.load(weights_only=True))
+    rng_rank_<k>.json         each rank's Python, numpy and torch RNG states (``actors.rng_state``)
 
-Rank 0 writes each part to a temporary name and renames it into place, so a crash never leaves a
-half-written part. Under FSDP gathering the full tensors is a collective: every rank calls
+Rank 0 writes each part to a temporary name, fsyncs it, renames it into place and fsyncs the
+folder (``actors.durable``), so a crash never leaves a half-written part; every rank writes its
+own RNG file the same way. Under FSDP gathering the full tensors is a collective: every rank calls
 ``save_checkpoint``. ``load_checkpoint`` is called on every rank and reads ``path`` itself, so on
 a multi-node cluster ``path`` must be on a filesystem every worker sees.
 """
@@ -15,12 +17,17 @@ a multi-node cluster ``path`` must be on a filesystem every worker sees.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from actors.durable import replace_durably, write_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from actors.learner.engine import Learner
@@ -64,9 +71,7 @@ def _write_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         else:
             seen[key] = name
             unique[name] = t.contiguous()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(unique, str(tmp), metadata={"aliases": json.dumps(aliases)})
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: save_file(unique, str(tmp), metadata={"aliases": json.dumps(aliases)}))
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -85,7 +90,7 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
     if final.exists():
         os.replace(final, old)
-    os.replace(tmp, final)
+    replace_durably(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -95,10 +100,11 @@ def save_checkpoint(learner: "Learner", path: str) -> None:
     policy = learner.full_state_dict()
     reference = _reference_state(learner)
     optimizer = _optimizer_state(learner)
-    if learner.rank != 0:
-        return
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
+    _save_rng(learner, root)
+    if learner.rank != 0:
+        return
     tmp = root / f".policy.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     learner.model.save_pretrained(tmp, state_dict=policy, safe_serialization=True)
@@ -114,9 +120,7 @@ def save_checkpoint(learner: "Learner", path: str) -> None:
         "steps": learner.steps,
         "skipped_steps": learner.skipped_steps,
     }
-    tmp_pt = root / f".optimizer.pt.tmp-{os.getpid()}"
-    torch.save(state, tmp_pt)
-    os.replace(tmp_pt, root / "optimizer.pt")
+    write_atomic(root / "optimizer.pt", lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(learner: "Learner", path: str) -> None:
@@ -158,3 +162,22 @@ def load_checkpoint(learner: "Learner", path: str) -> None:
         learner.optimizer.load_state_dict(state["optimizer"])
     learner.scheduler.load_state_dict(state["scheduler"])
     learner.steps, learner.skipped_steps = int(state["steps"]), int(state["skipped_steps"])
+    _load_rng(learner, root)
+
+
+# -- RNG states (one file per rank) -------------------------------------------------------------
+
+def _save_rng(learner: "Learner", root: Path) -> None:
+    from actors import rng_state
+
+    write_text_atomic(root / f"rng_rank_{learner.rank}.json", json.dumps(rng_state.capture()))
+
+
+def _load_rng(learner: "Learner", root: Path) -> None:
+    from actors import rng_state
+
+    path = root / f"rng_rank_{learner.rank}.json"
+    if not path.exists():  # older checkpoints, or more ranks than when it was saved
+        log.warning("learner checkpoint %s: no %s; rank %d keeps its current RNG state", root, path.name, learner.rank)
+        return
+    rng_state.restore(json.loads(path.read_text()))
