@@ -1,7 +1,9 @@
 """One Ray head for the end-to-end tests: `ray start --head --block` on loopback, with its own
 ports and temp dir, 4 CPUs and 2 logical GPUs (so resource checks have GPUs to count). It is
-ended by its process group, which `ray start --block` tears down on SIGTERM."""
+ended by its process group, which `ray start --block` tears down on SIGTERM. ``start_head`` also
+starts heads with extra environment (token authentication) for a single test module."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -19,8 +21,10 @@ from tests.integration.runs import free_port
 VENV_BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(scope="session")
-def ray_head():
+@contextlib.contextmanager
+def start_head(extra_env: dict | None = None):
+    """A Ray head on loopback; yields its dashboard URL, GCS address and the environment that
+    reaches it (``extra_env`` included: e.g. ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN``)."""
     ports = {name: free_port() for name in (
         "port", "dashboard-port", "ray-client-server-port", "node-manager-port", "object-manager-port",
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")}
@@ -28,7 +32,7 @@ def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="odpo-e2e-", dir="/tmp")  # short: Ray's socket paths must fit
     # The job's `python` must be this venv's: put it first on the head's PATH.
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
-           "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(extra_env or {})}
     env.pop("RAY_ADDRESS", None)
     args = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
             "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=4", "--num-gpus=2",
@@ -44,7 +48,7 @@ def ray_head():
             assert head.poll() is None, (Path(temp_dir) / "head.log").read_text()[-3000:]
             assert time.time() < deadline, "the Ray head did not come up in 120 s"
             time.sleep(2)
-        yield {"dashboard": dashboard, "gcs": f"127.0.0.1:{ports['port']}", "env": env}
+        yield {"dashboard": dashboard, "gcs": f"127.0.0.1:{ports['port']}", "env": env, "temp_dir": temp_dir}
     finally:
         try:
             os.killpg(head.pid, signal.SIGTERM)
@@ -56,3 +60,9 @@ def ray_head():
                 pass
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    with start_head() as head:
+        yield head
