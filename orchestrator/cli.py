@@ -32,7 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("run", help="run the self-improvement loop")
     _add_config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in RUN_DIR from its last checkpoint (without it, a run directory that "
+                        "already holds a run is refused); its config may change only in operational keys")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: accept config changes that alter training (recorded in config_changes.jsonl)")
 
     p = verbs.add_parser("status", help="print a run's status (from its run directory or its HTTP endpoint)")
     p.add_argument("target", help="run directory, or http://host:port of the run's metrics server")
@@ -110,7 +114,9 @@ def run_verb(args) -> int:
     from orchestrator.run import run
 
     try:
-        return run(config, resume=args.resume)
+        if args.allow_config_change and not args.resume:
+            raise ConfigError(["--allow-config-change: only applies with --resume"])
+        return run(config, resume=args.resume, allow_config_change=args.allow_config_change)
     except ConfigError as e:
         for line in e.problems:
             print(f"error: {line}", file=sys.stderr)

@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 
 from orchestrator.config import RunConfig, dump_config
-from orchestrator.data import DataError, load_prompts
-from orchestrator.loop import Loop, LoopState, Parts, drive
+from orchestrator.data import DataError, PromptSampler, load_prompts
+from orchestrator.loop import Loop, LoopState, Parts, Pending, drive
 from orchestrator.metrics import Metrics
+from orchestrator.pending import load_pending, save_pending
 from orchestrator.rundir import RunDir, checkpoint_problem
 
 log = logging.getLogger("odpo")
@@ -87,17 +88,16 @@ def build_parts(c: RunConfig, rd: RunDir) -> Parts:
                  sync_cfg=c.sync, run_dir=str(rd.root))
 
 
-def run(c: RunConfig, resume: bool = False) -> int:
+def run(c: RunConfig, resume: bool = False, allow_config_change: bool = False) -> int:
     setup_logging()
+    from orchestrator.resume_check import check_run_dir
     from orchestrator.security import config_warnings
 
     for warning in config_warnings(c):
         log.warning(warning)
     rd = RunDir(Path(c.run.output_dir) / c.run.name)
     rd.create()
-    if rd.checkpoints() and not resume:
-        log.info("%s already has checkpoints: resuming from the last one", rd.root)
-        resume = True
+    check_run_dir(rd, c, resume, allow_config_change)  # before Ray: a refused resume is exit 2
     prompts = load_prompts(c.data.source, c.data.split, c.data.prompt_field, subset=c.data.subset)
     eval_prompts = None
     if c.data.eval_source and c.loop.eval_every:
@@ -120,18 +120,29 @@ def run(c: RunConfig, resume: bool = False) -> int:
     parts = build_parts(c, rd)
     log.info("actors ready in %.1fs", time.perf_counter() - t)
     try:
-        state = LoopState()
+        state, pending = LoopState(), None
         if resume:
-            state = restore(rd, parts)
+            state, pending = restore(rd, parts, prompts.rows, c.data.prompt_field)
         loop = Loop(c, rd, parts, prompts, eval_prompts, metrics, stop, state)
+        if pending is not None:
+            loop.pending = pending
+            loop.sampler = PromptSampler.from_state(pending.sampler_after, len(prompts), c.run.seed)
 
         def save_checkpoint(st: LoopState) -> None:
+            from actors import rng_state
+
             t0 = time.perf_counter()
             staging = rd.staging_checkpoint_path(st.round)
             parts.learner.save(str(staging))
+            # Async mode: the next round is being sampled with older weights; keep its samples.
+            saved_pending = None
+            if loop.pending is not None:
+                loop.collect(loop.pending)
+                saved_pending = save_pending(loop.pending, staging)
             payload = {"round": st.round, "policy_version": loop.learner_version, "sampler": st.sampler,
                        "pairs_total": st.pairs_total, "rounds_without_pairs": st.rounds_without_pairs,
-                       "seed": c.run.seed, "mode": c.loop.mode, "saved_at": time.time()}
+                       "seed": c.run.seed, "mode": c.loop.mode, "saved_at": time.time(),
+                       "pending": saved_pending, "rng": rng_state.capture()}
             path = rd.commit_checkpoint(staging, st.round, payload)
             rd.prune_checkpoints(c.loop.keep_checkpoints)
             log.info("checkpoint %s written in %.1fs", path, time.perf_counter() - t0)
@@ -148,8 +159,11 @@ def run(c: RunConfig, resume: bool = False) -> int:
     return 0
 
 
-def restore(rd: RunDir, parts: Parts) -> LoopState:
-    """Load the newest good checkpoint into the learner and generators; trim later outputs."""
+def restore(rd: RunDir, parts: Parts, rows: list[dict], prompt_field: str) -> tuple[LoopState, Pending | None]:
+    """Load the newest good checkpoint into the learner and generators, put back the driver's
+    RNG states, trim later outputs; also returns the async round it had in flight, if any."""
+    from actors import rng_state
+
     path, passed_over = rd.latest_good_checkpoint(checkpoint_problem)
     for reason in passed_over:
         log.warning("skipping checkpoint %s", reason)
@@ -157,16 +171,21 @@ def restore(rd: RunDir, parts: Parts) -> LoopState:
         log.warning("no usable checkpoint in %s: starting from round 0", rd.checkpoints_dir)
         rd.truncate_metrics(-1)
         rd.remove_pairs_after(0)
-        return LoopState()
+        return LoopState(), None
     saved = rd.read_checkpoint_state(path)
+    pending = load_pending(path, saved.get("pending"), rows, prompt_field)
     parts.learner.load(str(path))
     version = int(saved["policy_version"])
     parts.sync(version)
+    if saved.get("rng"):
+        rng_state.restore(saved["rng"])
     rd.truncate_metrics(saved["round"])
     rd.remove_pairs_after(saved["round"])
-    log.info("resumed from %s: round %d, policy version %d", path, saved["round"], version)
-    return LoopState(round=saved["round"], policy_version=version, sampler=saved["sampler"],
-                     pairs_total=saved.get("pairs_total", 0), rounds_without_pairs=saved.get("rounds_without_pairs", 0))
+    log.info("resumed from %s: round %d, policy version %d%s", path, saved["round"], version,
+             f", round {pending.round}'s samples taken from the checkpoint" if pending else "")
+    state = LoopState(round=saved["round"], policy_version=version, sampler=saved["sampler"],
+                      pairs_total=saved.get("pairs_total", 0), rounds_without_pairs=saved.get("rounds_without_pairs", 0))
+    return state, pending
 
 
 _checkpoint_problem = checkpoint_problem  # (older name)
