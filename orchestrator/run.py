@@ -54,7 +54,9 @@ def connect_ray(c: RunConfig) -> None:
         return
     # A local cluster: advertise enough logical CPUs for every actor (the demo's share a 2-core box).
     num_cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed(c)))
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    # address="local": a new cluster even when another one runs on this machine (plain ray.init()
+    # would join that one, and refuse num_cpus).
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
     log.info("started a local Ray cluster with %d CPUs", num_cpus)
 
 

@@ -161,6 +161,9 @@ def load_checkpoint(learner: "Learner", path: str) -> None:
     else:
         learner.optimizer.load_state_dict(state["optimizer"])
     learner.scheduler.load_state_dict(state["scheduler"])
+    # A step that failed after its backward (an error, or an injected fault) left gradients behind;
+    # the restored state has none, or the next step would add them in.
+    learner.optimizer.zero_grad(set_to_none=True)
     learner.steps, learner.skipped_steps = int(state["steps"]), int(state["skipped_steps"])
     _load_rng(learner, root)
 
