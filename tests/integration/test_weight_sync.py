@@ -74,7 +74,7 @@ class StandInLearnerWorker:
             x = torch.tensor([ids])
             gen = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=MAX_NEW, do_sample=False,
                                       pad_token_id=0, eos_token_id=EOS)[0, len(ids):].tolist()
-            out.append(gen[: gen.index(EOS)] if EOS in gen else gen)
+            out.append(gen[: gen.index(EOS) + 1] if EOS in gen else gen)  # the engine returns a sampled EOS too
         return out
 
     @torch.no_grad()
@@ -149,8 +149,7 @@ def test_sync_makes_every_generator_match_transformers(pool, learner, eval_rows,
     assert {g.policy_version for g in groups} == {version}
     for prompt, group in zip(ids, groups):
         for c in group.completions:
-            tokens = c.token_ids + ([EOS] if c.finish_reason == "stop" else [])
-            hf = ray.get(learner.rank0.logprob.remote(prompt, tokens), timeout=60)
+            hf = ray.get(learner.rank0.logprob.remote(prompt, c.token_ids), timeout=60)
             assert abs(c.logprob - hf) < 1e-3, (c.token_ids, c.logprob, hf)
     if kind == "disk":
         assert [p.name for p in (tmp_path / "sync").iterdir()] == [f"weights-v{version:06d}.safetensors"]
