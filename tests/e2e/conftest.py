@@ -62,6 +62,17 @@ def start_head(extra_env: dict | None = None):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def wait_for_job(client, submission_id: str, timeout: float) -> tuple[str, str]:
+    """Poll a submitted job until it ends (or ``timeout``); returns its last status and its logs."""
+    deadline, status = time.time() + timeout, None
+    while time.time() < deadline:
+        status = str(client.get_job_status(submission_id)).rsplit(".", 1)[-1]
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            break
+        time.sleep(3)
+    return status, client.get_job_logs(submission_id)
+
+
 @pytest.fixture(scope="session")
 def ray_head():
     with start_head() as head:

@@ -4,12 +4,12 @@
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO
+from tests.e2e.conftest import wait_for_job
 from tests.integration.runs import TINY
 
 pytestmark = pytest.mark.e2e
@@ -32,15 +32,7 @@ def test_submit_sh_runs_two_rounds_to_succeeded(cluster, tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     from ray.job_submission import JobSubmissionClient
 
-    client = JobSubmissionClient(cluster["address"])
-    deadline = time.time() + 360
-    status = None
-    while time.time() < deadline:
-        status = str(client.get_job_status("odpo-e2e")).rsplit(".", 1)[-1]
-        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
-            break
-        time.sleep(3)
-    logs = client.get_job_logs("odpo-e2e")
+    status, logs = wait_for_job(JobSubmissionClient(cluster["address"]), "odpo-e2e", timeout=360)
     assert status == "SUCCEEDED", logs[-4000:]
     run_dir = tmp_path / "e2e"
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -4,17 +4,15 @@ refuses `ray job submit` without the token or with a wrong one, and runs `deploy
 entrypoint or runtime env."""
 
 import json
-import os
 import secrets
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO
-from tests.e2e.conftest import start_head
+from tests.e2e.conftest import start_head, wait_for_job
 from tests.integration.runs import TINY
 
 pytestmark = pytest.mark.e2e
@@ -68,13 +66,7 @@ def test_submit_sh_with_the_token_in_the_environment_runs_without_showing_it(tok
     assert TOKEN not in out.stdout + out.stderr
 
     client = JobSubmissionClient(token_head["dashboard"], headers={"Authorization": f"Bearer {TOKEN}"})
-    deadline, status = time.time() + 400, None
-    while time.time() < deadline:
-        status = str(client.get_job_status("odpo-token-e2e")).rsplit(".", 1)[-1]
-        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
-            break
-        time.sleep(3)
-    logs = client.get_job_logs("odpo-token-e2e")
+    status, logs = wait_for_job(client, "odpo-token-e2e", timeout=400)
     assert status == "SUCCEEDED", logs[-4000:]
     info = client.get_job_info("odpo-token-e2e")
     assert TOKEN not in logs and TOKEN not in info.entrypoint and TOKEN not in json.dumps(info.runtime_env or {})

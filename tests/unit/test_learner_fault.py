@@ -8,6 +8,11 @@ from actors.learner.fault_hooks import InjectedLearnerFault, raise_after_steps
 from orchestrator.config import ConfigError, load_config
 
 
+def sgd():
+    p = torch.nn.Parameter(torch.zeros(1))
+    return p, torch.optim.SGD([p], lr=1.0)
+
+
 def steps(optimizer, param, n):
     for _ in range(n):
         param.grad = torch.ones_like(param)
@@ -15,8 +20,7 @@ def steps(optimizer, param, n):
 
 
 def test_k_steps_are_applied_then_the_next_one_raises_unapplied():
-    p = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([p], lr=1.0)
+    p, opt = sgd()
     with pytest.raises(InjectedLearnerFault, match="after 1 optimizer steps"):
         with raise_after_steps(opt, 1):
             steps(opt, p, 3)
@@ -26,8 +30,7 @@ def test_k_steps_are_applied_then_the_next_one_raises_unapplied():
 
 
 def test_a_round_with_fewer_steps_raises_at_its_end_and_none_means_no_fault():
-    p = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([p], lr=1.0)
+    p, opt = sgd()
     with pytest.raises(InjectedLearnerFault, match="after 2 optimizer steps"):
         with raise_after_steps(opt, 5):
             steps(opt, p, 2)
