@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from actors.pending import ActorWait, demand_of
 from actors.sampling import encode_prompt, engine_kwargs, prompt_seed, row_prompt, split_evenly, to_completion
 from actors.types import SampleGroup
 
@@ -180,8 +181,8 @@ class GeneratorPool:
         self.last_sample_stats: dict[str, float] = {}
         extra = {"weight_transfer_config": {"backend": "nccl"}} if weight_transfer == "nccl" else None
         remote_cls = ray.remote(GeneratorActor).options(
-            num_cpus=gen_cfg.num_cpus, num_gpus=gen_cfg.num_gpus, max_restarts=max_restarts, max_task_retries=0,
-            runtime_env={"env_vars": dict(ENV_VARS)},
+            num_cpus=gen_cfg.num_cpus, num_gpus=gen_cfg.num_gpus, resources=dict(gen_cfg.resources),
+            max_restarts=max_restarts, max_task_retries=0, runtime_env={"env_vars": dict(ENV_VARS)},
         )
         self.actors = [remote_cls.remote(model_cfg, gen_cfg, i, seed, prompt_field, extra)
                        for i in range(gen_cfg.num_actors)]
@@ -328,11 +329,13 @@ class GeneratorPool:
         import ray
         from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError
 
-        timeout = self.gen_cfg.start_timeout_s
+        cfg, timeout = self.gen_cfg, self.gen_cfg.start_timeout_s
         deadline = time.perf_counter() + timeout
+        waiting = ActorWait([(self.actor_name(i), self.actors[i])], demand_of(cfg.num_cpus, cfg.num_gpus, cfg.resources),
+                            f"generator.start_timeout_s={timeout:g}")
         while True:
             try:
-                info = ray.get(self.actors[i].ready.remote(), timeout=max(0.0, deadline - time.perf_counter()))
+                info = waiting.get(self.actors[i].ready.remote(), timeout=max(0.0, deadline - time.perf_counter()))
                 if old_pid is None or info["pid"] != old_pid:
                     break
                 # A kill is asynchronous: the old process may still answer once.
@@ -340,6 +343,7 @@ class GeneratorPool:
             except ActorUnavailableError:
                 if time.perf_counter() > deadline:
                     raise TimeoutError(f"{self.actor_name(i)} did not come back within {timeout}s") from None
+                waiting.tick()
                 time.sleep(0.5)
             except ActorDiedError as e:
                 raise RuntimeError(f"{self.actor_name(i)} is dead for good (max_restarts={self.max_restarts} "

@@ -40,6 +40,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from actors.pending import ActorWait, demand_of
 from judges.base import JudgeItem
 from judges.calling import call_score, pop_judge_failures, score_guarded
 from judges.loader import check_judge_spec
@@ -184,10 +185,13 @@ class JudgePool:
         self._remote = ray.remote(JudgeHost)
         self._actors = [self._start(slot) for slot in range(judge_cfg.num_actors)]
         self._slot_restarts = [0] * judge_cfg.num_actors
+        waiting = ActorWait([(f"judge actor {slot}", a) for slot, a in enumerate(self._actors)],
+                            demand_of(judge_cfg.num_cpus, judge_cfg.num_gpus, judge_cfg.resources),
+                            f"judge.setup_timeout_s={self._setup_timeout():g}")
         try:
-            ray.get([a.ready.remote() for a in self._actors], timeout=self._setup_timeout())
+            waiting.get([a.ready.remote() for a in self._actors], timeout=self._setup_timeout())
         except Exception as e:
-            self.shutdown()
+            self.shutdown(close=False)  # a close() would queue behind constructors that may never run
             raise JudgePoolError(f"judge {self.cfg.cls} ({self.name}): actor failed to start: {_describe(e)}") from None
 
     def _start_local(self) -> None:
@@ -207,7 +211,8 @@ class JudgePool:
 
     def _start(self, slot: int):
         return self._remote.options(
-            num_cpus=self.cfg.num_cpus, num_gpus=self.cfg.num_gpus, max_restarts=0, max_task_retries=0,
+            num_cpus=self.cfg.num_cpus, num_gpus=self.cfg.num_gpus, resources=dict(self.cfg.resources),
+            max_restarts=0, max_task_retries=0,
         ).remote(self.cfg.cls, dict(self.cfg.kwargs), self.seed + slot)
 
     def _replace(self, slot: int, why: str) -> None:
@@ -326,15 +331,16 @@ class JudgePool:
         """The live judge actor handles (none when the judge runs in the driver)."""
         return list(self._actors)
 
-    def shutdown(self) -> None:
-        """Close the judges (best effort, bounded) and end the actors."""
+    def shutdown(self, close: bool = True) -> None:
+        """Close the judges (best effort, bounded; ``close=False`` skips it) and end the actors."""
         if self._local is not None:
             self._local.close()
             return
         if not self._actors:
             return
         try:
-            self._ray.get([a.close.remote() for a in self._actors], timeout=30)
+            if close:
+                self._ray.get([a.close.remote() for a in self._actors], timeout=30)
         except Exception:  # a dead or hung actor is killed below anyway
             pass
         for actor in self._actors:

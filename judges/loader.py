@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
+import sysconfig
 from typing import Any
 
 
@@ -24,6 +27,19 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def searched_folders() -> list[str]:
+    """The folders on ``sys.path`` that an import looks in for a user's module (the standard
+    library left out), in order; the ``odpo`` command puts the current folder first."""
+    std = os.path.abspath(sysconfig.get_paths()["stdlib"])
+    out: list[str] = []
+    for entry in sys.path:
+        folder = os.path.abspath(entry or os.curdir)
+        in_std = folder == std or folder.startswith(std + os.sep)
+        if os.path.isdir(folder) and not in_std and folder not in out:
+            out.append(folder)
+    return out
+
+
 def import_object(path: str, field: str = "judge.cls") -> Any:
     """Import ``package.module:Name``; errors name ``field`` and what is missing."""
     if not isinstance(path, str):
@@ -34,7 +50,11 @@ def import_object(path: str, field: str = "judge.cls") -> Any:
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # a user's module can fail in any way on import
-        raise JudgeSpecError(f"{field}: cannot import module {module_name!r}: {type(e).__name__}: {_first_line(e)}") from None
+        where = ""
+        if isinstance(e, ModuleNotFoundError) and e.name and (module_name + ".").startswith(e.name + "."):
+            where = f" (folders searched: {', '.join(searched_folders())})"
+        raise JudgeSpecError(
+            f"{field}: cannot import module {module_name!r}: {type(e).__name__}: {_first_line(e)}{where}") from None
     try:
         return getattr(module, attr)
     except AttributeError:

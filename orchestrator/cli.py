@@ -7,6 +7,7 @@ imported inside the verbs that need them, so ``--help`` and ``validate`` answer 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -16,6 +17,13 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config field, e.g. --set learner.beta=0.2 (repeatable)",
     )
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "already holds a run is refused); its config may change only in operational keys")
     p.add_argument("--allow-config-change", action="store_true",
                    help="with --resume: accept config changes that alter training (recorded in config_changes.jsonl)")
+    p.add_argument(
+        "--wait-for-resources", type=_seconds, default=0.0, metavar="SECONDS",
+        help="when the Ray cluster cannot hold every actor, wait up to SECONDS for it to grow (autoscaling), "
+             "logging what is missing every 30 s, before failing (default 0: fail at once, exit 2)",
+    )
 
     p = verbs.add_parser("status", help="print a run's status (from its run directory or its HTTP endpoint)")
     p.add_argument("target", help="run directory, or http://host:port of the run's metrics server")
@@ -67,8 +80,19 @@ def load_or_exit(args) -> "RunConfig":  # noqa: F821
     return config
 
 
+def use_current_folder() -> None:
+    """Put the current folder first on ``sys.path``, as ``python -m orchestrator`` does (a console
+    script alone would not): classes a config names by import path, such as ``my_judges:MyJudge``
+    in a ``my_judges.py`` next to the config, resolve from where ``odpo`` is run. ``odpo run``
+    gives the actors of the local cluster it starts the same path (``run.local_runtime_env``)."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    use_current_folder()
     if args.verb == "validate":
         return validate(args)
     if args.verb == "run":
@@ -116,7 +140,8 @@ def run_verb(args) -> int:
     try:
         if args.allow_config_change and not args.resume:
             raise ConfigError(["--allow-config-change: only applies with --resume"])
-        return run(config, resume=args.resume, allow_config_change=args.allow_config_change)
+        return run(config, resume=args.resume, wait_for_resources_s=args.wait_for_resources,
+                   allow_config_change=args.allow_config_change)
     except ConfigError as e:
         for line in e.problems:
             print(f"error: {line}", file=sys.stderr)

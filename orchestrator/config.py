@@ -10,10 +10,23 @@ This module imports no torch, Ray or vLLM, so ``odpo --help`` and ``odpo validat
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+def _custom_resources(v: dict[str, float]) -> dict[str, float]:
+    for key, value in v.items():
+        if key in ("CPU", "GPU", "memory", "object_store_memory"):
+            raise ValueError(f"{key!r} is not a custom resource (CPUs and GPUs have their own fields)")
+        if value < 0:
+            raise ValueError(f"{key}: must be >= 0, got {value:g}")
+    return v
+
+
+CustomResources = Annotated[dict[str, float], AfterValidator(_custom_resources)]
+"""Ray custom resources of one actor, as ``.options(resources=...)`` takes them."""
 
 
 class Section(BaseModel):
@@ -93,6 +106,8 @@ class GeneratorConfig(Section):
     """GPUs per generator actor (0 on CPU); with tensor parallelism, set to ``tensor_parallel_size``."""
     num_cpus: float = Field(1, ge=0)
     """CPUs reserved per generator actor."""
+    resources: CustomResources = {}
+    """Custom Ray resources per generator actor, e.g. ``{a100_node: 1}`` to run only on nodes started with ``--resources='{"a100_node": 8}'``; checked against the cluster, like GPUs and CPUs, before any actor starts."""
     tensor_parallel_size: int = Field(1, ge=1)
     """vLLM tensor-parallel size per generator (GPU clusters)."""
     timeout_s: float = Field(600, gt=0)
@@ -112,6 +127,8 @@ class JudgeConfig(Section):
     """GPUs per judge actor (a reward model or LLM judge may need one)."""
     num_cpus: float = Field(0.5, ge=0)
     """CPUs reserved per judge actor."""
+    resources: CustomResources = {}
+    """Custom Ray resources per judge actor (as ``generator.resources``)."""
     timeout_s: float = Field(300, gt=0)
     """Longest one scoring call (one actor's share of a round) may take; past it, that share scores None and the actor is restarted."""
     setup_timeout_s: float = Field(900, gt=0)
@@ -146,6 +163,8 @@ class LearnerConfig(Section):
     """GPUs per learner worker (0 = CPU with gloo; >0 = NCCL)."""
     num_cpus_per_worker: float = Field(1, ge=0)
     """CPUs reserved per learner worker."""
+    resources: CustomResources = {}
+    """Custom Ray resources per learner worker (as ``generator.resources``)."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """Data parallelism: DDP, or FSDP2 (``fully_shard``) for models that do not fit one GPU."""
     beta: float = Field(0.1, gt=0)

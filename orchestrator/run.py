@@ -1,7 +1,8 @@
 """``odpo run``: set up the run directory, Ray, the actors and metrics, then drive the loop.
 
 Connects to a running Ray cluster when there is one (``RAY_ADDRESS``, or the environment of a
-``ray job submit`` job) and otherwise starts a local one. SIGTERM/SIGINT (and ``ray job stop``)
+``ray job submit`` job) and otherwise starts a local one; before starting any actor it checks
+that the cluster can hold them all (``orchestrator.preflight``). SIGTERM/SIGINT (and ``ray job stop``)
 ask the loop to stop: a round that has not started learning is abandoned, one that has is
 finished, a checkpoint is written and the process exits 0.
 """
@@ -21,6 +22,7 @@ from orchestrator.data import DataError, PromptSampler, load_prompts
 from orchestrator.loop import Loop, LoopState, Parts, Pending, drive
 from orchestrator.metrics import Metrics
 from orchestrator.pending import load_pending, save_pending
+from orchestrator.preflight import await_fit
 from orchestrator.rundir import RunDir, checkpoint_problem
 
 log = logging.getLogger("odpo")
@@ -56,8 +58,16 @@ def connect_ray(c: RunConfig) -> None:
     num_cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed(c)))
     # address="local": a new cluster even when another one runs on this machine (plain ray.init()
     # would join that one, and refuse num_cpus).
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+             runtime_env=local_runtime_env())
     log.info("started a local Ray cluster with %d CPUs", num_cpus)
+
+
+def local_runtime_env() -> dict:
+    """Every actor of a local cluster imports from the current folder first, as the driver does
+    (``odpo`` puts it on ``sys.path``): a judge module next to the config loads in its actor too."""
+    path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
+    return {"env_vars": {"PYTHONPATH": path}}
 
 
 def install_stop_handlers(stop: threading.Event) -> None:
@@ -90,7 +100,8 @@ def build_parts(c: RunConfig, rd: RunDir) -> Parts:
                  sync_cfg=c.sync, run_dir=str(rd.root))
 
 
-def run(c: RunConfig, resume: bool = False, allow_config_change: bool = False) -> int:
+def run(c: RunConfig, resume: bool = False, wait_for_resources_s: float = 0.0,
+        allow_config_change: bool = False) -> int:
     setup_logging()
     from orchestrator.resume_check import check_run_dir
     from orchestrator.security import config_warnings
@@ -116,6 +127,11 @@ def run(c: RunConfig, resume: bool = False, allow_config_change: bool = False) -
         log.info("metrics on http://%s:%d/metrics (status: /status)", c.metrics.host, port)
 
     connect_ray(c)
+    try:  # before any actor: a cluster that cannot hold them all is an error now, not a silent wait
+        await_fit(c, wait_for_resources_s)
+    except BaseException:
+        metrics.close()
+        raise
     install_stop_handlers(stop)  # after ray.init, which installs its own SIGTERM handler
     t = time.perf_counter()
     metrics.set_phase("starting actors")

@@ -1,7 +1,8 @@
 """One Ray head for the end-to-end tests: `ray start --head --block` on loopback, with its own
-ports and temp dir, 4 CPUs and 2 logical GPUs (so resource checks have GPUs to count). It is
-ended by its process group, which `ray start --block` tears down on SIGTERM. ``start_head`` also
-starts heads with extra environment (token authentication) for a single test module."""
+ports and temp dir, 2 CPUs (a head too small for the demo's 2.5, as a new user's laptop might
+be: test_submit.py) and 2 logical GPUs (so resource checks have GPUs to count). It is ended by
+its process group, which `ray start --block` tears down on SIGTERM. ``start_head`` also starts
+heads with extra environment (token authentication) for a single test module."""
 
 import contextlib
 import os
@@ -35,7 +36,7 @@ def start_head(extra_env: dict | None = None):
            "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(extra_env or {})}
     env.pop("RAY_ADDRESS", None)
     args = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-            "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=4", "--num-gpus=2",
+            "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2", "--num-gpus=2",
             f"--temp-dir={temp_dir}", "--disable-usage-stats", f"--min-worker-port={lo}", f"--max-worker-port={lo + 40}"]
     args += [f"--{name}={port}" for name, port in ports.items()]
     log = open(Path(temp_dir) / "head.log", "wb")
@@ -62,15 +63,16 @@ def start_head(extra_env: dict | None = None):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def wait_for_job(client, submission_id: str, timeout: float) -> tuple[str, str]:
-    """Poll a submitted job until it ends (or ``timeout``); returns its last status and its logs."""
+def wait_for_job(client, submission_id: str, timeout: float) -> tuple[str, str, float]:
+    """Poll a submitted job until it ends or ``timeout`` seconds pass; returns (status, logs, time
+    it ended)."""
     deadline, status = time.time() + timeout, None
     while time.time() < deadline:
         status = str(client.get_job_status(submission_id)).rsplit(".", 1)[-1]
         if status in ("SUCCEEDED", "FAILED", "STOPPED"):
             break
-        time.sleep(3)
-    return status, client.get_job_logs(submission_id)
+        time.sleep(1)
+    return status, client.get_job_logs(submission_id), time.time()
 
 
 @pytest.fixture(scope="session")

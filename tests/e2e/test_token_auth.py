@@ -59,14 +59,15 @@ def test_submit_sh_with_the_token_in_the_environment_runs_without_showing_it(tok
     env = client_env(token_head, RAY_AUTH_TOKEN=TOKEN, RAY_ADDRESS=token_head["dashboard"],
                      RAY_SUBMIT_ARGS="--no-wait --submission-id odpo-token-e2e")  # submit.sh sets RAY_AUTH_MODE
     args = [str(REPO / "deploy" / "submit.sh"), "configs/demo.yaml"]
-    for o in [*TINY, "loop.rounds=1", "loop.eval_every=0", f"run.output_dir={tmp_path}", "run.name=token"]:
+    for o in [*TINY, "loop.rounds=1", "loop.eval_every=0", "judge.num_cpus=0",  # the head has 2 CPUs
+              f"run.output_dir={tmp_path}", "run.name=token"]:
         args += ["--set", o]
     out = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert TOKEN not in out.stdout + out.stderr
 
     client = JobSubmissionClient(token_head["dashboard"], headers={"Authorization": f"Bearer {TOKEN}"})
-    status, logs = wait_for_job(client, "odpo-token-e2e", timeout=400)
+    status, logs, _ = wait_for_job(client, "odpo-token-e2e", timeout=400)
     assert status == "SUCCEEDED", logs[-4000:]
     info = client.get_job_info("odpo-token-e2e")
     assert TOKEN not in logs and TOKEN not in info.entrypoint and TOKEN not in json.dumps(info.runtime_env or {})
