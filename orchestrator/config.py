@@ -230,7 +230,7 @@ class LoopConfig(Section):
     mode: Literal["sync", "async"] = "sync"
     """``sync``: strictly on-policy; ``async``: sample round t+1 while the learner trains on round t."""
     max_policy_lag: int = Field(1, ge=0)
-    """In async mode, drop pairs whose policy version lags more than this."""
+    """In async mode, drop pairs whose policy version lags more than this (at least 1 there; sync mode never drops pairs as stale)."""
     eval_every: int = Field(5, ge=0)
     """Evaluate every k rounds and at round 0 (0 = never)."""
     checkpoint_every: int = Field(10, ge=0)
