@@ -25,6 +25,11 @@ gate is closed for good (after waiting for a pool call already under way, which 
 timeouts bound) and a fresh judge instance with a fresh gate takes its place: the abandoned
 thread can never touch the (not thread-safe) generator pool again. The orchestrator can always
 pass ``generate_fn``: judges that do not ask for it never see it.
+
+A corrector (``corrector`` section, for correction pairs; see ``judges.correction``) is hosted in
+the same actors: ``JudgePool(judge_cfg, corrector=(cls, kwargs))`` builds it next to the judge in
+each actor, and ``pool.correct(items)`` runs it with the same chunking, timeout and restarts
+(``judges.calling.correct_guarded`` inside the actor).
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from typing import Any, Callable
 
 from actors.pending import ActorWait, demand_of
 from judges.base import JudgeItem
-from judges.calling import call_score, pop_judge_failures, score_guarded
+from judges.calling import call_score, correct_guarded, pop_judge_failures, score_guarded
 from judges.loader import check_judge_spec
 
 log = logging.getLogger("odpo.judges")
@@ -62,6 +67,16 @@ class ScoreResult:
     """Actors replaced during this call."""
 
 
+@dataclass
+class CorrectionResult:
+    corrections: list[list[str | None]]
+    """One list per item, one improved text (or None) per completion."""
+    failures: dict[str, int] = field(default_factory=dict)
+    """Completions left uncorrected by a failure, by kind."""
+    errors: list[str] = field(default_factory=list)
+    """Distinct one-line messages (each names the corrector class), for the log."""
+
+
 class JudgePoolError(RuntimeError):
     """The pool cannot go on: an actor failed to start, or restarts are exhausted."""
 
@@ -78,7 +93,8 @@ class JudgeHost:
     """One judge instance: built, seeded and set up once; scores chunks with ``score_guarded``.
     Runs as a Ray actor (``ray.remote(JudgeHost)``) or, for self-rewarding judges, in the driver."""
 
-    def __init__(self, cls_path: str, kwargs: dict, seed: int, generate_fn: Callable | None = None):
+    def __init__(self, cls_path: str, kwargs: dict, seed: int, generate_fn: Callable | None = None,
+                 corrector: tuple[str, dict] | None = None):
         _seed_everything(seed)
         self.judge = check_judge_spec(cls_path, kwargs)(**kwargs)
         self.name = type(self.judge).__name__
@@ -86,6 +102,12 @@ class JudgeHost:
             self.judge.bind_generate(generate_fn)
         if callable(getattr(self.judge, "setup", None)):
             self.judge.setup()
+        self.corrector = None
+        if corrector is not None:
+            c_path, c_kwargs = corrector
+            self.corrector = check_judge_spec(c_path, c_kwargs, "corrector.cls", ("correct",))(**c_kwargs)
+            if callable(getattr(self.corrector, "setup", None)):
+                self.corrector.setup()
 
     def ready(self) -> str:
         return self.name
@@ -98,9 +120,15 @@ class JudgeHost:
         failures = {**failures, **pop_judge_failures(self.judge)}
         return scores, failures, errors
 
+    def correct(self, items: list[JudgeItem]) -> tuple[list[list[str | None]], dict[str, int], list[str]]:
+        if self.corrector is None:
+            raise RuntimeError("this judge actor hosts no corrector (corrector.cls is not set)")
+        return correct_guarded(self.corrector, items)
+
     def close(self) -> None:
-        if callable(getattr(self.judge, "close", None)):
-            self.judge.close()
+        for part in (self.judge, self.corrector):
+            if callable(getattr(part, "close", None)):
+                part.close()
 
 
 class _Raising:
@@ -159,12 +187,16 @@ def split_evenly(n: int, parts: int) -> list[range]:
 
 class JudgePool:
     def __init__(self, judge_cfg: Any, seed: int = 0, max_restarts: int = 3,
-                 generate_fn: Callable | None = None):
+                 generate_fn: Callable | None = None, corrector: tuple[str, dict] | None = None):
         """``judge_cfg``: the ``judge`` config section (cls, kwargs, num_actors, num_cpus, num_gpus,
         timeout_s, setup_timeout_s, missing_eos_penalty). ``generate_fn``: the policy's sampler for
-        self-rewarding judges (ignored by others)."""
+        self-rewarding judges (ignored by others). ``corrector``: ``(cls, kwargs)`` of a corrector
+        to host next to the judge (for ``correct``)."""
         self.cfg, self.seed, self.max_restarts = judge_cfg, seed, max_restarts
         cls = check_judge_spec(judge_cfg.cls, judge_cfg.kwargs)  # raises JudgeSpecError, before any actor
+        self.corrector = (corrector[0], dict(corrector[1])) if corrector else None
+        if self.corrector:
+            check_judge_spec(*self.corrector, "corrector.cls", ("correct",))
         self.name = cls.__name__  # every error message carries it
         self.restarts = 0
         self._actors: list[Any] = []
@@ -198,7 +230,7 @@ class JudgePool:
         """(Re)build the in-driver judge with a fresh gate to the generators."""
         self._gate = GenerateGate(self._generate_fn)
         try:
-            self._local = JudgeHost(self.cfg.cls, dict(self.cfg.kwargs), self.seed, self._gate)
+            self._local = JudgeHost(self.cfg.cls, dict(self.cfg.kwargs), self.seed, self._gate, self.corrector)
         except Exception as e:
             raise JudgePoolError(f"judge {self.cfg.cls} ({self.name}): failed to start: {_describe(e)}") from None
 
@@ -213,7 +245,7 @@ class JudgePool:
         return self._remote.options(
             num_cpus=self.cfg.num_cpus, num_gpus=self.cfg.num_gpus, resources=dict(self.cfg.resources),
             max_restarts=0, max_task_retries=0,
-        ).remote(self.cfg.cls, dict(self.cfg.kwargs), self.seed + slot)
+        ).remote(self.cfg.cls, dict(self.cfg.kwargs), self.seed + slot, None, self.corrector)
 
     def _replace(self, slot: int, why: str) -> None:
         """Kill the actor in ``slot`` and start a fresh one (its construction is awaited lazily:
@@ -230,18 +262,22 @@ class JudgePool:
             pass
         self._actors[slot] = self._start(slot)
 
+    def _dispatch(self, method: str, items: list[JudgeItem]) -> tuple[list[list[Any]], Counter, list[str]]:
+        """``method`` (``score`` or ``correct``) for every completion of ``items``, in the driver or
+        on the actors: one entry per completion (None where lost), losses by kind, messages."""
+        out: list[list[Any]] = [[None] * len(item.completions) for item in items]
+        failures: Counter = Counter()
+        errors: list[str] = []
+        if items:
+            call = self._call_in_driver if self._local is not None else self._call_on_actors
+            call(method, items, out, failures, errors)
+        return out, failures, errors
+
     def score(self, items: list[JudgeItem]) -> ScoreResult:
         """Score every completion of ``items``; never raises for judge misbehaviour."""
         t0 = time.perf_counter()
         restarts0 = self.restarts
-        scores: list[list[float | None]] = [[None] * len(item.completions) for item in items]
-        failures: Counter = Counter()
-        errors: list[str] = []
-        if items:
-            if self._local is not None:
-                self._score_in_driver(items, scores, failures, errors)
-            else:
-                self._score_on_actors(items, scores, failures, errors)
+        scores, failures, errors = self._dispatch("score", items)
         penalty = self.cfg.missing_eos_penalty
         if penalty:
             for item, row in zip(items, scores):
@@ -253,6 +289,16 @@ class JudgePool:
         return ScoreResult(scores=scores, failures={k: v for k, v in failures.items() if v},
                            judge_s=time.perf_counter() - t0, errors=errors, restarts=self.restarts - restarts0)
 
+    def correct(self, items: list[JudgeItem]) -> CorrectionResult:
+        """The corrector's text (or None) for every completion of ``items``; a failing or hung
+        corrector leaves completions uncorrected (counted), it never raises."""
+        if self.corrector is None:
+            raise JudgePoolError(f"judge {self.cfg.cls}: no corrector hosted (corrector.cls is not set)")
+        corrections, failures, errors = self._dispatch("correct", items)
+        for message in errors:
+            log.warning("corrector %s: %s", self.corrector[0], message)
+        return CorrectionResult(corrections, {k: v for k, v in failures.items() if v}, errors)
+
     @staticmethod
     def _merge(chunk: range, out: tuple, scores: list, failures: Counter, errors: list[str]) -> None:
         chunk_scores, chunk_failures, chunk_errors = out
@@ -261,10 +307,11 @@ class JudgePool:
         failures.update(chunk_failures)
         errors.extend(e for e in chunk_errors if e not in errors)
 
-    def _score_in_driver(self, items, scores, failures, errors) -> None:
+    def _call_in_driver(self, method: str, items, scores, failures, errors) -> None:
+        """``method`` (``score`` or ``correct``) on the in-driver host, filling ``scores``."""
         executor = ThreadPoolExecutor(max_workers=1)
         self._gate.deadline = time.monotonic() + self.cfg.timeout_s
-        future = executor.submit(self._local.score, items)
+        future = executor.submit(getattr(self._local, method), items)
         try:
             self._merge(range(len(items)), future.result(timeout=self.cfg.timeout_s), scores, failures, errors)
         except FutureTimeout:
@@ -287,13 +334,14 @@ class JudgePool:
                     self.max_restarts)
         self._start_local()
 
-    def _score_on_actors(self, items, scores, failures, errors) -> None:
+    def _call_on_actors(self, method: str, items, scores, failures, errors) -> None:
+        """``method`` (``score`` or ``correct``) on the actors, one chunk each, filling ``scores``."""
         ray = self._ray
         chunks = [c for c in split_evenly(len(items), len(self._actors)) if len(c)]
         pending: dict[Any, tuple[int, range, float, int]] = {}  # ref -> (slot, chunk, deadline, attempt)
 
         def submit(slot: int, chunk: range, attempt: int, extra_s: float = 0.0) -> None:
-            ref = self._actors[slot].score.remote([items[i] for i in chunk])
+            ref = getattr(self._actors[slot], method).remote([items[i] for i in chunk])
             pending[ref] = (slot, chunk, time.monotonic() + self.cfg.timeout_s + extra_s, attempt)
 
         def lose(chunk: range, kind: str) -> None:

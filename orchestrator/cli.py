@@ -57,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("plot", help="write PNG charts of a run's metrics to RUN_DIR/plots/")
     p.add_argument("run_dir")
 
+    p = verbs.add_parser(
+        "audit", help="what separates chosen from rejected answers in a run's pairs: over-represented tokens, "
+                      "lengths, marker shortcuts (chart: RUN_DIR/plots/audit.png)")
+    p.add_argument("run_dir")
+    p.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the run's model.tokenizer / model.path)")
+    p.add_argument("--ngrams", type=int, default=2, help="longest token n-gram to rank (default: 2)")
+    p.add_argument("--top", type=int, default=10, help="units listed per side (default: 10)")
+    p.add_argument("--source", choices=["best_worst", "correction"], help="audit only the pairs of this source")
+
     p = verbs.add_parser("config-doc", help="print the configuration reference (Markdown) from the config docstrings")
     p.add_argument("--update", metavar="FILE",
                    help="instead, rewrite the text between the config-doc marker lines of FILE (e.g. README.md)")
@@ -105,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         for path in plot_run(args.run_dir):
             print(path)
         return 0
+    if args.verb == "audit":
+        return audit_verb(args)
     if args.verb == "config-doc":
         from orchestrator.config_doc import config_reference, update_between_markers
 
@@ -179,6 +190,23 @@ def validate(args) -> int:
     have = f"{totals.get('GPU', 0):g} GPU, {totals.get('CPU', 0):g} CPU on {len(nodes)} node(s)"
     print(f"# cluster: {have}; {'does not fit' if problems else 'fits'}")
     return 2 if problems else 0
+
+
+def audit_verb(args) -> int:
+    """``odpo audit``: the report on stdout, one ``warning:`` line per marker shortcut on stderr."""
+    from orchestrator.audit import run_audit
+
+    try:
+        _, lines, warnings, chart = run_audit(args.run_dir, tokenizer=args.tokenizer, max_n=args.ngrams,
+                                              top=args.top, source=args.source)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    print(f"\nchart: {chart}")
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    return 0
 
 
 def print_status(target: str) -> int:

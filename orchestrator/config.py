@@ -9,6 +9,7 @@ This module imports no torch, Ray or vLLM, so ``odpo --help`` and ``odpo validat
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -27,6 +28,8 @@ def _custom_resources(v: dict[str, float]) -> dict[str, float]:
 
 CustomResources = Annotated[dict[str, float], AfterValidator(_custom_resources)]
 """Ray custom resources of one actor, as ``.options(resources=...)`` takes them."""
+
+from orchestrator.beta import BetaSpec
 
 
 class Section(BaseModel):
@@ -153,7 +156,34 @@ class PairsConfig(Section):
     tie_break: Literal["logprob", "random", "shorter"] = "logprob"
     """Among equally scored candidates: the most likely one under the policy (a hard negative), random, or the shorter."""
     max_pairs_per_prompt: int = Field(4, ge=1)
-    """Cap for ``all_pairs_above_margin``."""
+    """Most pairs one prompt yields: the cap of ``all_pairs_above_margin``, and of all sources together when ``sources`` has several."""
+    sources: list[Literal["best_worst", "correction"]] = ["best_worst"]
+    """Where pairs come from: ``best_worst`` (two sampled answers, picked by ``strategy``), ``correction`` (a sampled answer as rejected, the ``corrector``'s improved text of it as chosen: off-policy by design), or both (a prompt may then yield a pair of each kind, in this order)."""
+    length_balance: bool = False
+    """Among equally scored candidates, prefer the pair that keeps ``longer_chosen_share`` (chosen longer, among pairs of unequal length) near 0.5 over the run: a guard against learning that longer is better."""
+    max_length_ratio: float | None = Field(None, ge=1)
+    """Make no pair whose longer side has more than this many times the tokens of the shorter (counted in ``pairs_dropped.length_ratio``); none = no cap."""
+
+    @field_validator("sources")
+    @classmethod
+    def _distinct_sources(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("needs at least one source (best_worst, correction)")
+        if len(set(v)) != len(v):
+            raise ValueError(f"lists a source twice: {v}")
+        return v
+
+
+class CorrectorConfig(Section):
+    cls: str | None = None
+    """The corrector class as ``package.module:ClassName`` (built-ins: ``judges.correction:GoldAnswerCorrector``, ``judges.correction:ReplaceCorrector``); needed when ``pairs.sources`` includes ``correction``. It runs in the judge actors."""
+    kwargs: dict[str, Any] = {}
+    """Keyword arguments for the corrector's constructor; checked against its signature at load time."""
+
+    @field_validator("cls")
+    @classmethod
+    def _dotted_path(cls, v: str | None) -> str | None:
+        return v if v is None else JudgeConfig._dotted_path(v)
 
 
 class LearnerConfig(Section):
@@ -167,8 +197,8 @@ class LearnerConfig(Section):
     """Custom Ray resources per learner worker (as ``generator.resources``)."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """Data parallelism: DDP, or FSDP2 (``fully_shard``) for models that do not fit one GPU."""
-    beta: float = Field(0.1, gt=0)
-    """DPO temperature β: rewards are β·(log π − log π_ref)."""
+    beta: BetaSpec = 0.1
+    """DPO temperature β: rewards are β·(log π − log π_ref). A number, or a schedule (see "β schedule" in the README): ``{schedule: linear, start, end, rounds}``, ``{schedule: steps, values: {round: β}}``, ``{schedule: kl_target, start, target_kl, rate, min_beta, max_beta}``."""
     loss_type: Literal["sigmoid", "robust", "hinge", "ipo"] = "sigmoid"
     """DPO loss variant."""
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
@@ -199,6 +229,13 @@ class LearnerConfig(Section):
     """Hold the reference model on CPU to save GPU memory."""
     timeout_s: float = Field(900, gt=0)
     """Longest a ``train`` call (or start-up, save, load) may take; also the torch.distributed collective timeout."""
+
+    @field_validator("beta")
+    @classmethod
+    def _positive_beta(cls, v):
+        if isinstance(v, float) and not (v > 0 and math.isfinite(v)):
+            raise ValueError("must be > 0.0" if not v > 0 else "must be finite")
+        return v
 
     @model_validator(mode="after")
     def _smoothing_fits_loss(self) -> "LearnerConfig":
@@ -296,6 +333,8 @@ class RunConfig(Section):
     """The judge that scores completions."""
     pairs: PairsConfig = PairsConfig()
     """Pair selection."""
+    corrector: CorrectorConfig = CorrectorConfig()
+    """The corrector that writes the chosen side of correction pairs (``pairs.sources``)."""
     learner: LearnerConfig = LearnerConfig()
     """The DPO learner group."""
     sync: SyncConfig = SyncConfig()
@@ -318,6 +357,8 @@ class RunConfig(Section):
             raise ValueError("generator.engine.enable_chunked_prefill: cannot be on for CPU generators (num_gpus 0): "
                              "vLLM's CPU backend fails ('CPU Generator does not use offset') when a seeded request's "
                              "prompt is split over engine steps; leave it unset (odpo turns it off on CPU)")
+        if "correction" in self.pairs.sources and not self.corrector.cls:
+            raise ValueError("corrector.cls: required when pairs.sources includes correction")
         return self
 
 
@@ -418,5 +459,7 @@ def check_plugins(config: RunConfig) -> None:
 
     try:
         check_judge_spec(config.judge.cls, config.judge.kwargs)
+        if config.corrector.cls:
+            check_judge_spec(config.corrector.cls, config.corrector.kwargs, "corrector.cls", ("correct",))
     except JudgeSpecError as e:
         raise ConfigError([str(e)]) from None

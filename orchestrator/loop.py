@@ -27,9 +27,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
-from judges.pairs import select_pairs
+from orchestrator.beta import beta_for_round, carry_beta
 from orchestrator.data import PromptSampler, PromptSet
 from orchestrator.metrics import Metrics
+from orchestrator.pairing import PairMaker, pair_figures
 from orchestrator.procs import ProcessMemory, actor_handles
 from orchestrator.faults import FaultInjector
 from orchestrator.rundir import RunDir, checkpoint_problem, pair_records, pairs_from_records
@@ -66,6 +67,10 @@ class LoopState:
     sampler: dict = field(default_factory=dict)
     pairs_total: int = 0
     rounds_without_pairs: int = 0
+    beta: float | None = None
+    """The adaptive β schedule's value for the next round (None for a fixed β or a fixed schedule)."""
+    length_counts: dict = field(default_factory=dict)
+    """The length guard's running counts of pairs with a longer / shorter chosen side."""
 
 
 def _mean(xs) -> float | None:
@@ -106,6 +111,7 @@ class Loop:
         self.in_hand: Pending | None = None  # this round's collected samples, kept should it be redone
         self.memory = ProcessMemory()
         self.faults = FaultInjector(config.faults)
+        self.pair_maker = PairMaker(config.pairs, config.model)
         self.learner_restarts = 0
         self.round_retries = 0
         self.learn_started = False  # the learner may have stepped in this attempt of the round
@@ -179,11 +185,9 @@ class Loop:
         self.faults.fire("judge", r, self.parts)
         scored = self.parts.judges.score(items) if items else None
         scores = scored.scores if scored else []
-        sel = select_pairs(
-            items, scores, strategy=c.pairs.strategy, min_margin=c.pairs.min_margin,
-            tie_break=c.pairs.tie_break, max_pairs_per_prompt=c.pairs.max_pairs_per_prompt,
-            versions=[g.policy_version for g in live], prompt_token_ids=[g.prompt_token_ids for g in live],
-            rng=random.Random(round_seed(c.run.seed, r)),
+        sel = self.pair_maker.make(
+            items, scores, versions=[g.policy_version for g in live], prompt_token_ids=[g.prompt_token_ids for g in live],
+            rng=random.Random(round_seed(c.run.seed, r)), length_counts=self.state.length_counts, judges=self.parts.judges,
         )
         dropped = Counter(sel.dropped)
         dropped["too_long"] += sum(1 for g in groups if g.skipped)
@@ -199,11 +203,12 @@ class Loop:
         m.set_phase("learn", r)
         t = time.perf_counter()
         report: dict = {}
+        beta = beta_for_round(c.learner.beta, r, self.state.beta)
         if pairs:
             lag = max(self.learner_version - p.policy_version for p in pairs)
             self.learn_started = True  # from here on a failure may leave some of the round's steps applied
             self.faults.fire("learn", r, self.parts)
-            report = self.parts.learner.train(pairs, round=r)
+            report = self.parts.learner.train(pairs, round=r, beta=beta)
             if report.get("weights_changed", True):
                 self.learner_version += 1
         else:
@@ -230,6 +235,8 @@ class Loop:
 
         self.state.round = r
         self.state.pairs_total += len(pairs)
+        self.state.beta = carry_beta(c.learner.beta, beta, report.get("kl"))
+        self.state.length_counts = sel.length_counts
         self.state.sampler = sampler_after_this_round if c.loop.mode == "async" else self.sampler.state()
         self.rd.write_pairs(r, pair_records(pairs, r))
         all_scores = [s for row in scores for s in row]
@@ -241,9 +248,11 @@ class Loop:
             "completions": completions,
             "pairs": len(pairs),
             "pairs_dropped": dict(dropped),
+            **pair_figures(pairs, c.pairs.sources),
             "reward_mean": _mean(all_scores),
             "reward_chosen": _mean([p.chosen_score for p in pairs]),
             "reward_rejected": _mean([p.rejected_score for p in pairs]),
+            "beta": beta,
             "loss": report.get("loss"),
             "nll": report.get("nll"),
             "reward_accuracy": report.get("reward_accuracy"),
@@ -264,6 +273,7 @@ class Loop:
             "round_s": time.perf_counter() - t_round,
             "policy_lag": lag,
             "judge_failures": dict(scored.failures) if scored else {},
+            "corrector_failures": sel.corrector_failures,
             "restarts": self.restarts(),
         })
         rec["rss_mb"] = self.memory.sample(actor_handles(self.parts), rec["restarts"])
@@ -363,10 +373,12 @@ class Loop:
         if path is not None:
             self.parts.learner.load(str(path))
             start = self.rd.read_checkpoint_state(path)["round"]
+        used_beta = {m.get("round"): m.get("beta") for m in self.rd.read_metrics()}
         for j in range(start + 1, self.state.round + 1):
             pairs = pairs_from_records(self.rd.read_pairs(j))
             if pairs:
-                self.parts.learner.train(pairs, round=j)
+                beta = used_beta.get(j) or beta_for_round(self.c.learner.beta, j, None)
+                self.parts.learner.train(pairs, round=j, beta=beta)
         log.info("learner restored: %s, then the pairs of rounds %d..%d replayed",
                  path.name if path else "initial weights", start + 1, self.state.round)
 
@@ -386,7 +398,7 @@ def format_round(rec: dict, rounds: int) -> str:
         f"round {rec['round']}{total} v{rec.get('policy_version')} | prompts {rec.get('prompts')} "
         f"pairs {rec.get('pairs')}" + (f" (dropped: {dropped})" if dropped else "") +
         f" | reward {f('reward_mean')} chosen {f('reward_chosen')} rejected {f('reward_rejected')}"
-        f" | loss {f('loss')} acc {f('reward_accuracy')} margin {f('reward_margin')} kl {f('kl')}"
+        f" | loss {f('loss')} acc {f('reward_accuracy')} margin {f('reward_margin')} kl {f('kl')} β {f('beta', '{:.3g}')}"
     )
     if "eval_reward" in rec:
         line += f" | eval {f('eval_reward')}"

@@ -94,7 +94,8 @@ def build_parts(c: RunConfig, rd: RunDir) -> Parts:
     generators = GeneratorPool(c.model, c.generator, prompt_field=c.data.prompt_field, seed=c.run.seed,
                                max_restarts=c.loop.max_actor_restarts, mode=c.loop.mode,
                                weight_transfer="nccl" if c.sync.backend == "nccl" else None)
-    judges = JudgePool(c.judge, seed=c.run.seed, max_restarts=c.loop.max_actor_restarts,
+    corrector = (c.corrector.cls, c.corrector.kwargs) if "correction" in c.pairs.sources else None
+    judges = JudgePool(c.judge, seed=c.run.seed, max_restarts=c.loop.max_actor_restarts, corrector=corrector,
                        generate_fn=make_generate_fn(generators, c.data.prompt_field, c.run.seed))
     return Parts(generators=generators, judges=judges, learner=learner, make_learner=make_learner,
                  sync_cfg=c.sync, run_dir=str(rd.root))
@@ -159,6 +160,7 @@ def run(c: RunConfig, resume: bool = False, wait_for_resources_s: float = 0.0,
                 saved_pending = save_pending(loop.pending, staging)
             payload = {"round": st.round, "policy_version": loop.learner_version, "sampler": st.sampler,
                        "pairs_total": st.pairs_total, "rounds_without_pairs": st.rounds_without_pairs,
+                       "beta": st.beta, "length_counts": st.length_counts,
                        "seed": c.run.seed, "mode": c.loop.mode, "saved_at": time.time(),
                        "pending": saved_pending, "rng": rng_state.capture()}
             path = rd.commit_checkpoint(staging, st.round, payload)
@@ -202,7 +204,8 @@ def restore(rd: RunDir, parts: Parts, rows: list[dict], prompt_field: str) -> tu
     log.info("resumed from %s: round %d, policy version %d%s", path, saved["round"], version,
              f", round {pending.round}'s samples taken from the checkpoint" if pending else "")
     state = LoopState(round=saved["round"], policy_version=version, sampler=saved["sampler"],
-                      pairs_total=saved.get("pairs_total", 0), rounds_without_pairs=saved.get("rounds_without_pairs", 0))
+                      pairs_total=saved.get("pairs_total", 0), rounds_without_pairs=saved.get("rounds_without_pairs", 0),
+                      beta=saved.get("beta"), length_counts=saved.get("length_counts", {}))
     return state, pending
 
 

@@ -74,14 +74,15 @@ class LearnerGroup:
     def _all(self, method: str, *args, what: str) -> list:
         return self._get([getattr(w, method).remote(*args) for w in self.workers], what)
 
-    def train(self, pairs: list, round: int) -> dict[str, Any]:
-        """One round of DPO steps on ``pairs`` (the global batch); returns rank 0's report."""
+    def train(self, pairs: list, round: int, beta: float | None = None) -> dict[str, Any]:
+        """One round of DPO steps on ``pairs`` (the global batch); returns rank 0's report.
+        ``beta``: the round's β when ``learner.beta`` is a schedule (none = the configured number)."""
         ref = ray.put(pairs)
-        return self._all("train", ref, round, what=f"train(round={round})")[0]
+        return self._all("train", ref, round, beta, what=f"train(round={round})")[0]
 
-    def evaluate(self, pairs: list) -> dict[str, Any]:
+    def evaluate(self, pairs: list, beta: float | None = None) -> dict[str, Any]:
         """Loss, rewards and accuracy of ``pairs`` under the current policy, without a step."""
-        return self._all("evaluate", ray.put(pairs), what="evaluate")[0]
+        return self._all("evaluate", ray.put(pairs), beta, what="evaluate")[0]
 
     def save(self, path: str) -> None:
         """Checkpoint to ``path``: ``policy/`` (HF format), ``reference.safetensors``, ``optimizer.pt``."""

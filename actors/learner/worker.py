@@ -53,15 +53,15 @@ class LearnerWorker:
 
     # The round API (each a collective: the group calls every worker at once).
 
-    def train(self, pairs: list, round: int) -> dict:
+    def train(self, pairs: list, round: int, beta: float | None = None) -> dict:
         from actors.learner.fault_hooks import raise_after_steps
 
         armed, self.fault_raise_after = getattr(self, "fault_raise_after", None), None
         with raise_after_steps(self.engine.optimizer, armed):
-            return self.engine.train(pairs, round)
+            return self.engine.train(pairs, round, beta)
 
-    def evaluate(self, pairs: list) -> dict:
-        return self.engine.evaluate(pairs)
+    def evaluate(self, pairs: list, beta: float | None = None) -> dict:
+        return self.engine.evaluate(pairs, beta)
 
     def save(self, path: str) -> None:
         self.engine.save(path)

@@ -32,12 +32,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_run(out_dir: Path, name: str, *overrides: str, resume: bool = False) -> subprocess.Popen:
+def start_run(out_dir: Path, name: str, *overrides: str, resume: bool = False,
+              config: str = "configs/demo.yaml", tiny: bool = True) -> subprocess.Popen:
     """Start `python -m orchestrator run` in its own session (so its Ray processes can be ended
-    with it, by process group)."""
-    args = [sys.executable, "-m", "orchestrator", "run", "configs/demo.yaml",
+    with it, by process group); ``tiny`` shrinks it with ``TINY`` first."""
+    args = [sys.executable, "-m", "orchestrator", "run", config,
             "--set", f"run.output_dir={out_dir}", "--set", f"run.name={name}"]
-    for o in [*TINY, *overrides]:
+    for o in [*(TINY if tiny else ()), *overrides]:
         args += ["--set", o]
     if resume:
         args.append("--resume")
