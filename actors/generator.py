@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from actors.pending import ActorWait, demand_of
+from actors.progress import EngineCounter
+from actors.placement import PlacementError, why_unplaced
 from actors.sampling import encode_prompt, engine_kwargs, prompt_seed, row_prompt, split_evenly, to_completion
 from actors.types import SampleGroup
 
@@ -92,8 +94,10 @@ class GeneratorActor:
             ))
             sampled.append(group)
         if prompts:
+            # Finished prompts are reported to the driver as they come (orchestrator/progress.py).
+            counter = EngineCounter.factory("sample", self.index, progress_tag(seed, greedy), len(prompts))
             try:
-                outputs = self.llm.generate(prompts, params, use_tqdm=False)
+                outputs = self.llm.generate(prompts, params, use_tqdm=counter)
             except Exception as e:  # the engine is in an undefined state now: the pool replaces it
                 raise EngineFailed(f"generator {self.index}: vLLM raised during sampling: "
                                    f"{type(e).__name__}: {e}") from e
@@ -129,6 +133,11 @@ class GeneratorActor:
     def apply(self, fn, *args, **kwargs) -> Any:
         """Run ``fn(self, *args, **kwargs)`` inside the actor (benchmarks and tests)."""
         return fn(self, *args, **kwargs)
+
+
+def progress_tag(seed: int, greedy: bool) -> str:
+    """Names one pool-wide ``sample`` call in progress reports: every actor's share carries it."""
+    return f"{seed}:{int(greedy)}"
 
 
 class EngineFailed(RuntimeError):
@@ -180,6 +189,8 @@ class GeneratorPool:
         """Scratch space of ``weight_sync`` for this pool (buffer slots, files to remove, NCCL session)."""
         self.last_sample_stats: dict[str, float] = {}
         extra = {"weight_transfer_config": {"backend": "nccl"}} if weight_transfer == "nccl" else None
+        self.demand = demand_of(gen_cfg.num_cpus, gen_cfg.num_gpus, gen_cfg.resources)
+        """What each actor asks Ray for (``generator.resources`` pins it to nodes that offer them)."""
         remote_cls = ray.remote(GeneratorActor).options(
             num_cpus=gen_cfg.num_cpus, num_gpus=gen_cfg.num_gpus, resources=dict(gen_cfg.resources),
             max_restarts=max_restarts, max_task_retries=0, runtime_env={"env_vars": dict(ENV_VARS)},
@@ -329,10 +340,9 @@ class GeneratorPool:
         import ray
         from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError
 
-        cfg, timeout = self.gen_cfg, self.gen_cfg.start_timeout_s
+        timeout = self.gen_cfg.start_timeout_s
         deadline = time.perf_counter() + timeout
-        waiting = ActorWait([(self.actor_name(i), self.actors[i])], demand_of(cfg.num_cpus, cfg.num_gpus, cfg.resources),
-                            f"generator.start_timeout_s={timeout:g}")
+        waiting = ActorWait([(self.actor_name(i), self.actors[i])], self.demand, f"generator.start_timeout_s={timeout:g}")
         while True:
             try:
                 info = waiting.get(self.actors[i].ready.remote(), timeout=max(0.0, deadline - time.perf_counter()))
@@ -340,21 +350,29 @@ class GeneratorPool:
                     break
                 # A kill is asynchronous: the old process may still answer once.
                 time.sleep(0.2)
-            except ActorUnavailableError:
+            except ActorUnavailableError:  # restarting (its node may be gone): wait for it
                 if time.perf_counter() > deadline:
-                    raise TimeoutError(f"{self.actor_name(i)} did not come back within {timeout}s") from None
+                    self._raise_not_started(i, "did not come back")
                 waiting.tick()
                 time.sleep(0.5)
             except ActorDiedError as e:
                 raise RuntimeError(f"{self.actor_name(i)} is dead for good (max_restarts={self.max_restarts} "
                                    f"used up, or its engine fails to start): {e}") from None
             except GetTimeoutError:
-                raise TimeoutError(f"{self.actor_name(i)}: engine did not start within "
-                                   f"generator.start_timeout_s={timeout}s") from None
+                self._raise_not_started(i, "engine did not start")
         if count_restart and info["pid"] != self._info[i].get("pid"):
             self.restarts += 1
         self._info[i] = info
         return info
+
+    def _raise_not_started(self, i: int, what: str):
+        """After ``start_timeout_s``: a ``PlacementError`` naming the missing resources when no
+        alive node can hold the actor (its node was lost), else a plain timeout."""
+        limit = f"generator.start_timeout_s={self.gen_cfg.start_timeout_s:g}s"
+        why = why_unplaced(self.demand)
+        if why:
+            raise PlacementError(f"{self.actor_name(i)} {what} within {limit}: {why}") from None
+        raise TimeoutError(f"{self.actor_name(i)}: {what} within {limit}") from None
 
     def _call(self, indices, method: str, *args, timeout: float, what: str) -> list:
         """``method(*args)`` on the given actors, each answer within ``timeout`` seconds overall."""
@@ -374,6 +392,22 @@ class GeneratorPool:
         return out
 
     def node_ids(self) -> list[str | None]:
+        """The node each actor runs on, asked live: an actor that Ray restarted since the pool last
+        heard from it (elsewhere, if its node was lost) is noticed and counted here, so a weight
+        sync picks its path from where the actors are now. An actor that is down is waited for."""
+        for _ in range(self.max_restarts + 1):
+            try:
+                infos = self._call(range(len(self.actors)), "ready", timeout=self.gen_cfg.timeout_s, what="ready")
+                break
+            except GeneratorLost as e:
+                self._recover(e.index, resync=False)
+        else:
+            raise RuntimeError(f"generators kept failing while asked where they run (max_restarts={self.max_restarts})")
+        for i, info in enumerate(infos):
+            if info["pid"] != self._info[i].get("pid"):
+                self.restarts += 1
+                self._served[i] = info["version"]
+            self._info[i] = info
         return [info.get("node_id") for info in self._info]
 
     def pids(self) -> list[int | None]:

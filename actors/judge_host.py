@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from actors.pending import ActorWait, demand_of
+from actors.placement import PlacementError, why_unplaced
 from judges.base import JudgeItem
 from judges.calling import call_score, correct_guarded, pop_judge_failures, score_guarded
 from judges.loader import check_judge_spec
@@ -199,6 +200,8 @@ class JudgePool:
             check_judge_spec(*self.corrector, "corrector.cls", ("correct",))
         self.name = cls.__name__  # every error message carries it
         self.restarts = 0
+        self.progress = (0, 0)
+        """(items done, items) of the current or last ``score``/``correct`` call, for progress reports."""
         self._actors: list[Any] = []
         self._slot_restarts: list[int] = []
         self._local: JudgeHost | None = None
@@ -217,14 +220,15 @@ class JudgePool:
         self._remote = ray.remote(JudgeHost)
         self._actors = [self._start(slot) for slot in range(judge_cfg.num_actors)]
         self._slot_restarts = [0] * judge_cfg.num_actors
-        waiting = ActorWait([(f"judge actor {slot}", a) for slot, a in enumerate(self._actors)],
-                            demand_of(judge_cfg.num_cpus, judge_cfg.num_gpus, judge_cfg.resources),
+        waiting = ActorWait([(f"judge actor {slot}", a) for slot, a in enumerate(self._actors)], self._demand(),
                             f"judge.setup_timeout_s={self._setup_timeout():g}")
         try:
             waiting.get([a.ready.remote() for a in self._actors], timeout=self._setup_timeout())
         except Exception as e:
             self.shutdown(close=False)  # a close() would queue behind constructors that may never run
-            raise JudgePoolError(f"judge {self.cfg.cls} ({self.name}): actor failed to start: {_describe(e)}") from None
+            why = why_unplaced(self._demand()) if isinstance(e, ray.exceptions.GetTimeoutError) else None
+            raise (PlacementError if why else JudgePoolError)(
+                f"judge {self.cfg.cls} ({self.name}): actor failed to start: {why or _describe(e)}") from None
 
     def _start_local(self) -> None:
         """(Re)build the in-driver judge with a fresh gate to the generators."""
@@ -241,6 +245,9 @@ class JudgePool:
     def _setup_timeout(self) -> float:
         return float(getattr(self.cfg, "setup_timeout_s", 900))
 
+    def _demand(self) -> dict[str, float]:
+        return demand_of(self.cfg.num_cpus, self.cfg.num_gpus, self.cfg.resources)
+
     def _start(self, slot: int):
         return self._remote.options(
             num_cpus=self.cfg.num_cpus, num_gpus=self.cfg.num_gpus, resources=dict(self.cfg.resources),
@@ -251,7 +258,10 @@ class JudgePool:
         """Kill the actor in ``slot`` and start a fresh one (its construction is awaited lazily:
         calls queue behind it, and a failed construction surfaces as a dead actor)."""
         if self._slot_restarts[slot] >= self.max_restarts:
-            raise JudgePoolError(f"judge {self.cfg.cls} ({self.name}): actor {slot} {why}; restarts exhausted ({self.max_restarts})")
+            unplaced = why_unplaced(self._demand())  # e.g. its node was lost and no other offers its resources
+            raise (PlacementError if unplaced else JudgePoolError)(
+                f"judge {self.cfg.cls} ({self.name}): actor {slot} {why}; restarts exhausted ({self.max_restarts})"
+                + (f"; {unplaced}" if unplaced else ""))
         self._slot_restarts[slot] += 1
         self.restarts += 1
         log.warning("judge %s: actor %d %s; restarting (%d/%d)", self.cfg.cls, slot, why,
@@ -268,9 +278,11 @@ class JudgePool:
         out: list[list[Any]] = [[None] * len(item.completions) for item in items]
         failures: Counter = Counter()
         errors: list[str] = []
+        self.progress = (0, len(items))
         if items:
             call = self._call_in_driver if self._local is not None else self._call_on_actors
             call(method, items, out, failures, errors)
+        self.progress = (len(items), len(items))
         return out, failures, errors
 
     def score(self, items: list[JudgeItem]) -> ScoreResult:
@@ -356,6 +368,7 @@ class JudgePool:
                 slot, chunk, _, attempt = pending.pop(ref)
                 try:
                     self._merge(chunk, ray.get(ref), scores, failures, errors)
+                    self.progress = (self.progress[0] + len(chunk), len(items))
                 except ray.exceptions.RayActorError as e:
                     errors.append(f"{self.name}: actor {slot} died: {_describe(e)}")
                     self._replace(slot, "died")

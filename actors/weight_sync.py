@@ -242,10 +242,12 @@ def _transport(learner, pool, sync_cfg, run_dir, version: int) -> tuple[str, str
     return "shm", path
 
 
-def sync_weights(learner, pool, version: int, sync_cfg, run_dir: str | Path | None = None) -> dict[str, float]:
+def sync_weights(learner, pool, version: int, sync_cfg, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Publish the learner's weights as ``version`` and make every generator of ``pool`` serve
-    them. Returns seconds ``publish_s``, ``load_s``, ``total_s`` and the ``bytes`` moved (for
-    ``nccl`` the broadcast is all ``load_s``).
+    them. Returns seconds ``publish_s``, ``load_s``, ``total_s``, the ``bytes`` moved (for
+    ``nccl`` the broadcast is all ``load_s``) and the ``path`` the weights took: ``shm`` (the
+    learner's rank 0 and every generator on one node), ``object_store`` (across nodes), ``disk``
+    or ``nccl``.
 
     Call it with no sample in flight (``collect`` first): a generator loads only after its current
     ``sample`` call, and that wait would count against ``sync.timeout_s``. A mismatched state dict
@@ -256,7 +258,8 @@ def sync_weights(learner, pool, version: int, sync_cfg, run_dir: str | Path | No
         publication: Any = NcclPublication(learner, version, sync_cfg, pool.param_spec, pool.model_cfg.dtype)
         load_s = pool.load_publication(publication)
         total = time.perf_counter() - start
-        return {"publish_s": total - load_s, "load_s": load_s, "total_s": total, "bytes": float(publication.bytes)}
+        return {"publish_s": total - load_s, "load_s": load_s, "total_s": total, "bytes": float(publication.bytes),
+                "path": "nccl"}
     kind, target = _transport(learner, pool, sync_cfg, run_dir, version)
     refs = [w.apply.remote(_publish, rank, kind, pool.param_spec, pool.model_cfg.dtype, target)
             for rank, w in enumerate(learner.workers)]
@@ -270,7 +273,7 @@ def sync_weights(learner, pool, version: int, sync_cfg, run_dir: str | Path | No
     total = time.perf_counter() - start
     log.info("weight sync v%d via %s: %.3fs (publish %.3fs, load %.3fs, %.1f MB)", version, kind, total,
              publish_s, load_s, desc["bytes"] / 1e6)
-    return {"publish_s": publish_s, "load_s": load_s, "total_s": total, "bytes": float(desc["bytes"])}
+    return {"publish_s": publish_s, "load_s": load_s, "total_s": total, "bytes": float(desc["bytes"]), "path": kind}
 
 
 # -- nccl backend -------------------------------------------------------------------------------

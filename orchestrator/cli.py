@@ -66,6 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, help="units listed per side (default: 10)")
     p.add_argument("--source", choices=["best_worst", "correction"], help="audit only the pairs of this source")
 
+    p = verbs.add_parser("export", help="write a run's policy as a Hugging Face model folder and its pairs as a "
+                                          "dataset, each with a card (OUT/model, OUT/pairs)")
+    p.add_argument("run_dir")
+    p.add_argument("out")
+    p.add_argument("--round", type=int, default=None, help="checkpoint round to export (default: the newest good one)")
+    p.add_argument("--push-to-hub", metavar="REPO", default=None,
+                   help="also upload the model (model repo REPO) and pairs (dataset repo REPO); token from HF_TOKEN")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create private repos")
+
     p = verbs.add_parser("config-doc", help="print the configuration reference (Markdown) from the config docstrings")
     p.add_argument("--update", metavar="FILE",
                    help="instead, rewrite the text between the config-doc marker lines of FILE (e.g. README.md)")
@@ -73,6 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("make-demo-model", help="rebuild the demo model and data (assets/demo)")
     p.add_argument("--out", default="assets/demo", help="output folder (default: assets/demo)")
     p.add_argument("--steps", type=int, default=240, help="SFT steps (default: 240)")
+
+    p = verbs.add_parser(
+        "make-rehearsal-model",
+        help="write a random-weight model with Qwen2.5-0.5B's architecture and shape (no download), for scale rehearsals")
+    p.add_argument("out", metavar="DIR", help="output folder (Hugging Face format)")
+    p.add_argument("--layers", type=int, default=24, help="decoder layers (default: 24, as Qwen2.5-0.5B)")
+    p.add_argument("--vocab-size", type=int, default=151_936, help="model vocabulary (default: 151936, as Qwen2.5-0.5B)")
+    p.add_argument("--tokenizer-vocab", type=int, default=4096, help="learned BPE entries (default: 4096)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="stored weights dtype (default: bfloat16)")
+    p.add_argument("--seed", type=int, default=0, help="weights and tokenizer seed (default: 0)")
     return parser
 
 
@@ -116,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.verb == "audit":
         return audit_verb(args)
+    if args.verb == "export":
+        return export_verb(args)
     if args.verb == "config-doc":
         from orchestrator.config_doc import config_reference, update_between_markers
 
@@ -136,7 +158,37 @@ def main(argv: list[str] | None = None) -> int:
 
         print(make_demo_model(Path(args.out), steps=args.steps))
         return 0
+    if args.verb == "make-rehearsal-model":
+        import json
+
+        from orchestrator.rehearsal import make_rehearsal_model
+
+        try:
+            summary = make_rehearsal_model(args.out, layers=args.layers, vocab_size=args.vocab_size, seed=args.seed,
+                                           dtype=args.dtype, tokenizer_vocab=args.tokenizer_vocab)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(summary))
+        return 0
     raise AssertionError(args.verb)
+
+
+def export_verb(args) -> int:
+    """``odpo export``: a run that cannot be exported is one ``error:`` line and exit status 2."""
+    from orchestrator.export import ExportError, export_run, push_to_hub
+
+    try:
+        summary = export_run(args.run_dir, args.out, args.round)
+    except (ExportError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"round {summary['round']} (policy version {summary['policy_version']}): model -> {summary['model']}, "
+          f"{summary['pairs']} pairs -> {summary['dataset']}")
+    if args.push_to_hub:
+        for url in push_to_hub(args.out, args.push_to_hub, private=args.private):
+            print(url)
+    return 0
 
 
 def run_verb(args) -> int:
@@ -187,7 +239,8 @@ def validate(args) -> int:
     problems = check_cluster(plan, totals, nodes)
     for line in problems:
         print(f"error: {line}", file=sys.stderr)
-    have = f"{totals.get('GPU', 0):g} GPU, {totals.get('CPU', 0):g} CPU on {len(nodes)} node(s)"
+    custom = "".join(f", {totals.get(k, 0):g} {k}" for k in plan["total"] if k not in ("GPU", "CPU"))
+    have = f"{totals.get('GPU', 0):g} GPU, {totals.get('CPU', 0):g} CPU{custom} on {len(nodes)} node(s)"
     print(f"# cluster: {have}; {'does not fit' if problems else 'fits'}")
     return 2 if problems else 0
 

@@ -287,6 +287,30 @@ class MetricsConfig(Section):
     """Port for the HTTP server (0 = off)."""
 
 
+class ReportConfig(Section):
+    to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = []
+    """Experiment trackers that receive every round's figures (step = round), the resolved config and samples of the pairs; each needs its extra, e.g. ``pip install 'odpo[wandb]'`` (empty = none)."""
+    project: str = "odpo"
+    """W&B project, MLflow experiment and trackio project name (the run is named ``run.name``)."""
+    pairs_every: int = Field(5, ge=0)
+    """Log a sample of the round's pairs as a table (W&B table, MLflow artifact, TensorBoard text, trackio table) every k rounds (0 = never)."""
+    pairs_sample: int = Field(16, ge=1)
+    """Pairs in each logged sample (the round's first ones)."""
+    tensorboard_dir: str | None = None
+    """TensorBoard log folder (none = ``<run dir>/tensorboard``)."""
+    mlflow_tracking_uri: str | None = None
+    """MLflow tracking server, e.g. ``http://127.0.0.1:5000`` (none = the ``MLFLOW_TRACKING_URI`` environment variable, else MLflow's default); credentials come from MLflow's environment variables only."""
+    wandb_entity: str | None = None
+    """W&B entity (team or user; none = the API key's default); the key comes from ``WANDB_API_KEY`` or ``wandb login``, ``WANDB_MODE=offline`` logs to files only."""
+    timeout_s: float = Field(30, gt=0)
+    """Longest one tracker call (start, one round's log) may take; past it the call is abandoned and counted in ``tracker_errors``."""
+
+
+class LogConfig(Section):
+    progress_every_s: float = Field(30, ge=0)
+    """Progress inside a round (prompts sampled, completions judged, learner steps): a tqdm bar when the driver writes to a terminal, otherwise one log line per phase every this many seconds (0 = no bar and no lines; ``/status`` still reports it)."""
+
+
 class FaultSpec(Section):
     kind: Literal["generator", "judge", "learner", "sync"]
     """What to hit: a generator actor, a judge actor, a learner worker, or a generator's next weight load."""
@@ -343,6 +367,10 @@ class RunConfig(Section):
     """The round loop."""
     metrics: MetricsConfig = MetricsConfig()
     """Prometheus and status endpoint."""
+    report: ReportConfig = ReportConfig()
+    """Experiment trackers (TensorBoard, W&B, MLflow, trackio)."""
+    log: LogConfig = LogConfig()
+    """Progress lines in the job log."""
     faults: FaultsConfig = FaultsConfig()
     """Fault injection (off by default)."""
 
@@ -463,3 +491,8 @@ def check_plugins(config: RunConfig) -> None:
             check_judge_spec(config.corrector.cls, config.corrector.kwargs, "corrector.cls", ("correct",))
     except JudgeSpecError as e:
         raise ConfigError([str(e)]) from None
+    from orchestrator.trackers import missing_tracker_packages
+
+    problems = missing_tracker_packages(config.report.to)
+    if problems:
+        raise ConfigError(problems)

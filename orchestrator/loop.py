@@ -116,6 +116,8 @@ class Loop:
         self.round_retries = 0
         self.learn_started = False  # the learner may have stepped in this attempt of the round
         self.pushing = False  # a weight push is (or was, when it failed) under way
+        self.trackers = None  # orchestrator.trackers.Trackers when report.to names any (set by run.py)
+        self.sync_path: str | None = None  # how this round's weight sync travelled (weight_sync's ``path``)
 
     # --- one round's phases ----------------------------------------------------------------------
     def submit(self, round_: int) -> Pending:
@@ -131,7 +133,7 @@ class Loop:
             return 0.0
         t = time.perf_counter()
         self.pushing = True
-        self.parts.sync(self.learner_version)
+        self.sync_path = self.parts.sync(self.learner_version).get("path")
         self.pushing = False
         self.state.policy_version = self.learner_version
         return time.perf_counter() - t
@@ -158,6 +160,7 @@ class Loop:
         m.set_phase("sample", r, policy_version=self.state.policy_version)
         t = time.perf_counter()
         self.learn_started = False
+        self.sync_path = None
         if self.pending is None:
             self.pending = self.submit(r)
         assert self.pending.round == r, (self.pending.round, r)
@@ -269,6 +272,7 @@ class Loop:
             "judge_s": judge_s,
             "learn_s": learn_s,
             "sync_s": sync_s,
+            "sync_path": self.sync_path,
             "eval_s": eval_s,
             "round_s": time.perf_counter() - t_round,
             "policy_lag": lag,
@@ -342,6 +346,16 @@ class Loop:
             self.parts.sync(self.committed_version)
             self.pushing = False
             self.state.policy_version = self.committed_version
+
+    def rewind_to_last_round(self) -> None:
+        """Before a checkpoint of the last completed round on the way out: the failed attempt's
+        version is dropped, and only its already collected async samples stay pending (what that
+        checkpoint would have held); sampling still in flight is not waited for."""
+        self.learner_version = self.committed_version
+        held = self.in_hand
+        keep = self.c.loop.mode == "async" and held is not None and held.groups is not None \
+            and held.round == self.state.round + 1
+        self.pending, self.in_hand = (held if keep else None), None
 
     def learner_alive(self) -> bool:
         import ray
@@ -424,18 +438,21 @@ def drive(loop: Loop, save_checkpoint) -> int:
         eval_reward = loop.evaluate()
         if eval_reward is not None:
             rec = {"round": 0, "policy_version": 0, "eval_reward": eval_reward, "eval_s": time.perf_counter() - t}
-            rd.append_metrics(rec)
-            loop.metrics.record_round(rec)
+            publish(loop, rec)
             log.info("round 0 (before training) | eval %.3f", eval_reward)
     r = loop.state.round
     while not loop.stop.is_set() and (c.loop.rounds == 0 or r < c.loop.rounds):
         r += 1
-        rec = run_with_retries(loop, r)
+        try:
+            rec = run_with_retries(loop, r)
+        except Exception:
+            if loop.state.round != last_checkpointed:
+                checkpoint_before_failing(loop, save_checkpoint)
+            raise
         if rec is None:
             log.info("stop requested: round %d abandoned before learning", r)
             break
-        rd.append_metrics(rec)
-        loop.metrics.record_round(rec)
+        publish(loop, rec)
         rd.write_status({**loop.metrics.status(), "phase": "between rounds"})
         log.info(format_round(rec, c.loop.rounds))
         done += 1
@@ -451,13 +468,45 @@ def drive(loop: Loop, save_checkpoint) -> int:
     return done
 
 
+def publish(loop: Loop, rec: dict) -> None:
+    """Write a round's metrics line, then hand it to Prometheus and the trackers."""
+    if loop.trackers is not None:
+        rec["tracker_errors"] = dict(loop.trackers.errors)
+    loop.rd.append_metrics(rec)
+    loop.metrics.record_round(rec)
+    if loop.trackers is not None:
+        loop.trackers.log_round(rec)
+
+
+def checkpoint_before_failing(loop: Loop, save_checkpoint) -> None:
+    """The run is stopping on an error: keep the rounds completed since the last checkpoint. A
+    learner that already stepped in the failed round is first brought back to the last completed
+    one; a learner that is gone is not rebuilt for this. Best effort: a failure here is logged,
+    and the run's own error is what gets raised."""
+    try:
+        if not loop.learner_alive():
+            log.warning("the learner is gone: no checkpoint of round %d before stopping", loop.state.round)
+            return
+        loop.metrics.set_phase("checkpoint", loop.state.round)
+        if loop.learn_started:
+            loop.restore_learner(rebuild=False)
+        loop.rewind_to_last_round()
+        save_checkpoint(loop.state)
+    except Exception as e:
+        log.warning("could not checkpoint round %d before stopping: %s: %s", loop.state.round, type(e).__name__, e)
+
+
 def run_with_retries(loop: Loop, r: int) -> dict | None:
     """Run round ``r``; a failure is recovered from and the round redone, up to
     ``loop.max_round_retries`` times, then the run stops with the round's last error."""
+    from actors.placement import PlacementError
+
     failures = 0
     while True:
         try:
             return loop.run_round(r)
+        except PlacementError:  # no alive node can hold a part: a retry would only wait again
+            raise
         except Exception as e:  # any failure of a part: the round is redone after recovery
             failures += 1
             if failures > loop.c.loop.max_round_retries:

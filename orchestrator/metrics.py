@@ -2,8 +2,8 @@
 
 Actors return numbers; the loop hands each round's record to ``Metrics.record_round`` and its
 phase to ``Metrics.set_phase``. The server answers ``/metrics`` (Prometheus text format),
-``/healthz`` and ``/status`` (JSON: run name, round, phase, policy version, last round's
-figures). It binds ``metrics.host`` (127.0.0.1 unless configured otherwise).
+``/healthz`` and ``/status`` (JSON: run name, round, phase, the phase's ``progress``, policy
+version, last round's figures). It binds ``metrics.host`` (127.0.0.1 unless configured otherwise).
 """
 
 from __future__ import annotations
@@ -74,9 +74,19 @@ class Metrics:
     def set_phase(self, phase: str, round_: int | None = None, **extra) -> None:
         with self._lock:
             self._status["phase"] = phase
+            self._status.pop("progress", None)
             if round_ is not None:
                 self._status["round"] = round_
             self._status.update(extra)
+
+    def set_progress(self, phase: str, round_: int, done: int, total: int, unit: str) -> bool:
+        """Progress inside ``phase`` of ``round_`` (``orchestrator/progress.py``); ignored, and
+        False returned, when the loop has moved on to another phase meanwhile."""
+        with self._lock:
+            if self._status.get("phase") != phase or self._status.get("round") != round_:
+                return False
+            self._status["progress"] = {"done": done, "total": total, "unit": unit}
+            return True
 
     def record_round(self, record: dict) -> None:
         for key, gauge in self.gauges.items():

@@ -25,6 +25,8 @@ import os
 import socket
 from typing import Any
 
+from actors.placement import alive_nodes, fits
+
 # Ray's resource names.
 GPU, CPU = "GPU", "CPU"
 KINDS = ("generator", "judge", "learner")
@@ -174,7 +176,7 @@ def check_cluster(plan: dict, cluster_resources: dict, nodes: list[dict] | None 
             want = {res: amount for res, amount in a[k]["resources"].items() if amount}
             if not a[k]["count"] or not want:
                 continue
-            if any(all(float(n.get(res, 0)) + 1e-9 >= amount for res, amount in want.items()) for n in nodes):
+            if any(fits(want, n) for n in nodes):
                 continue
             largest = {res: max(float(n.get(res, 0)) for n in nodes) for res in want}
             too_big = [res for res in want if want[res] > largest[res] + 1e-9]
@@ -200,9 +202,7 @@ def totals_of(nodes: list[dict]) -> dict[str, float]:
 
 def connected_nodes() -> list[dict]:
     """Each alive node's resources, read by this (already connected) Ray driver."""
-    import ray
-
-    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    return alive_nodes()
 
 
 def read_cluster(address: str | None = None, timeout_s: int = 30) -> tuple[dict, list[dict]]:

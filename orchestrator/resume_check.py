@@ -3,7 +3,7 @@
 Without ``--resume`` such a directory (checkpoints, or metrics lines) is refused: a run is only
 continued on purpose. With ``--resume`` the run's saved ``config.yaml`` is compared with the new
 config. Changes to operational keys (run length, timeouts, restarts, evaluation, checkpointing,
-metrics, faults, resources: ``OPERATIONAL``) are accepted and logged; a change to anything that
+metrics, trackers, logging, faults, resources: ``OPERATIONAL``) are accepted and logged; a change to anything that
 alters training (model, data, generator sampling, judge, pairs, learner, sync backend) is an
 error listing each changed key with its old and new value, unless ``--allow-config-change``.
 Every accepted change is appended to the run's ``config_changes.jsonl``. Secrets are ``***`` in
@@ -34,9 +34,9 @@ OPERATIONAL = (
     "loop.max_actor_restarts", "loop.max_round_retries",
     "data.eval_source", "data.eval_split", "data.eval_size",
     "*.timeout_s", "*.start_timeout_s", "*.setup_timeout_s",
-    "generator.num_cpus", "judge.num_cpus", "learner.num_cpus_per_worker",
+    "generator.num_cpus", "judge.num_cpus", "learner.num_cpus_per_worker", "*.resources.*",
     "sync.disk_path", "sync.shm_dir", "sync.nccl_bucket_mb", "sync.nccl_port",
-    "metrics.*", "faults.*",
+    "metrics.*", "faults.*", "report.*", "log.*",
 )
 """Keys (``fnmatch`` patterns on dotted paths) that may change on resume: none of them changes
 what the learner is trained on or how."""

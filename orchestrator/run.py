@@ -23,7 +23,9 @@ from orchestrator.loop import Loop, LoopState, Parts, Pending, drive
 from orchestrator.metrics import Metrics
 from orchestrator.pending import load_pending, save_pending
 from orchestrator.preflight import await_fit
+from orchestrator.progress import ProgressWatcher
 from orchestrator.rundir import RunDir, checkpoint_problem
+from orchestrator.trackers import open_trackers
 
 log = logging.getLogger("odpo")
 
@@ -138,7 +140,10 @@ def run(c: RunConfig, resume: bool = False, wait_for_resources_s: float = 0.0,
     metrics.set_phase("starting actors")
     parts = build_parts(c, rd)
     log.info("actors ready in %.1fs", time.perf_counter() - t)
+    watcher = trackers = None
     try:
+        # Before any sampling: actors look the progress board up once, at their first report.
+        watcher = ProgressWatcher(metrics, parts.judges, c.run.seed, c.log.progress_every_s).start()
         state, pending = LoopState(), None
         if resume:
             state, pending = restore(rd, parts, prompts.rows, c.data.prompt_field)
@@ -146,6 +151,7 @@ def run(c: RunConfig, resume: bool = False, wait_for_resources_s: float = 0.0,
         if pending is not None:
             loop.pending = pending
             loop.sampler = PromptSampler.from_state(pending.sampler_after, len(prompts), c.run.seed)
+        loop.trackers = trackers = open_trackers(c, rd)
 
         def save_checkpoint(st: LoopState) -> None:
             from actors import rng_state
@@ -169,6 +175,9 @@ def run(c: RunConfig, resume: bool = False, wait_for_resources_s: float = 0.0,
 
         drive(loop, save_checkpoint)
     finally:
+        for closing in (watcher, trackers):
+            if closing is not None:
+                closing.close()
         for part in (parts.generators, parts.judges, parts.learner):
             try:
                 part.shutdown()

@@ -66,6 +66,8 @@ class Learner:
         self._nan_pending = 0
         self.beta: float | None = None
         """The β the last ``train``/``evaluate`` call was given (a scheduled ``learner.beta``)."""
+        self.on_step = None
+        """``fn(round, steps_done, steps_total)`` before each step and after the last (progress reports)."""
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -250,11 +252,15 @@ class Learner:
                                  seed=self.seed, round=round) if kept else []
         totals = torch.zeros(len(_FIELDS), dtype=torch.float64)
         applied, skipped, norms, tokens = 0, 0, [], 0
-        for micro_batches in schedule:
+        for k, micro_batches in enumerate(schedule):
+            if self.on_step is not None:
+                self.on_step(round, k, len(schedule))
             ok, norm, n_tokens = self._step(micro_batches, ref_by_index, totals)
             applied, skipped, tokens = applied + ok, skipped + (not ok), tokens + n_tokens
             if ok:
                 norms.append(norm)
+        if self.on_step is not None:
+            self.on_step(round, len(schedule), len(schedule))
         refreshed = self.cfg.ref_refresh_every > 0 and round % self.cfg.ref_refresh_every == 0
         if refreshed:
             self.refresh_reference()

@@ -18,6 +18,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.learner.worker import LearnerWorker
 from actors.pending import ActorWait, demand_of
+from actors.placement import PlacementError, why_unplaced
 
 
 class LearnerGroup:
@@ -35,8 +36,10 @@ class LearnerGroup:
             try:
                 waiting.get(self._pg.ready(), timeout=cfg.timeout_s)
             except GetTimeoutError:
-                raise TimeoutError(f"learner: {what} was not placed within learner.timeout_s={cfg.timeout_s:g}s "
-                                   f"(no room for it on the cluster)") from None
+                why = why_unplaced(bundle)  # no alive node could ever hold a worker (e.g. its node was lost)
+                raise (PlacementError if why else TimeoutError)(
+                    f"learner: {what} was not placed within learner.timeout_s={cfg.timeout_s:g}s "
+                    f"({why or 'no room for it on the cluster'})") from None
             self.workers = [
                 LearnerWorker.options(
                     num_cpus=cfg.num_cpus_per_worker, num_gpus=cfg.num_gpus_per_worker,

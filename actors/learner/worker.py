@@ -49,6 +49,8 @@ class LearnerWorker:
             rank=self.rank, world_size=self.world_size, timeout=timedelta(seconds=self.cfg.timeout_s),
         )
         self.engine = Learner(self.model_cfg, self.cfg, seed=self.seed)
+        if self.rank == 0:
+            self.engine.on_step = _report_steps
         return True
 
     # The round API (each a collective: the group calls every worker at once).
@@ -97,3 +99,16 @@ class LearnerWorker:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+_step_reporter = None
+
+
+def _report_steps(round_: int, done: int, total: int) -> None:
+    """Rank 0's optimizer steps of a round, as progress reports (actors/progress.py)."""
+    global _step_reporter
+    from actors.progress import Reporter
+
+    if done == 0 or _step_reporter is None or _step_reporter.tag != round_:
+        _step_reporter = Reporter("learn", 0, round_, total)
+    _step_reporter.set(done)

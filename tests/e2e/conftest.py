@@ -5,62 +5,34 @@ its process group, which `ray start --block` tears down on SIGTERM. ``start_head
 heads with extra environment (token authentication) for a single test module."""
 
 import contextlib
-import os
-import shutil
-import signal
 import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO
-from tests.integration.runs import free_port
-
-VENV_BIN = Path(sys.executable).parent
+from tests.integration.ray_nodes import VENV_BIN, add_node, node_env
 
 
 @contextlib.contextmanager
 def start_head(extra_env: dict | None = None):
     """A Ray head on loopback; yields its dashboard URL, GCS address and the environment that
     reaches it (``extra_env`` included: e.g. ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN``)."""
-    ports = {name: free_port() for name in (
-        "port", "dashboard-port", "ray-client-server-port", "node-manager-port", "object-manager-port",
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")}
-    lo = free_port()
-    temp_dir = tempfile.mkdtemp(prefix="odpo-e2e-", dir="/tmp")  # short: Ray's socket paths must fit
-    # The job's `python` must be this venv's: put it first on the head's PATH.
-    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
-           "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(extra_env or {})}
-    env.pop("RAY_ADDRESS", None)
-    args = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-            "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2", "--num-gpus=2",
-            f"--temp-dir={temp_dir}", "--disable-usage-stats", f"--min-worker-port={lo}", f"--max-worker-port={lo + 40}"]
-    args += [f"--{name}={port}" for name, port in ports.items()]
-    log = open(Path(temp_dir) / "head.log", "wb")
-    head = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
+    nodes: list = []
+    env = node_env(**(extra_env or {}))
     try:
+        head = add_node(nodes, num_cpus=2, num_gpus=2, dashboard=True, cwd=REPO, env=extra_env)
+        dashboard = f"http://127.0.0.1:{head.ports['dashboard-port']}"
         deadline = time.time() + 120
         while subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", dashboard],
                              env=env, capture_output=True, timeout=60).returncode != 0:
-            assert head.poll() is None, (Path(temp_dir) / "head.log").read_text()[-3000:]
-            assert time.time() < deadline, "the Ray head did not come up in 120 s"
+            assert head.proc.poll() is None, head.log_tail()
+            assert time.time() < deadline, "the Ray head's job server did not come up in 120 s"
             time.sleep(2)
-        yield {"dashboard": dashboard, "gcs": f"127.0.0.1:{ports['port']}", "env": env, "temp_dir": temp_dir}
+        yield {"dashboard": dashboard, "gcs": head.gcs, "env": env, "temp_dir": head.temp_dir}
     finally:
-        try:
-            os.killpg(head.pid, signal.SIGTERM)
-            head.wait(timeout=60)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(head.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        for node in nodes:
+            node.stop()
 
 
 def wait_for_job(client, submission_id: str, timeout: float) -> tuple[str, str, float]:

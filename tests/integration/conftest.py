@@ -1,11 +1,13 @@
-"""Expensive fixtures shared by the integration tests: one vLLM engine and one local Ray
-cluster per pytest session."""
+"""Expensive fixtures shared by the integration tests: one vLLM engine, one local Ray cluster
+and one uninterrupted shrunken-demo run per pytest session."""
 
 import json
+from urllib.request import urlopen
 
 import pytest
 
 from tests.conftest import DEMO_DATA, DEMO_MODEL
+from tests.integration.runs import end_group, finish, free_port, start_run, wait_for
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +39,34 @@ def ray_local():
                                            "TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def out_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="session")
+def sync_run(out_dir):
+    """An uninterrupted 4-round sync run of the shrunken demo (`runs.TINY`) on a local single-node
+    cluster, watched live over HTTP while it runs: test_loop.py checks it, test_nodes.py compares
+    runs across nodes with its figures."""
+    port = free_port()
+    proc = start_run(out_dir, "sync", "loop.rounds=4", f"metrics.port={port}")
+    log = out_dir / "sync.log"
+    try:
+        seen = wait_for(lambda: _status_in_round(port), proc, 300, "/status to report a round in progress", log)
+        body = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except BaseException:
+        end_group(proc)
+        raise
+    finish(proc, log)
+    return {"dir": out_dir / "sync", "status": seen, "prometheus": body}
+
+
+def _status_in_round(port):
+    try:
+        status = json.load(urlopen(f"http://127.0.0.1:{port}/status", timeout=2))
+    except OSError:
+        return None
+    return status if status.get("round", 0) >= 1 and status["phase"] in ("sample", "judge", "learn", "sync", "eval") else None

@@ -94,3 +94,24 @@ class MarkerJudge:
 
     def score(self, items):
         return [[float(self.marker in c.text) for c in it.completions] for it in items]
+
+
+class GateJudge:
+    """The demo's judge (``VerifiableJudge``, same scores) that holds the loop at known points: on
+    its calls numbered in ``hold_calls`` (1-based, counted by this actor) it writes
+    ``<gate_dir>/held-<k>`` and waits for ``<gate_dir>/go-<k>`` (at most ``wait_s``)."""
+
+    def __init__(self, gate_dir: str, hold_calls: list[int], wait_s: float = 600, **kwargs):
+        from judges.verifiable import VerifiableJudge
+
+        self.judge = VerifiableJudge(**kwargs)
+        self.gate, self.hold, self.wait_s, self.calls = Path(gate_dir), set(hold_calls), wait_s, 0
+
+    def score(self, items):
+        self.calls += 1
+        if self.calls in self.hold:
+            (self.gate / f"held-{self.calls}").write_text(str(os.getpid()))
+            deadline = time.time() + self.wait_s
+            while not (self.gate / f"go-{self.calls}").exists() and time.time() < deadline:
+                time.sleep(0.2)
+        return self.judge.score(items)

@@ -33,16 +33,20 @@ def free_port() -> int:
 
 
 def start_run(out_dir: Path, name: str, *overrides: str, resume: bool = False,
-              config: str = "configs/demo.yaml", tiny: bool = True) -> subprocess.Popen:
+              config: str = "configs/demo.yaml", tiny: bool = True, env: dict | None = None,
+              ray_address: str | None = None) -> subprocess.Popen:
     """Start `python -m orchestrator run` in its own session (so its Ray processes can be ended
-    with it, by process group); ``tiny`` shrinks it with ``TINY`` first."""
+    with it, by process group); ``tiny`` shrinks it with ``TINY`` first; ``env`` adds environment
+    variables. It starts a local cluster of its own, or joins the cluster at ``ray_address``."""
     args = [sys.executable, "-m", "orchestrator", "run", config,
             "--set", f"run.output_dir={out_dir}", "--set", f"run.name={name}"]
     for o in [*(TINY if tiny else ()), *overrides]:
         args += ["--set", o]
     if resume:
         args.append("--resume")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **(env or {})}
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
     log = open(out_dir / f"{name}.log", "ab")
     return subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 

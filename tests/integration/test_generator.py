@@ -128,6 +128,25 @@ def test_a_sample_past_the_timeout_is_an_error_naming_the_actor(pool, eval_rows)
     assert len(pool.sample(eval_rows[:2], seed=0)) == 2  # the actor itself is fine
 
 
+def test_a_restart_between_calls_is_noticed_when_the_pool_asks_where_its_actors_run(pool):
+    """Ray restarts a generator that died between calls (on another node, if its node was lost):
+    the next weight sync asks ``node_ids`` to pick its path, and that notices and counts it."""
+    import ray
+
+    node, pid, restarts = pool.node_ids(), pool.pids()[0], pool.restarts
+    assert pool.restarts == restarts  # asking again changes nothing
+    ray.kill(pool.actors[0], no_restart=False)
+    while True:
+        try:
+            if ray.get(pool.actors[0].ready.remote(), timeout=120)["pid"] != pid:
+                break
+        except ray.exceptions.ActorUnavailableError:
+            pass
+    assert pool.pids()[0] == pid  # not yet seen by the pool
+    assert pool.node_ids() == node
+    assert pool.pids()[0] != pid and pool.restarts == restarts + 1
+
+
 def test_a_self_rewarding_judge_samples_its_verdicts_on_the_policy_generators(pool):
     """The LLM judge in self-rewarding mode runs in the driver and generates through the pool."""
     from actors.generator import make_generate_fn

@@ -1,45 +1,16 @@
 """The loop end to end on a shrunken demo: sync and async modes, run-dir contents, the live
-Prometheus and /status endpoint, resume after SIGKILL, and a graceful stop on SIGTERM."""
+Prometheus and /status endpoint, resume after SIGKILL, and a graceful stop on SIGTERM. The
+uninterrupted sync run (`sync_run`) is a session fixture of conftest.py: test_nodes.py compares
+a two-node run with it."""
 
-import json
 import signal
-from urllib.request import urlopen
 
 import datasets
 import pytest
 
-from tests.integration.runs import FIELDS, end_group, finish, free_port, metrics, start_run, wait_for
+from tests.integration.runs import FIELDS, end_group, finish, metrics, start_run, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def out_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("runs")
-
-
-@pytest.fixture(scope="module")
-def sync_run(out_dir):
-    """An uninterrupted 4-round sync run, watched live over HTTP while it runs."""
-    port = free_port()
-    proc = start_run(out_dir, "sync", "loop.rounds=4", f"metrics.port={port}")
-    log = out_dir / "sync.log"
-    try:
-        seen = wait_for(lambda: _status_in_round(port), proc, 300, "/status to report a round in progress", log)
-        body = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    except BaseException:
-        end_group(proc)
-        raise
-    finish(proc, log)
-    return {"dir": out_dir / "sync", "status": seen, "prometheus": body}
-
-
-def _status_in_round(port):
-    try:
-        status = json.load(urlopen(f"http://127.0.0.1:{port}/status", timeout=2))
-    except OSError:
-        return None
-    return status if status.get("round", 0) >= 1 and status["phase"] in ("sample", "judge", "learn", "sync", "eval") else None
 
 
 def check_run_dir(run_dir, rounds):

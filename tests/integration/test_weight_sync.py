@@ -139,7 +139,7 @@ def test_sync_makes_every_generator_match_transformers(pool, learner, eval_rows,
 
     version = pool.version + 1
     timings = sync_weights(learner, pool, version, SyncConfig(backend=backend, shm_dir=shm_dir), run_dir=tmp_path)
-    assert pool.publication.desc["kind"] == kind
+    assert pool.publication.desc["kind"] == kind and timings["path"] == kind
     assert pool.versions() == [version, version] and pool.version == version
     assert timings["bytes"] == 4 * sum(p.numel() for p in [torch.empty(s) for s in pool.param_spec.shapes.values()])
     assert timings["total_s"] >= timings["load_s"] > 0

@@ -27,13 +27,15 @@ def saved_run(tmp_path, *overrides):
 
 def test_changes_are_classified():
     old = {"loop": {"rounds": 4, "mode": "sync"}, "learner": {"beta": 0.1}, "metrics": {"port": 0},
-           "generator": {"timeout_s": 600, "stop": []}, "judge": {"kwargs": {}}}
+           "generator": {"timeout_s": 600, "stop": []}, "judge": {"kwargs": {}}, "log": {"progress_every_s": 30}}
     new = {"loop": {"rounds": 6, "mode": "sync"}, "learner": {"beta": 0.2}, "metrics": {"port": 9400},
-           "generator": {"timeout_s": 60, "stop": ["9"]}, "judge": {"kwargs": {"mode": "number"}}}
+           "generator": {"timeout_s": 60, "stop": ["9"], "resources": {"gen": 1}}, "judge": {"kwargs": {"mode": "number"}},
+           "report": {"to": ["tensorboard"]}, "log": {"progress_every_s": 0}}
     got = {c["key"]: (c["old"], c["new"], c["alters_training"]) for c in config_changes(old, new)}
     assert got == {"loop.rounds": (4, 6, False), "learner.beta": (0.1, 0.2, True), "metrics.port": (0, 9400, False),
                    "generator.timeout_s": (600, 60, False), "generator.stop": ([], ["9"], True),
-                   "judge.kwargs.mode": ("<unset>", "number", True)}
+                   "judge.kwargs.mode": ("<unset>", "number", True), "generator.resources.gen": ("<unset>", 1, False),
+                   "report.to": ("<unset>", ["tensorboard"], False), "log.progress_every_s": (30, 0, False)}
 
 
 def test_a_run_directory_with_a_run_needs_resume(tmp_path):
