@@ -12,8 +12,9 @@ import ray
 from ray.exceptions import GetTimeoutError
 
 from actors import pending
-from actors.judge_host import JudgePool, JudgePoolError
+from actors.judge_host import JudgePool
 from actors.pending import ActorWait
+from actors.placement import PlacementError
 from orchestrator.config import GeneratorConfig, JudgeConfig, LearnerConfig, ModelConfig
 from tests.conftest import DEMO_MODEL
 
@@ -68,18 +69,18 @@ def test_every_pool_reports_while_its_actors_wait(kind, ray_local, monkeypatch, 
             from actors.generator import GeneratorPool
 
             cfg = GeneratorConfig(num_cpus=64, start_timeout_s=2)
-            with pytest.raises(TimeoutError, match="generator.start_timeout_s=2"):
+            with pytest.raises(PlacementError, match=r"within generator.start_timeout_s=2s: .*missing 64 CPU"):
                 GeneratorPool(ModelConfig(path=str(DEMO_MODEL), max_model_len=64), cfg, max_restarts=0)
             name, limit = "generator 0 (actor id ", "generator.start_timeout_s=2"
         elif kind == "learner":
             from actors.learner import LearnerGroup
 
-            with pytest.raises(TimeoutError, match="was not placed within learner.timeout_s=2s"):
+            with pytest.raises(PlacementError, match=r"was not placed within learner.timeout_s=2s .*missing 64 CPU"):
                 LearnerGroup(ModelConfig(path=str(DEMO_MODEL)), LearnerConfig(num_cpus_per_worker=64, timeout_s=2))
             name, limit = "learner placement group of 1 x {'CPU': 64.0} (not placed yet)", "learner.timeout_s=2"
         else:
             cfg = JudgeConfig(cls="judges.verifiable:VerifiableJudge", num_cpus=64, setup_timeout_s=2)
-            with pytest.raises(JudgePoolError):
+            with pytest.raises(PlacementError, match=r"actor failed to start: .*missing 64 CPU"):
                 JudgePool(cfg)
             name, limit = "judge actor 0 (no process yet: not placed, or its worker is starting)", "judge.setup_timeout_s=2"
     lines = [r.getMessage() for r in caplog.records if r.name == "actors.pending"]
