@@ -96,7 +96,11 @@ class GeneratorActor:
         if prompts:
             # Finished prompts are reported to the driver as they come (orchestrator/progress.py).
             counter = EngineCounter.factory("sample", self.index, progress_tag(seed, greedy), len(prompts))
-            outputs = self.llm.generate(prompts, params, use_tqdm=counter)
+            try:
+                outputs = self.llm.generate(prompts, params, use_tqdm=counter)
+            except Exception as e:  # the engine is in an undefined state now: the pool replaces it
+                raise EngineFailed(f"generator {self.index}: vLLM raised during sampling: "
+                                   f"{type(e).__name__}: {e}") from e
             for group, out in zip(sampled, outputs):
                 # What the engine itself reports it received: the learner trains these ids.
                 group.prompt_token_ids = list(out.prompt_token_ids)
@@ -134,6 +138,11 @@ class GeneratorActor:
 def progress_tag(seed: int, greedy: bool) -> str:
     """Names one pool-wide ``sample`` call in progress reports: every actor's share carries it."""
     return f"{seed}:{int(greedy)}"
+
+
+class EngineFailed(RuntimeError):
+    """A generator's engine raised inside ``generate``: the pool restarts and re-syncs the actor
+    before its share is sampled again (a vLLM engine that raised mid-step is not reused)."""
 
 
 class GeneratorLost(RuntimeError):
@@ -219,9 +228,10 @@ class GeneratorPool:
         return pending
 
     def collect(self, pending: PendingSample) -> list[SampleGroup]:
-        """Wait for a submitted call; dead actors are restarted, re-synced and their share re-sampled."""
+        """Wait for a submitted call; an actor that died, or whose engine raised, is restarted,
+        re-synced and its share re-sampled."""
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import RayActorError, RayTaskError
 
         results: dict[int, list[SampleGroup]] = {}
         attempts = {i: 0 for i in pending.shares}
@@ -234,10 +244,16 @@ class GeneratorPool:
                 raise GeneratorHung(first, f"{self.actor_name(first)} did not answer sample within {self.gen_cfg.timeout_s}s")
             i = next(j for j, ref in pending.refs.items() if ref == ready[0])
             del pending.refs[i]
+            old_pid = None
             try:
                 groups = ray.get(ready[0])
             except RayActorError as e:
                 reason = f"died ({type(e).__name__})"
+            except RayTaskError as e:
+                if not isinstance(getattr(e, "cause", None), EngineFailed):
+                    raise  # bad input (e.g. a row without a prompt): not the engine's fault
+                reason = str(e.cause)
+                old_pid = self._kill(i)
             else:
                 # A share from an actor that restarted (between calls too) serves older weights than
                 # the pool had when the call was submitted: in either mode it is re-synced and redone.
@@ -253,7 +269,7 @@ class GeneratorPool:
             if attempts[i] > self.max_restarts:
                 raise RuntimeError(f"{self.actor_name(i)} failed {attempts[i]} times during sample; last: {reason}")
             log.warning("%s %s; restarting, re-syncing and re-sampling its share", self.actor_name(i), reason)
-            self._recover(i)
+            self._recover(i, old_pid=old_pid)
             self._dispatch(pending, i)
         groups = [g for i in sorted(results) for g in results[i]]
         versions = {g.policy_version for g in groups}
@@ -303,10 +319,15 @@ class GeneratorPool:
 
     def restart_actor(self, i: int, resync: bool = True) -> None:
         """Kill actor ``i`` (Ray restarts it), wait for its engine and re-sync it: for a hung actor."""
+        old_pid = self._kill(i)
+        self._recover(i, resync=resync, old_pid=old_pid)
+
+    def _kill(self, i: int) -> int | None:
+        """End actor ``i``'s process (Ray restarts it); returns the old pid, for ``_recover``."""
         import ray
 
         ray.kill(self.actors[i], no_restart=False)
-        self._recover(i, resync=resync, old_pid=self._info[i].get("pid"))
+        return self._info[i].get("pid")
 
     def _recover(self, i: int, resync: bool = True, old_pid: int | None = None) -> None:
         info = self._await_ready(i, count_restart=True, old_pid=old_pid)

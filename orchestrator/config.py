@@ -273,7 +273,7 @@ class LoopConfig(Section):
     mode: Literal["sync", "async"] = "sync"
     """``sync``: strictly on-policy; ``async``: sample round t+1 while the learner trains on round t."""
     max_policy_lag: int = Field(1, ge=0)
-    """In async mode, drop pairs whose policy version lags more than this."""
+    """In async mode, drop pairs whose policy version lags more than this (at least 1 there; sync mode never drops pairs as stale)."""
     eval_every: int = Field(5, ge=0)
     """Evaluate every k rounds and at round 0 (0 = never)."""
     checkpoint_every: int = Field(10, ge=0)
@@ -334,7 +334,8 @@ class FaultSpec(Section):
     action: Literal["kill", "hang", "raise", "nan"] = "kill"
     """``kill`` (generator/judge/learner): end the actor as a crash would; ``hang`` (sync): the
     generator's next weight load sleeps ``seconds``; ``raise`` (judge): its next ``count`` score calls
-    raise; ``nan`` (learner): its next ``count`` steps produce a NaN loss."""
+    raise; ``raise`` (learner): every rank's ``train`` raises after ``after_steps`` optimizer steps;
+    ``nan`` (learner): its next ``count`` steps produce a NaN loss."""
     round: int = Field(1, ge=1)
     """Round in which the fault fires (once)."""
     index: int = Field(0, ge=0)
@@ -342,11 +343,13 @@ class FaultSpec(Section):
     seconds: float = Field(0, ge=0)
     """For ``hang``: how long the call sleeps (set it past ``sync.timeout_s``)."""
     count: int = Field(1, ge=1)
-    """For ``raise`` and ``nan``: how many calls or steps fail."""
+    """For judge ``raise`` and ``nan``: how many calls or steps fail."""
+    after_steps: int = Field(0, ge=0)
+    """For learner ``raise``: optimizer steps of the round taken before every rank raises."""
 
     @model_validator(mode="after")
     def _action_fits_kind(self) -> "FaultSpec":
-        allowed = {"generator": {"kill"}, "judge": {"kill", "raise"}, "learner": {"kill", "nan"}, "sync": {"hang"}}
+        allowed = {"generator": {"kill"}, "judge": {"kill", "raise"}, "learner": {"kill", "nan", "raise"}, "sync": {"hang"}}
         if self.action not in allowed[self.kind]:
             raise ValueError(f"action {self.action!r} does not apply to kind {self.kind!r} (allowed: {sorted(allowed[self.kind])})")
         return self
@@ -392,6 +395,13 @@ class RunConfig(Section):
     def _cross_checks(self) -> "RunConfig":
         if self.learner.micro_batch_size > self.learner.batch_size:
             raise ValueError("learner.micro_batch_size: must be <= learner.batch_size")
+        if self.loop.mode == "async" and self.loop.max_policy_lag < 1:
+            raise ValueError("loop.max_policy_lag: must be >= 1 in async mode (each round is sampled with the "
+                             "weights one step behind the learner, so a lag of 0 would drop every pair)")
+        if self.generator.num_gpus == 0 and self.generator.engine.get("enable_chunked_prefill") is True:
+            raise ValueError("generator.engine.enable_chunked_prefill: cannot be on for CPU generators (num_gpus 0): "
+                             "vLLM's CPU backend fails ('CPU Generator does not use offset') when a seeded request's "
+                             "prompt is split over engine steps; leave it unset (odpo turns it off on CPU)")
         if "correction" in self.pairs.sources and not self.corrector.cls:
             raise ValueError("corrector.cls: required when pairs.sources includes correction")
         return self

@@ -2,7 +2,7 @@
 
 Each event fires once, in its round, at the point where that kind of part is in use, through the
 same means a real failure would take (``ray.kill`` of an actor, a call that outlasts its timeout,
-a judge that raises, a NaN loss), so the recovery paths that run are the production ones.
+a judge or learner that raises, a NaN loss), so the recovery paths that run are the production ones.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ def _fire(ev, parts) -> None:
         ray.get(parts.judges.actors[ev.index].__ray_call__.remote(_arm_judge_raise, ev.count), timeout=30)
     elif ev.kind == "learner" and ev.action == "kill":
         ray.kill(parts.learner.workers[ev.index], no_restart=True)
+    elif ev.kind == "learner" and ev.action == "raise":
+        parts.learner.inject_raise(ev.after_steps)
     elif ev.kind == "learner":
         parts.learner.inject_nan(ev.count)
     elif ev.kind == "sync":

@@ -7,6 +7,11 @@ pairs, metrics line and (every k rounds) a checkpoint are written.
 ``sync`` mode is strictly on-policy. ``async`` mode starts sampling round t+1 (with the weights
 of round t-1's training) before judging and training on round t, so generation overlaps judging
 and learning; pairs more than ``loop.max_policy_lag`` versions behind the learner are dropped.
+
+A failed round is redone from the state it started from: samples already collected are kept,
+a learner that started the round's steps is restored (newest checkpoint, then the saved pairs
+of the rounds after it), and the policy version goes back to the one those weights carry:
+versions move only when weights change.
 """
 
 from __future__ import annotations
@@ -55,7 +60,8 @@ class Parts:
 
 @dataclass
 class LoopState:
-    """What a checkpoint must carry to resume exactly."""
+    """What a checkpoint must carry to resume exactly (async mode adds the next round's samples:
+    ``orchestrator.pending``)."""
 
     round: int = 0
     policy_version: int = 0
@@ -73,6 +79,21 @@ def _mean(xs) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+@dataclass
+class Pending:
+    """A round whose prompts are drawn and whose sampling is submitted (or done)."""
+
+    round: int
+    indices: list[int]
+    """Positions of its prompts in the training set."""
+    sampler_after: dict
+    """The prompt cursor once these prompts were drawn."""
+    handle: object = None
+    """The generator pool's ``PendingSample`` while sampling runs."""
+    groups: list | None = None
+    """The samples, once collected."""
+
+
 def round_seed(seed: int, round_: int) -> int:
     return (seed * 1_000_003 + round_ * 7_919) % (2**31 - 1)
 
@@ -86,14 +107,16 @@ class Loop:
         self.sampler = (PromptSampler.from_state(state.sampler, len(prompts), config.run.seed)
                         if state.sampler else PromptSampler(len(prompts), config.run.seed))
         self.learner_version = state.policy_version  # weights the learner holds
-        self.pending = None  # async mode: sampling submitted for the next round
+        self.committed_version = state.policy_version  # the learner's version when the last round completed
+        self.pending: Pending | None = None  # the next round's sampling (async mode; or kept for a redo)
+        self.in_hand: Pending | None = None  # this round's collected samples, kept should it be redone
         self.memory = ProcessMemory()
         self.faults = FaultInjector(config.faults)
         self.pair_maker = PairMaker(config.pairs, config.model)
         self.learner_restarts = 0
         self.round_retries = 0
-        self.trained_this_attempt = False
-        self.sampler_before_pending: dict | None = None
+        self.learn_started = False  # the learner may have stepped in this attempt of the round
+        self.pushing = False  # a weight push is (or was, when it failed) under way
         # loop.regenerate_every > 1: offline / iterative DPO (orchestrator/regenerate.py)
         self.bank = SampleBank(rundir.root, config.loop.regenerate_every) \
             if config.loop.regenerate_every > 1 else None
@@ -101,20 +124,21 @@ class Loop:
         self.sync_path: str | None = None  # how this round's weight sync travelled (weight_sync's ``path``)
 
     # --- one round's phases ----------------------------------------------------------------------
-    def draw(self) -> list[dict]:
-        return [self.prompts.rows[i] for i in self.sampler.draw(self.c.loop.prompts_per_round)]
-
-    def submit(self, round_: int):
-        self.sampler_before_pending = self.sampler.state()
-        rows = self.draw()
-        return self.parts.generators.submit(rows, seed=round_seed(self.c.run.seed, round_))
+    def submit(self, round_: int) -> Pending:
+        """Draw round ``round_``'s prompts and start sampling them."""
+        indices = self.sampler.draw(self.c.loop.prompts_per_round)
+        rows = [self.prompts.rows[i] for i in indices]
+        handle = self.parts.generators.submit(rows, seed=round_seed(self.c.run.seed, round_))
+        return Pending(round_, list(indices), self.sampler.state(), handle=handle)
 
     def push_weights(self) -> float:
         """Make the generators serve the learner's weights; returns seconds."""
         if self.state.policy_version == self.learner_version:
             return 0.0
         t = time.perf_counter()
+        self.pushing = True
         self.sync_path = self.parts.sync(self.learner_version).get("path")
+        self.pushing = False
         self.state.policy_version = self.learner_version
         return time.perf_counter() - t
 
@@ -139,29 +163,30 @@ class Loop:
         # 1. sample (sync: now; async: collect what was submitted last round, then start the next)
         m.set_phase("sample", r, policy_version=self.state.policy_version)
         t = time.perf_counter()
-        self.trained_this_attempt = False
+        self.learn_started = False
         self.sync_path = None
         if self.pending is None and self.bank is None:
             self.pending = self.submit(r)
+        assert self.bank is not None or self.pending.round == r, (self.pending.round, r)
         self.faults.fire("sample", r, self.parts)
         if self.bank is not None:  # this round's share of the window's samples
             groups = self.bank.take(r, self.state.policy_version, lambda j: self.collect(self.submit(j)))
+            sampler_after_this_round = self.sampler.state()
         else:
             groups = self.collect(self.pending)
-        sampler_after_this_round = self.sampler.state()
-        self.pending = None
+            self.in_hand, self.pending = self.pending, None
+            sampler_after_this_round = self.in_hand.sampler_after
         gen_wait_s = time.perf_counter() - t
         gen_s = max((g.sample_s for g in groups), default=0.0) or gen_wait_s
         sync_s = 0.0
         if c.loop.mode == "async":
             sync_s += self.push_weights()
             if r < c.loop.rounds or c.loop.rounds == 0:
-                sampler_after_this_round = self.sampler.state()
                 self.pending = self.submit(r + 1)
         completions = sum(len(g.completions) for g in groups)
         gen_tokens = sum(len(x.token_ids or ()) for g in groups for x in g.completions)
         if self.stop.is_set():
-            return None
+            return self.abandon()
 
         # 2. judge and select pairs
         m.set_phase("judge", r)
@@ -177,13 +202,15 @@ class Loop:
         )
         dropped = Counter(sel.dropped)
         dropped["too_long"] += sum(1 for g in groups if g.skipped)
-        # Stale = behind the policy that was meant to sample (a window's samples are old by design).
-        newest = self.bank.sample_version(r) if self.bank is not None else self.learner_version
-        pairs = [p for p in sel.pairs if newest - p.policy_version <= c.loop.max_policy_lag]
+        pairs = sel.pairs
+        if c.loop.mode == "async":  # sync mode samples with the learner's own weights: nothing is stale
+            # Stale = behind the policy that was meant to sample (a window's samples are old by design).
+            newest = self.bank.sample_version(r) if self.bank is not None else self.learner_version
+            pairs = [p for p in pairs if newest - p.policy_version <= c.loop.max_policy_lag]
         dropped["stale"] += len(sel.pairs) - len(pairs)
         judge_s = time.perf_counter() - t
         if self.stop.is_set():
-            return None
+            return self.abandon()
 
         # 3. learn (skipped when the round has no pairs)
         m.set_phase("learn", r)
@@ -192,9 +219,9 @@ class Loop:
         beta = beta_for_round(c.learner.beta, r, self.state.beta)
         if pairs:
             lag = max(self.learner_version - p.policy_version for p in pairs)
+            self.learn_started = True  # from here on a failure may leave some of the round's steps applied
             self.faults.fire("learn", r, self.parts)
             report = self.parts.learner.train(pairs, round=r, beta=beta)
-            self.trained_this_attempt = True
             if report.get("weights_changed", True):
                 self.learner_version += 1
         else:
@@ -268,18 +295,30 @@ class Loop:
         rec["rss_mb"] = self.memory.sample(actor_handles(self.parts), rec["restarts"])
         if eval_reward is not None:
             rec["eval_reward"] = eval_reward
+        self.committed_version, self.in_hand = self.learner_version, None
         return rec
+
+    def abandon(self) -> None:
+        """A stop before learning: async mode keeps the round's samples as the pending round (a
+        checkpoint saves them), so a resumed run trains on exactly what this one drew."""
+        if self.c.loop.mode == "async" and self.in_hand is not None:
+            self.pending = self.in_hand
+            self.sampler = PromptSampler.from_state(self.pending.sampler_after, len(self.prompts), self.c.run.seed)
+        return None
 
     def drain_and_push(self) -> float:
         """Async mode: wait for the in-flight sampling, keep its result, push the new weights."""
         t = time.perf_counter()
         if self.pending is not None:
-            self.pending = _Ready(self.collect(self.pending))
+            self.collect(self.pending)
         self.push_weights()
         return time.perf_counter() - t
 
-    def collect(self, pending):
-        return pending.groups if isinstance(pending, _Ready) else self.parts.generators.collect(pending)
+    def collect(self, pending: Pending) -> list:
+        if pending.groups is None:
+            pending.groups = self.parts.generators.collect(pending.handle)
+            pending.handle = None
+        return pending.groups
 
     def restarts(self) -> dict:
         return {
@@ -291,19 +330,44 @@ class Loop:
 
     # --- recovery ------------------------------------------------------------------------------
     def recover(self, r: int, error: Exception) -> None:
-        """Make round ``r`` safe to run again: rewind the prompt cursor, drop in-flight sampling,
-        replace a hung generator, and bring back a learner that died, hung or already stepped."""
+        """Make round ``r`` safe to run again from the state it started from: keep its samples
+        if they were collected (else rewind the prompt cursor and drop in-flight sampling),
+        replace a hung generator, bring back a learner that died, hung or had started the
+        round's steps, and give the generators back the round-start weights if a push of the
+        failed attempt's weights began."""
         from actors.generator import GeneratorHung
 
         self.round_retries += 1
-        self.pending = None
-        self.sampler = (PromptSampler.from_state(self.state.sampler, len(self.prompts), self.c.run.seed)
-                        if self.state.sampler else PromptSampler(len(self.prompts), self.c.run.seed))
+        if self.in_hand is not None and self.in_hand.round == r:
+            self.pending = self.in_hand  # the same prompts, sampled with the same weights
+            self.sampler = PromptSampler.from_state(self.pending.sampler_after, len(self.prompts), self.c.run.seed)
+        else:
+            self.pending = None
+            self.sampler = (PromptSampler.from_state(self.state.sampler, len(self.prompts), self.c.run.seed)
+                            if self.state.sampler else PromptSampler(len(self.prompts), self.c.run.seed))
+        self.in_hand = None
         if isinstance(error, GeneratorHung):
             self.parts.generators.restart_actor(error.index)
         alive = self.learner_alive()
-        if not alive or self.trained_this_attempt:
+        if not alive or self.learn_started:
             self.restore_learner(rebuild=not alive)
+        self.learner_version = self.committed_version
+        if self.pushing or self.state.policy_version > self.committed_version:
+            log.warning("re-syncing the generators to the round-start weights (version %d)", self.committed_version)
+            self.pushing = True
+            self.parts.sync(self.committed_version)
+            self.pushing = False
+            self.state.policy_version = self.committed_version
+
+    def rewind_to_last_round(self) -> None:
+        """Before a checkpoint of the last completed round on the way out: the failed attempt's
+        version is dropped, and only its already collected async samples stay pending (what that
+        checkpoint would have held); sampling still in flight is not waited for."""
+        self.learner_version = self.committed_version
+        held = self.in_hand
+        keep = self.c.loop.mode == "async" and held is not None and held.groups is not None \
+            and held.round == self.state.round + 1
+        self.pending, self.in_hand = (held if keep else None), None
 
     def learner_alive(self) -> bool:
         import ray
@@ -343,19 +407,10 @@ class Loop:
                 self.parts.learner.train(pairs, round=j, beta=beta)
         log.info("learner restored: %s, then the pairs of rounds %d..%d replayed",
                  path.name if path else "initial weights", start + 1, self.state.round)
-        # The generators get these weights under a new version number.
-        self.learner_version = max(self.learner_version, self.state.policy_version) + 1
 
 
 def _rank(worker) -> int:
     return worker.rank
-
-
-class _Ready:
-    """A sampling result already in hand, passed where a pending handle is expected."""
-
-    def __init__(self, groups):
-        self.groups = groups
 
 
 def format_round(rec: dict, rounds: int) -> str:
@@ -445,8 +500,9 @@ def checkpoint_before_failing(loop: Loop, save_checkpoint) -> None:
             log.warning("the learner is gone: no checkpoint of round %d before stopping", loop.state.round)
             return
         loop.metrics.set_phase("checkpoint", loop.state.round)
-        if loop.trained_this_attempt:
+        if loop.learn_started:
             loop.restore_learner(rebuild=False)
+        loop.rewind_to_last_round()
         save_checkpoint(loop.state)
     except Exception as e:
         log.warning("could not checkpoint round %d before stopping: %s: %s", loop.state.round, type(e).__name__, e)

@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 
 from orchestrator.config import RunConfig, dump_config
-from orchestrator.data import DataError, load_prompts
-from orchestrator.loop import Loop, LoopState, Parts, drive
+from orchestrator.data import DataError, PromptSampler, load_prompts
+from orchestrator.loop import Loop, LoopState, Parts, Pending, drive
 from orchestrator.metrics import Metrics
+from orchestrator.pending import load_pending, save_pending
 from orchestrator.preflight import await_fit
 from orchestrator.progress import ProgressWatcher
 from orchestrator.rundir import RunDir, checkpoint_problem
@@ -56,9 +57,9 @@ def connect_ray(c: RunConfig) -> None:
         log.info("connected to Ray cluster at %s", os.environ["RAY_ADDRESS"])
         return
     # A local cluster: advertise enough logical CPUs for every actor (the demo's share a 2-core box).
-    # address="local": a new cluster of our own, even when someone's `ray start` cluster runs here
-    # (plain ray.init() would join that one, and then refuses num_cpus).
     num_cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed(c)))
+    # address="local": a new cluster even when another one runs on this machine (plain ray.init()
+    # would join that one, and refuse num_cpus).
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
              runtime_env=local_runtime_env())
     log.info("started a local Ray cluster with %d CPUs", num_cpus)
@@ -102,17 +103,17 @@ def build_parts(c: RunConfig, rd: RunDir) -> Parts:
                  sync_cfg=c.sync, run_dir=str(rd.root))
 
 
-def run(c: RunConfig, resume: bool = False, wait_for_resources_s: float = 0.0) -> int:
+def run(c: RunConfig, resume: bool = False, wait_for_resources_s: float = 0.0,
+        allow_config_change: bool = False) -> int:
     setup_logging()
+    from orchestrator.resume_check import check_run_dir
     from orchestrator.security import config_warnings
 
     for warning in config_warnings(c):
         log.warning(warning)
     rd = RunDir(Path(c.run.output_dir) / c.run.name)
     rd.create()
-    if rd.checkpoints() and not resume:
-        log.info("%s already has checkpoints: resuming from the last one", rd.root)
-        resume = True
+    check_run_dir(rd, c, resume, allow_config_change)  # before Ray: a refused resume is exit 2
     prompts = load_prompts(c.data.source, c.data.split, c.data.prompt_field, subset=c.data.subset)
     eval_prompts = None
     if c.data.eval_source and c.loop.eval_every:
@@ -143,20 +144,31 @@ def run(c: RunConfig, resume: bool = False, wait_for_resources_s: float = 0.0) -
     try:
         # Before any sampling: actors look the progress board up once, at their first report.
         watcher = ProgressWatcher(metrics, parts.judges, c.run.seed, c.log.progress_every_s).start()
-        state = LoopState()
+        state, pending = LoopState(), None
         if resume:
-            state = restore(rd, parts)
+            state, pending = restore(rd, parts, prompts.rows, c.data.prompt_field)
         loop = Loop(c, rd, parts, prompts, eval_prompts, metrics, stop, state)
+        if pending is not None:
+            loop.pending = pending
+            loop.sampler = PromptSampler.from_state(pending.sampler_after, len(prompts), c.run.seed)
         loop.trackers = trackers = open_trackers(c, rd)
 
         def save_checkpoint(st: LoopState) -> None:
+            from actors import rng_state
+
             t0 = time.perf_counter()
             staging = rd.staging_checkpoint_path(st.round)
             parts.learner.save(str(staging))
+            # Async mode: the next round is being sampled with older weights; keep its samples.
+            saved_pending = None
+            if loop.pending is not None:
+                loop.collect(loop.pending)
+                saved_pending = save_pending(loop.pending, staging)
             payload = {"round": st.round, "policy_version": loop.learner_version, "sampler": st.sampler,
                        "pairs_total": st.pairs_total, "rounds_without_pairs": st.rounds_without_pairs,
                        "beta": st.beta, "length_counts": st.length_counts,
-                       "seed": c.run.seed, "mode": c.loop.mode, "saved_at": time.time()}
+                       "seed": c.run.seed, "mode": c.loop.mode, "saved_at": time.time(),
+                       "pending": saved_pending, "rng": rng_state.capture()}
             path = rd.commit_checkpoint(staging, st.round, payload)
             rd.prune_checkpoints(c.loop.keep_checkpoints)
             log.info("checkpoint %s written in %.1fs", path, time.perf_counter() - t0)
@@ -176,8 +188,11 @@ def run(c: RunConfig, resume: bool = False, wait_for_resources_s: float = 0.0) -
     return 0
 
 
-def restore(rd: RunDir, parts: Parts) -> LoopState:
-    """Load the newest good checkpoint into the learner and generators; trim later outputs."""
+def restore(rd: RunDir, parts: Parts, rows: list[dict], prompt_field: str) -> tuple[LoopState, Pending | None]:
+    """Load the newest good checkpoint into the learner and generators, put back the driver's
+    RNG states, trim later outputs; also returns the async round it had in flight, if any."""
+    from actors import rng_state
+
     path, passed_over = rd.latest_good_checkpoint(checkpoint_problem)
     for reason in passed_over:
         log.warning("skipping checkpoint %s", reason)
@@ -185,17 +200,22 @@ def restore(rd: RunDir, parts: Parts) -> LoopState:
         log.warning("no usable checkpoint in %s: starting from round 0", rd.checkpoints_dir)
         rd.truncate_metrics(-1)
         rd.remove_pairs_after(0)
-        return LoopState()
+        return LoopState(), None
     saved = rd.read_checkpoint_state(path)
+    pending = load_pending(path, saved.get("pending"), rows, prompt_field)
     parts.learner.load(str(path))
     version = int(saved["policy_version"])
     parts.sync(version)
+    if saved.get("rng"):
+        rng_state.restore(saved["rng"])
     rd.truncate_metrics(saved["round"])
     rd.remove_pairs_after(saved["round"])
-    log.info("resumed from %s: round %d, policy version %d", path, saved["round"], version)
-    return LoopState(round=saved["round"], policy_version=version, sampler=saved["sampler"],
-                     pairs_total=saved.get("pairs_total", 0), rounds_without_pairs=saved.get("rounds_without_pairs", 0),
-                     beta=saved.get("beta"), length_counts=saved.get("length_counts", {}))
+    log.info("resumed from %s: round %d, policy version %d%s", path, saved["round"], version,
+             f", round {pending.round}'s samples taken from the checkpoint" if pending else "")
+    state = LoopState(round=saved["round"], policy_version=version, sampler=saved["sampler"],
+                      pairs_total=saved.get("pairs_total", 0), rounds_without_pairs=saved.get("rounds_without_pairs", 0),
+                      beta=saved.get("beta"), length_counts=saved.get("length_counts", {}))
+    return state, pending
 
 
 _checkpoint_problem = checkpoint_problem  # (older name)

@@ -9,8 +9,9 @@ Layout (see DESIGN.md)::
     runs/<name>/status.json            the live /status document
     runs/<name>/plots/
 
-Every file is written to a temporary name and renamed, so a crash never leaves a half file; a
-checkpoint folder is complete only when its ``loop_state.json`` (written last) parses.
+Every file is written to a temporary name, fsync'd, renamed, and its folder fsync'd
+(``actors.durable``), so a crash or power loss never leaves a half file; a checkpoint folder is
+complete only when its ``loop_state.json`` (written last) parses.
 """
 
 from __future__ import annotations
@@ -22,16 +23,13 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
+from actors.durable import fsync_dir, replace_durably, write_atomic, write_text_atomic
+
 CHECKPOINT_STATE = "loop_state.json"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def _jsonable(value: Any) -> Any:
@@ -75,10 +73,13 @@ class RunDir:
     # --- metrics -----------------------------------------------------------------------------
     def append_metrics(self, record: dict) -> None:
         """Append one round's line; a line is only ever appended whole (fsync'd)."""
+        created = not self.metrics_path.exists()
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(_jsonable(record)) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if created:
+            fsync_dir(self.root)
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics_path.exists():
@@ -114,10 +115,7 @@ class RunDir:
             if name in table.column_names:
                 index = table.column_names.index(name)
                 table = table.set_column(index, name, table.column(name).cast(pa.list_(pa.int32())))
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-        return path
+        return write_atomic(path, lambda tmp: pq.write_table(table, tmp))
 
     def read_pairs(self, round_: int) -> list[dict]:
         path = self.pairs_path(round_)
@@ -143,12 +141,13 @@ class RunDir:
         return path
 
     def commit_checkpoint(self, staging: Path, round_: int, state: dict) -> Path:
-        """Write the loop state last, then move the folder into place."""
+        """Write the loop state last, then move the folder into place (every file in it, the
+        folder and ``checkpoints/`` fsync'd around the rename)."""
         atomic_write_text(staging / CHECKPOINT_STATE, json.dumps(state, indent=1) + "\n")
         final = self.checkpoint_path(round_)
         if final.exists():
             shutil.rmtree(final)
-        os.replace(staging, final)
+        replace_durably(staging, final)
         return final
 
     def checkpoints(self) -> list[Path]:

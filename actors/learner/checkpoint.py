@@ -15,6 +15,10 @@ Layout under ``path`` (format 2)::
 worker sees. Format 1 (``policy/``, ``reference.safetensors``, ``optimizer.pt``, written by
 earlier versions) still loads: its weights are streamed from rank 0 like the initial model.
 
+Every part is fsynced before its rename and the folder after it (``actors.durable``), so a crash
+never leaves a half-written part. Each rank also writes ``rng_rank_<k>.json`` (its Python, numpy
+and torch RNG states, ``actors.rng_state``) and restores it on load.
+
 This module knows the learner only through the attributes it reads (``model``, ``reference``,
 ``optimizer``, ...); it imports nothing from ``engine``.
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import warnings
@@ -31,6 +36,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from actors.durable import replace_durably, write_text_atomic
+
+log = logging.getLogger(__name__)
 
 FORMAT = 2
 STATE_DIR, POLICY_DIR, TRAINER_FILE = "state", "policy", "trainer.json"
@@ -55,7 +64,7 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
     if final.exists():
         os.replace(final, old)
-    os.replace(tmp, final)
+    replace_durably(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -90,6 +99,7 @@ def save(learner: Any, path: str) -> None:
         for stale in (staged_state, staged_policy):
             shutil.rmtree(stale, ignore_errors=True)
     _barrier()
+    _save_rng(learner, root)
     # An optimizer that has not stepped has no state, and asking DCP for it would create some.
     has_optimizer = bool(learner.optimizer.state)
     state = _sharded_state(learner, optimizer=has_optimizer)
@@ -107,9 +117,7 @@ def save(learner: Any, path: str) -> None:
         meta = {"format": FORMAT, "strategy": "fsdp" if learner.fsdp else "ddp", "world_size": learner.world_size,
                 "optimizer": has_optimizer, "scheduler": learner.scheduler.state_dict(), "steps": learner.steps,
                 "skipped_steps": learner.skipped_steps}
-        tmp = root / f".{TRAINER_FILE}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(meta, indent=1) + "\n")
-        os.replace(tmp, root / TRAINER_FILE)
+        write_text_atomic(root / TRAINER_FILE, json.dumps(meta, indent=1) + "\n")
     _barrier()
 
 
@@ -145,7 +153,11 @@ def _load_sharded(learner: Any, root: Path) -> None:
     if meta["optimizer"]:
         set_optimizer_state_dict(learner.model, learner.optimizer, state["optimizer"])
     learner.scheduler.load_state_dict(meta["scheduler"])
+    # A step that failed after its backward (an error, or an injected fault) left gradients behind;
+    # the restored state has none, or the next step would add them in.
+    learner.optimizer.zero_grad(set_to_none=True)
     learner.steps, learner.skipped_steps = int(meta["steps"]), int(meta["skipped_steps"])
+    _load_rng(learner, root)
 
 
 def _load_legacy(learner: Any, root: Path) -> None:
@@ -173,7 +185,9 @@ def _load_legacy(learner: Any, root: Path) -> None:
     else:
         learner.optimizer.load_state_dict(state["optimizer"])
     learner.scheduler.load_state_dict(state["scheduler"])
+    learner.optimizer.zero_grad(set_to_none=True)  # as in _load_sharded
     learner.steps, learner.skipped_steps = int(state["steps"]), int(state["skipped_steps"])
+    _load_rng(learner, root)
 
 
 def checkpoint_problem(path: Path) -> str | None:
@@ -199,3 +213,21 @@ def checkpoint_problem(path: Path) -> str | None:
         if not f.exists() or f.stat().st_size < end:
             return f"{STATE_DIR}/{name} is {'missing' if not f.exists() else 'truncated'}"
     return None
+
+
+# -- RNG states (one file per rank) -------------------------------------------------------------
+
+def _save_rng(learner: Any, root: Path) -> None:
+    from actors import rng_state
+
+    write_text_atomic(root / f"rng_rank_{learner.rank}.json", json.dumps(rng_state.capture()))
+
+
+def _load_rng(learner: Any, root: Path) -> None:
+    from actors import rng_state
+
+    path = root / f"rng_rank_{learner.rank}.json"
+    if not path.exists():  # older checkpoints, or more ranks than when it was saved
+        log.warning("learner checkpoint %s: no %s; rank %d keeps its current RNG state", root, path.name, learner.rank)
+        return
+    rng_state.restore(json.loads(path.read_text()))

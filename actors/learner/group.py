@@ -99,6 +99,10 @@ class LearnerGroup:
         """Fault injection: rank 0's loss is NaN for the next ``steps`` steps (all ranks then skip them)."""
         self._get(self.rank0.inject_nan_next_step.remote(steps), "inject_nan")
 
+    def inject_raise(self, after_steps: int) -> None:
+        """Fault injection: every rank's next ``train`` raises after ``after_steps`` optimizer steps."""
+        self._all("inject_raise", after_steps, what="inject_raise")
+
     def shutdown(self) -> None:
         """Kill the workers and free the placement group (safe to call twice)."""
         for w in self.workers:

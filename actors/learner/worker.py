@@ -56,7 +56,11 @@ class LearnerWorker:
     # The round API (each a collective: the group calls every worker at once).
 
     def train(self, pairs: list, round: int, beta: float | None = None) -> dict:
-        return self.engine.train(pairs, round, beta)
+        from actors.learner.fault_hooks import raise_after_steps
+
+        armed, self.fault_raise_after = getattr(self, "fault_raise_after", None), None
+        with raise_after_steps(self.engine.optimizer, armed):
+            return self.engine.train(pairs, round, beta)
 
     def evaluate(self, pairs: list, beta: float | None = None) -> dict:
         return self.engine.evaluate(pairs, beta)
@@ -70,6 +74,10 @@ class LearnerWorker:
     def inject_nan_next_step(self, steps: int = 1) -> None:
         """Fault injection: this rank's loss is NaN on its next ``steps`` optimizer steps."""
         self.engine.inject_nan(steps)
+
+    def inject_raise(self, after_steps: int) -> None:
+        """Fault injection: the next ``train`` raises after ``after_steps`` optimizer steps."""
+        self.fault_raise_after = after_steps
 
     # The hook for weight sync and tests.
 

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from tests.conftest import REPO
+from tests.e2e.conftest import wait_for_job
 from tests.integration.runs import TINY
 
 pytestmark = pytest.mark.e2e
@@ -36,14 +37,7 @@ def wait_job(cluster, job_id: str, timeout: float) -> tuple[str, str, float]:
     """Poll until the job ends or ``timeout`` seconds pass; returns (status, logs, time it ended)."""
     from ray.job_submission import JobSubmissionClient
 
-    client = JobSubmissionClient(cluster["address"])
-    deadline, status = time.time() + timeout, None
-    while time.time() < deadline:
-        status = str(client.get_job_status(job_id)).rsplit(".", 1)[-1]
-        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
-            break
-        time.sleep(1)
-    return status, client.get_job_logs(job_id), time.time()
+    return wait_for_job(JobSubmissionClient(cluster["address"]), job_id, timeout)
 
 
 def test_a_cluster_too_small_fails_the_job_at_once_naming_the_field(cluster, tmp_path):

@@ -34,7 +34,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
                                            "TOKENIZERS_PARALLELISM": "false"}})
     yield ray

@@ -116,7 +116,7 @@ def add_node(nodes: list[RayNode], attempts: int = 3, **kwargs) -> RayNode:
         node = start_node(head_address=nodes[0].gcs if nodes else None, **kwargs)
         nodes.append(node)
         try:
-            wait_for_nodes(nodes, len(nodes), starting=node)
+            wait_for_nodes(nodes, len(nodes), starting=node, env=kwargs.get("env"))
             return node
         except NodeStartFailed:
             if attempt == attempts:
@@ -129,14 +129,16 @@ class NodeStartFailed(AssertionError):
     """`ray start` of a node exited before the node joined."""
 
 
-def wait_for_nodes(nodes: list[RayNode], count: int, timeout: float = 300, starting: RayNode | None = None) -> None:
+def wait_for_nodes(nodes: list[RayNode], count: int, timeout: float = 300, starting: RayNode | None = None,
+                   env: dict | None = None) -> None:
     """Wait until the cluster of ``nodes`` (the head first) has ``count`` alive nodes, asked by a
-    short-lived driver; on failure the nodes' own logs say why."""
+    short-lived driver (``env``: the extra environment that reaches it, e.g. a token); on failure
+    the nodes' own logs say why."""
     code = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False);"
             "print(sum(1 for n in ray.nodes() if n['Alive']))")
     deadline = time.time() + timeout
     while True:
-        out = subprocess.run([sys.executable, "-c", code, nodes[0].gcs], env=node_env(), capture_output=True,
+        out = subprocess.run([sys.executable, "-c", code, nodes[0].gcs], env=node_env(**(env or {})), capture_output=True,
                              text=True, timeout=120)
         alive = out.stdout.strip().splitlines()[-1:]
         if out.returncode == 0 and alive == [str(count)]:

@@ -285,7 +285,7 @@ def test_prometheus_scrapes_the_port_the_recipes_serve_on():
     port = int(target.rsplit(":", 1)[1])
     for recipe in ("gsm8k-qwen2.5-0.5b", "ultrafeedback-rm", "self-rewarding"):
         metrics = load_config(REPO / "configs" / f"{recipe}.yaml").metrics
-        assert (metrics.port, metrics.host) == (port, "0.0.0.0"), recipe
+        assert (metrics.port, metrics.host) == (port, "127.0.0.1"), recipe
         assert jobs["odpo"]["metrics_path"] == "/metrics"
     keep = [r for r in jobs["odpo-kuberay"]["relabel_configs"]
             if r.get("source_labels") == ["__meta_kubernetes_pod_container_port_name"]]

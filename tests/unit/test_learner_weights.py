@@ -114,7 +114,7 @@ def test_checkpoint_round_trip_and_problem_detection(learner, tmp_path):
     path = tmp_path / "round_1"
     learner.save(str(path))
     saved = _state(learner)
-    assert sorted(p.name for p in path.iterdir()) == ["policy", "state", "trainer.json"]
+    assert sorted(p.name for p in path.iterdir()) == ["policy", "rng_rank_0.json", "state", "trainer.json"]
     assert json.loads((path / "trainer.json").read_text())["format"] == 2
     assert checkpoint_problem(path) is None
     policy = load_file(str(path / "policy" / "model.safetensors"))
