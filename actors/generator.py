@@ -13,10 +13,12 @@ import logging
 import os
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from actors.sampling import encode_prompt, engine_kwargs, prompt_seed, row_prompt, split_evenly, to_completion
+from actors.sampling import cpu_thread_binding, encode_prompt, engine_kwargs, prompt_seed, row_prompt, split_evenly, \
+    to_completion
 from actors.types import SampleGroup
 
 log = logging.getLogger(__name__)
@@ -40,10 +42,14 @@ class GeneratorActor:
 
         from actors import weight_sync
 
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu and gen_cfg.tensor_parallel_size > 1:  # vLLM's CPU workers each need their own cores
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
+                                  cpu_thread_binding(sorted(os.sched_getaffinity(0)), gen_cfg.tensor_parallel_size))
         self.model_cfg, self.gen_cfg, self.index, self.prompt_field = model_cfg, gen_cfg, index, prompt_field
-        self.llm = LLM(**engine_kwargs(model_cfg, gen_cfg, seed, on_gpu=torch.cuda.is_available(), extra=engine_extra))
+        self.llm = LLM(**engine_kwargs(model_cfg, gen_cfg, seed, on_gpu=on_gpu, extra=engine_extra))
         self.tokenizer = self.llm.get_tokenizer()
-        self.spec = weight_sync.engine_param_spec(model_cfg.path)
+        self.spec = weight_sync.engine_param_spec(self.llm)
         self.version = 0
 
     def ready(self) -> dict[str, Any]:
@@ -136,7 +142,7 @@ class GeneratorHung(GeneratorLost, TimeoutError):
     """A generator actor did not answer within its timeout (it is killed and restarted)."""
 
 
-@dataclass
+@dataclass(eq=False)
 class PendingSample:
     """A submitted ``sample`` call; hand it to ``GeneratorPool.collect``."""
 
@@ -176,6 +182,7 @@ class GeneratorPool:
                        for i in range(gen_cfg.num_actors)]
         self._served = [0] * gen_cfg.num_actors
         self._info: list[dict] = [{} for _ in self.actors]
+        self._submitted: weakref.WeakSet[PendingSample] = weakref.WeakSet()
         try:
             for i in range(len(self.actors)):
                 self._info[i] = self._await_ready(i, count_restart=False)
@@ -200,6 +207,7 @@ class GeneratorPool:
         rows = list(rows)
         shares = {i: b for i, b in enumerate(split_evenly(len(rows), len(self.actors))) if b[1] > b[0]}
         pending = PendingSample(rows, seed, greedy, self.version, shares, {}, {}, overrides=overrides)
+        self._submitted.add(pending)
         for i in shares:
             self._dispatch(pending, i)
         return pending
@@ -259,6 +267,18 @@ class GeneratorPool:
         pending.refs[i] = self.actors[i].sample.remote(pending.rows[start:end], pending.seed, pending.greedy, start,
                                                        pending.overrides)
         pending.deadlines[i] = time.perf_counter() + self.gen_cfg.timeout_s
+
+    def drain(self) -> int:
+        """Wait until no actor is inside a submitted ``sample`` call (results stay for ``collect``);
+        past a call's deadline its actor counts as hung. Returns how many calls were waited for."""
+        import ray
+
+        calls = [(i, ref, p.deadlines[i]) for p in list(self._submitted) for i, ref in p.refs.items()]
+        for i, ref, deadline in sorted(calls, key=lambda c: c[2]):
+            ready, _ = ray.wait([ref], timeout=max(0.0, deadline - time.perf_counter()))
+            if not ready:
+                raise GeneratorHung(i, f"{self.actor_name(i)} did not finish sample within {self.gen_cfg.timeout_s}s")
+        return len(calls)
 
     # -- versions and weights ------------------------------------------------------------------
 

@@ -1,0 +1,143 @@
+"""The engine side of weight sync: runs inside a generator actor, next to its vLLM engine.
+
+What the engine loads (``engine_param_spec``: the checkpoint's own files, in the dtype the engine
+serves), loading a publication (``load_into_engine``), the bare reload benchmarks compare with
+(``reload_tensors``) and one step of vLLM's NCCL weight-transfer protocol
+(``engine_transfer_step``).
+
+With ``tensor_parallel_size > 1`` the engine's workers are vLLM's own processes, not Ray workers:
+an object-store publication is fetched here, in the engine's process (a Ray worker), and its
+tensors go to the workers as arguments of vLLM's ``collective_rpc`` (its message queue carries CPU
+tensors out of band). Shared-memory and disk publications are opened by each worker itself.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from actors.shm_buffer import map_buffer, tensor_view
+from actors.weight_layout import ParamSpec, check_dtypes, check_params, dtype_name, dtype_of
+from actors.weight_sync.names import checkpoint_spec, config_spec
+
+
+def local_checkpoint(model: str, revision: str | None = None, download_dir: str | None = None) -> Path | None:
+    """The local folder of the engine's checkpoint: the folder itself, or (hub ids) its snapshot
+    in the Hugging Face cache the engine downloaded it to; None when it is not there."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, revision=revision, cache_dir=download_dir, local_files_only=True,
+                                      allow_patterns=["*.json", "*.safetensors"]))
+    except Exception:  # not cached (or not a hub id): the config is the fallback
+        return None
+
+
+def engine_param_spec(llm) -> ParamSpec:
+    """What the engine's model loads, in checkpoint naming and the engine's dtype: the safetensors
+    headers of its checkpoint files (the names vLLM maps), or, when they are not local, a
+    meta-device transformers model turned back into checkpoint naming."""
+    mc = llm.llm_engine.model_config
+    dtype = dtype_name(mc.dtype)
+    folder = local_checkpoint(mc.model, mc.revision, llm.llm_engine.vllm_config.load_config.download_dir)
+    spec = checkpoint_spec(folder, dtype) if folder is not None else None
+    return spec if spec is not None else config_spec(mc.hf_config, dtype)
+
+
+def open_published(desc: dict) -> list[tuple[str, torch.Tensor]]:
+    """The published tensors, in publication order, without copying where the transport allows."""
+    kind, slots = desc["kind"], desc["slots"]
+    if kind == "object_store":
+        import ray
+
+        arrays = ray.get(desc["ref"][0])
+        with warnings.catch_warnings():
+            # Object-store arrays are read-only; the engine only reads them.
+            warnings.simplefilter("ignore", UserWarning)
+            return [(s.name, torch.from_numpy(a).view(dtype_of(s.dtype)).view(s.shape)) for s, a in zip(slots, arrays)]
+    if kind == "shm":
+        buf = map_buffer(desc["path"])
+        return [(s.name, tensor_view(buf, s)) for s in slots]
+    if kind == "disk":
+        from safetensors.torch import load_file
+
+        state = load_file(desc["path"])
+        return [(s.name, state[s.name]) for s in slots]
+    raise ValueError(f"unknown weight publication kind {kind!r}")
+
+
+def _refresh_tied(worker) -> int:
+    """Re-run post-load processing of modules whose weight is tied to an earlier module's.
+
+    A checkpoint-format reload skips a tied ``lm_head`` (checkpoints carry no weights for it), so
+    a kernel that packed its weight at load time (vLLM's CPU GEMM does) would keep computing
+    logits from the old embeddings. Returns how many modules were refreshed.
+    """
+    seen, refreshed = set(), 0
+    for module in worker.get_model().modules():
+        weight, method = getattr(module, "weight", None), getattr(module, "quant_method", None)
+        if method is None or not isinstance(weight, torch.Tensor) or weight.numel() == 0:
+            continue
+        if weight.data_ptr() in seen:
+            method.process_weights_after_loading(module)
+            refreshed += 1
+        seen.add(weight.data_ptr())
+    return refreshed
+
+
+def _reload(worker, payload: dict | list) -> None:
+    # Runs on each vLLM worker: a publication to open (``desc``) or tensors handed over by the
+    # engine's process. Checkpoint-format reload repacks CPU linear layers (DESIGN.md).
+    named = open_published(payload) if isinstance(payload, dict) else payload
+    worker.reload_weights(weights_iterator=iter(named), is_checkpoint_format=True)
+    _refresh_tied(worker)
+
+
+def tensor_parallel_size(llm) -> int:
+    return llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size
+
+
+def load_into_engine(llm, desc: dict, spec: ParamSpec) -> float:
+    """Check ``desc`` against the engine's model (names, shapes, dtype), then reload the engine
+    from it; returns seconds."""
+    check_params([(s.name, s.shape) for s in desc["slots"]], spec)
+    check_dtypes([(s.name, s.dtype) for s in desc["slots"]], spec)
+    start = time.perf_counter()
+    # vLLM's TP workers are not Ray workers: the engine's process fetches object-store tensors.
+    payload: Any = open_published(desc) if desc["kind"] == "object_store" else desc
+    llm.collective_rpc(_reload, args=(payload,))
+    llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+    return time.perf_counter() - start
+
+
+def reload_tensors(llm, named: list[tuple[str, torch.Tensor]]) -> float:
+    """The engine's floor: a bare in-process reload of tensors already in memory (benchmarks)."""
+    start = time.perf_counter()
+    llm.collective_rpc(lambda worker: worker.reload_weights(weights_iterator=iter(named), is_checkpoint_format=True))
+    seconds = time.perf_counter() - start
+    llm.collective_rpc(_refresh_tied)
+    return seconds
+
+
+def engine_transfer_step(llm, step: str, payload: Any = None) -> None:
+    """One step of vLLM's weight-transfer protocol on this engine (``nccl`` backend)."""
+    if step == "init":
+        llm.shutdown_weight_transfer_engine()  # a re-init (after a generator restart) replaces the group
+        llm.init_weight_transfer_engine({"init_info": payload})
+    elif step == "start":
+        llm.start_weight_update()
+    elif step == "update":
+        llm.update_weights({"update_info": payload})
+    elif step == "finish":
+        llm.finish_weight_update()
+        llm.collective_rpc(_refresh_tied)
+        llm.reset_prefix_cache()
+    else:
+        raise ValueError(f"unknown weight transfer step {step!r}")
