@@ -92,12 +92,35 @@ def _refresh_tied(worker) -> int:
     return refreshed
 
 
+def _repack_cpu_experts(worker) -> int:
+    """Re-run the CPU MoE experts' weight prepacking after a reload; returns how many layers.
+
+    vLLM 0.32 prepacks CPU expert weights into its grouped-GEMM layout once, at the first load,
+    and skips that step on a weight update (it copies checkpoint-layout weights into the packed
+    storage), so a reloaded MoE engine on CPU computes from garbage until the experts are packed
+    again. GPU kernels are not touched.
+    """
+    repacked = 0
+    for module in worker.get_model().modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if type(experts).__name__ == "CPUUnquantizedExperts" and not getattr(experts, "_use_zentorch", False):
+            experts.process_weights_after_loading(module)
+            repacked += 1
+    return repacked
+
+
+def _after_reload(worker) -> None:
+    _refresh_tied(worker)
+    _repack_cpu_experts(worker)
+
+
 def _reload(worker, payload: dict | list) -> None:
     # Runs on each vLLM worker: a publication to open (``desc``) or tensors handed over by the
     # engine's process. Checkpoint-format reload repacks CPU linear layers (DESIGN.md).
     named = open_published(payload) if isinstance(payload, dict) else payload
     worker.reload_weights(weights_iterator=iter(named), is_checkpoint_format=True)
-    _refresh_tied(worker)
+    _after_reload(worker)
 
 
 def tensor_parallel_size(llm) -> int:
@@ -122,7 +145,7 @@ def reload_tensors(llm, named: list[tuple[str, torch.Tensor]]) -> float:
     start = time.perf_counter()
     llm.collective_rpc(lambda worker: worker.reload_weights(weights_iterator=iter(named), is_checkpoint_format=True))
     seconds = time.perf_counter() - start
-    llm.collective_rpc(_refresh_tied)
+    llm.collective_rpc(_after_reload)
     return seconds
 
 
@@ -137,7 +160,7 @@ def engine_transfer_step(llm, step: str, payload: Any = None) -> None:
         llm.update_weights({"update_info": payload})
     elif step == "finish":
         llm.finish_weight_update()
-        llm.collective_rpc(_refresh_tied)
+        llm.collective_rpc(_after_reload)
         llm.reset_prefix_cache()
     else:
         raise ValueError(f"unknown weight transfer step {step!r}")
