@@ -99,6 +99,8 @@ class GeneratorActor:
         if prompts:
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
             for group, out in zip(sampled, outputs):
+                # What the engine itself reports it received: the learner trains these ids.
+                group.prompt_token_ids = list(out.prompt_token_ids)
                 group.completions = [to_completion(c) for c in out.outputs]
         elapsed = time.perf_counter() - t0
         for group in groups:
@@ -257,7 +259,7 @@ class GeneratorPool:
         # The engines' own time (the slowest share): in async mode the span from submit to collect
         # also covers whatever the driver did meanwhile.
         engine_s = max((g.sample_s for g in groups), default=0.0)
-        tokens = sum(len(c.token_ids or ()) + (c.finish_reason == "stop") for g in groups for c in g.completions)
+        tokens = sum(len(c.token_ids or ()) for g in groups for c in g.completions)
         self.last_sample_stats = {"sample_s": seconds, "engine_s": engine_s, "tokens": float(tokens),
                                   "tokens_per_s": tokens / max(engine_s or seconds, 1e-9)}
         return groups

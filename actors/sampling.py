@@ -106,18 +106,21 @@ def split_evenly(count: int, parts: int) -> list[tuple[int, int]]:
 
 
 def to_completion(output) -> Completion:
-    """A vLLM ``CompletionOutput`` as a ``Completion``.
+    """A vLLM ``CompletionOutput`` as a ``Completion``, its ids exactly as sampled.
 
-    ``token_ids`` drop the EOS token that ended a ``stop`` completion (vLLM reports a stop string
-    or stop token in ``stop_reason``; ``None`` there means EOS); ``logprob`` sums the log-probs of
-    every sampled token, EOS included, under the unmodified policy (vLLM's raw log-probs).
+    ``token_ids`` are vLLM's output ids untouched: a completion that ended by sampling a stop token
+    (EOS, or an extra EOS id of ``generation_config`` such as Qwen's ``<|im_end|>``, reported in
+    ``stop_reason`` as an int) keeps that token, because the policy sampled it and the learner must
+    train it; one that ended on a stop string keeps every token sampled up to the one completing the
+    string (vLLM 0.32 cuts the string from ``text`` only); a ``length`` completion ends where the
+    budget ran out, with no EOS. ``abort`` (the engine gave up on the request) stays its own reason:
+    such completions are never paired. ``logprob`` sums the log-probs of exactly these tokens under
+    the unmodified policy (vLLM's raw log-probs), so it equals what the learner computes for them.
     """
-    ids = list(output.token_ids)
-    finish = "length" if output.finish_reason == "length" else "stop"
-    if finish == "stop" and output.stop_reason is None and ids:
-        ids = ids[:-1]
+    reason = output.finish_reason
+    finish = reason if reason in ("length", "abort") else "stop"
     logprob = output.cumulative_logprob
     if logprob is None and output.logprobs:
         logprob = sum(step[tok].logprob for step, tok in zip(output.logprobs, output.token_ids))
-    return Completion(text=output.text, finish_reason=finish,
-                      logprob=None if logprob is None else float(logprob), token_ids=ids)
+    return Completion(text=output.text, finish_reason=finish, logprob=None if logprob is None else float(logprob),
+                      token_ids=list(output.token_ids), stop_reason=output.stop_reason if finish == "stop" else None)

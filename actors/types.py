@@ -17,6 +17,7 @@ class SampleGroup:
     completions: list[Completion]
     policy_version: int
     prompt_token_ids: list[int] = field(default_factory=list)
+    """The prompt exactly as the engine received it (chat template, BOS and all): what the learner trains."""
     skipped: str | None = None
     """Why the prompt produced no completions (e.g. ``too_long``); None when sampled."""
     sample_s: float = 0.0

@@ -45,12 +45,16 @@ class Completion:
     """One sampled answer."""
 
     text: str
-    finish_reason: Literal["stop", "length"] = "stop"
-    """``length`` when the completion was cut off by the token limit."""
+    finish_reason: Literal["stop", "length", "abort"] = "stop"
+    """``stop`` when the model ended it (EOS, a stop token or a stop string), ``length`` when the token
+    limit cut it off, ``abort`` when the engine gave up on it (never paired)."""
     logprob: float | None = None
     """Summed log-probability under the policy that sampled it (used for tie-breaks)."""
     token_ids: list[int] | None = None
-    """The sampled token ids, when a generator produced them."""
+    """The sampled token ids exactly as the engine returned them (a sampled EOS or stop token
+    included), when a generator produced them: what the learner trains."""
+    stop_reason: int | str | None = None
+    """For ``stop``: None for EOS, the stop token id, or the stop string that ended the answer."""
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Pair selection: a prompt's scored completions become chosen/rejected preference pairs.
 
-Only completions with a finite score take part. A prompt yields no pair, counted by reason, when
+Only completions with a finite score take part, and never one the engine aborted (its tokens are
+not a finished sample; each is counted in ``aborted``). A prompt yields no pair, counted by reason, when
 fewer than two completions are scored (``too_few_scored``), when all scores are equal (``tie``),
 or when no candidate pair reaches the margin (``below_margin``). Scores within ``TIE_TOL`` of
 each other are equal, so float noise never makes a pair.
@@ -39,14 +40,15 @@ from judges.pairs_types import PreferencePair
 TIE_TOL = 1e-9
 """Scores closer than this are equal."""
 
-REASONS = ("tie", "below_margin", "too_few_scored")
+REASONS = ("tie", "below_margin", "too_few_scored", "aborted")
 
 
 @dataclass
 class PairSelection:
     pairs: list[PreferencePair] = field(default_factory=list)
     dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REASONS, 0))
-    """Prompts that yielded no pair, by reason (every reason present, 0 when none)."""
+    """Prompts that yielded no pair, by reason, and ``aborted`` completions left out (every key
+    present, 0 when none)."""
     prompt_index: list[int] = field(default_factory=list)
     """For each pair, the index of its item."""
 
@@ -80,12 +82,13 @@ def _pick(candidates: list[int], completions: list[Completion], tie_break: str, 
     return min(candidates, key=lambda j: _rank_key(completions[j], j, tie_break, 0.0))
 
 
-def _make_pair(item: JudgeItem, chosen: int, rejected: int, scores: list, version: int) -> PreferencePair:
+def _make_pair(item: JudgeItem, chosen: int, rejected: int, scores: list, version: int,
+               prompt_ids: list[int] | None) -> PreferencePair:
     c, r = item.completions[chosen], item.completions[rejected]
     return PreferencePair(
         prompt=item.prompt, chosen=c.text, rejected=r.text,
         chosen_score=_as_score(scores[chosen]), rejected_score=_as_score(scores[rejected]),
-        row=item.row, policy_version=version,
+        row=item.row, policy_version=version, prompt_token_ids=prompt_ids,
         chosen_token_ids=c.token_ids, rejected_token_ids=r.token_ids,
         chosen_finish_reason=c.finish_reason, rejected_finish_reason=r.finish_reason,
     )
@@ -137,10 +140,12 @@ def select_pairs(
     tie_break: str = "logprob",
     max_pairs_per_prompt: int = 4,
     versions: list[int] | None = None,
+    prompt_token_ids: list[list[int]] | None = None,
     rng: random.Random | None = None,
 ) -> PairSelection:
     """Preference pairs from ``items`` and their ``scores`` (one list per item, one score per
-    completion); ``versions[i]`` is the policy version that sampled item i (0 when not given)."""
+    completion); ``versions[i]`` is the policy version that sampled item i (0 when not given) and
+    ``prompt_token_ids[i]`` the ids its engine received (carried into the pairs for the learner)."""
     if strategy not in ("best_worst", "best_random", "all_pairs_above_margin"):
         raise ValueError(f"pairs.strategy: must be best_worst, best_random or all_pairs_above_margin, got {strategy!r}")
     if tie_break not in ("logprob", "random", "shorter"):
@@ -151,20 +156,24 @@ def select_pairs(
         raise ValueError(f"pairs.max_pairs_per_prompt: must be >= 1, got {max_pairs_per_prompt}")
     if len(scores) != len(items):
         raise ValueError(f"select_pairs: {len(scores)} score lists for {len(items)} items")
-    if versions is not None and len(versions) != len(items):
-        raise ValueError(f"select_pairs: {len(versions)} versions for {len(items)} items")
+    for name, per_item in (("versions", versions), ("prompt_token_ids", prompt_token_ids)):
+        if per_item is not None and len(per_item) != len(items):
+            raise ValueError(f"select_pairs: {len(per_item)} {name} for {len(items)} items")
     rng = rng if rng is not None else random.Random(0)
     out = PairSelection()
     for i, (item, row_scores) in enumerate(zip(items, scores)):
         if len(row_scores) != len(item.completions):
             raise ValueError(f"select_pairs: item {i}: {len(row_scores)} scores for {len(item.completions)} completions")
-        found, reason = _pairs_for_item(item, list(row_scores), strategy, min_margin, tie_break,
-                                        max_pairs_per_prompt, rng)
+        aborted = [c.finish_reason == "abort" for c in item.completions]
+        out.dropped["aborted"] += sum(aborted)
+        usable = [None if gone else s for s, gone in zip(row_scores, aborted)]
+        found, reason = _pairs_for_item(item, usable, strategy, min_margin, tie_break, max_pairs_per_prompt, rng)
         if reason:
             out.dropped[reason] += 1
             continue
         version = versions[i] if versions is not None else 0
+        prompt_ids = list(prompt_token_ids[i]) if prompt_token_ids is not None else None
         for chosen, rejected in found:
-            out.pairs.append(_make_pair(item, chosen, rejected, row_scores, version))
+            out.pairs.append(_make_pair(item, chosen, rejected, row_scores, version, prompt_ids))
             out.prompt_index.append(i)
     return out

@@ -19,9 +19,17 @@ class PreferencePair:
     """The prompt's dataset row (other columns, e.g. the gold answer) for the pairs file."""
     policy_version: int = 0
     """Version of the policy that sampled both answers."""
+    prompt_token_ids: list[int] | None = None
+    """The prompt's ids exactly as the generator's engine received them."""
     chosen_token_ids: list[int] | None = None
     rejected_token_ids: list[int] | None = None
-    """Sampled completion token ids (without EOS) when known; the learner re-tokenizes otherwise."""
+    """The completion ids the learner trains: for a sampled side exactly what the engine returned
+    (a sampled EOS or stop token included, nothing appended). Pairs files written before odpo
+    carried ids end to end have no prompt ids and completion ids without their EOS: the learner
+    re-tokenizes their prompt and appends the EOS, as it did when they were written."""
     chosen_finish_reason: str = "stop"
     rejected_finish_reason: str = "stop"
-    """``stop`` completions end with EOS in the learner's sequence; ``length`` ones do not."""
+    """How each side ended (``stop``/``length``); used only when a side must be tokenized from text."""
+    source: str = "best_worst"
+    """How the pair was made: ``best_worst`` (both sides sampled) or ``correction`` (the chosen side
+    was written, not sampled: off-policy by design, tokenized from its text)."""

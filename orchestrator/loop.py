@@ -158,7 +158,8 @@ class Loop:
         sel = select_pairs(
             items, scores, strategy=c.pairs.strategy, min_margin=c.pairs.min_margin,
             tie_break=c.pairs.tie_break, max_pairs_per_prompt=c.pairs.max_pairs_per_prompt,
-            versions=[g.policy_version for g in live], rng=random.Random(round_seed(c.run.seed, r)),
+            versions=[g.policy_version for g in live], prompt_token_ids=[g.prompt_token_ids for g in live],
+            rng=random.Random(round_seed(c.run.seed, r)),
         )
         dropped = Counter(sel.dropped)
         dropped["too_long"] += sum(1 for g in groups if g.skipped)

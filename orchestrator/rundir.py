@@ -4,7 +4,7 @@ Layout (see DESIGN.md)::
 
     runs/<name>/config.yaml            resolved config
     runs/<name>/metrics.jsonl          one JSON object per round
-    runs/<name>/pairs/round_NNNNNN.parquet
+    runs/<name>/pairs/round_NNNNNN.parquet   every pair, with the exact token ids the learner trained
     runs/<name>/checkpoints/round_NNNNNN/{policy/, reference.safetensors, optimizer.pt, loop_state.json}
     runs/<name>/status.json            the live /status document
     runs/<name>/plots/
@@ -110,6 +110,10 @@ class RunDir:
             path.unlink(missing_ok=True)
             return None
         table = pa.Table.from_pylist(records)
+        for name in ID_COLUMNS:  # token ids as int32 lists (half of int64, and what tokenizers emit)
+            if name in table.column_names:
+                index = table.column_names.index(name)
+                table = table.set_column(index, name, table.column(name).cast(pa.list_(pa.int32())))
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         pq.write_table(table, tmp)
         os.replace(tmp, path)
@@ -178,6 +182,10 @@ class RunDir:
         return json.loads((path / CHECKPOINT_STATE).read_text())
 
 
+ID_COLUMNS = ("prompt_token_ids", "chosen_token_ids", "rejected_token_ids")
+"""The pairs file's token-id columns: exactly the ids the learner trained (int32 lists)."""
+
+
 def pair_records(pairs: Iterable, round_: int) -> list[dict]:
     """Pairs as parquet rows: the fixed columns, then the dataset row's other columns."""
     records = []
@@ -190,11 +198,13 @@ def pair_records(pairs: Iterable, round_: int) -> list[dict]:
             "rejected_score": float(p.rejected_score),
             "policy_version": int(p.policy_version),
             "round": int(round_),
-            # What the learner needs to train on the pair again exactly (a rebuilt learner replays).
-            "chosen_finish_reason": p.chosen_finish_reason,
-            "rejected_finish_reason": p.rejected_finish_reason,
+            "source": p.source,
+            # Exactly what the learner trained (a rebuilt learner replays from these columns).
+            "prompt_token_ids": p.prompt_token_ids,
             "chosen_token_ids": p.chosen_token_ids,
             "rejected_token_ids": p.rejected_token_ids,
+            "chosen_finish_reason": p.chosen_finish_reason,
+            "rejected_finish_reason": p.rejected_finish_reason,
         }
         for key, value in p.row.items():
             rec.setdefault(key, value)
@@ -202,8 +212,8 @@ def pair_records(pairs: Iterable, round_: int) -> list[dict]:
     return records
 
 
-_PAIR_FIELDS = ("prompt", "chosen", "rejected", "chosen_score", "rejected_score", "policy_version",
-                "chosen_token_ids", "rejected_token_ids", "chosen_finish_reason", "rejected_finish_reason")
+_PAIR_FIELDS = ("prompt", "chosen", "rejected", "chosen_score", "rejected_score", "policy_version", "source",
+                *ID_COLUMNS, "chosen_finish_reason", "rejected_finish_reason")
 
 
 def pairs_from_records(records: list[dict]) -> list:

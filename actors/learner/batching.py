@@ -1,9 +1,11 @@
 """Preference pairs to token ids, padded batches, and each rank's share of every step.
 
 A pair becomes two sequences, prompt+chosen and prompt+rejected, laid out in one batch as
-``[all chosen; all rejected]`` so that one forward scores both. Every worker tokenizes the whole
-round the same way and derives the same schedule from (seed, round, epoch), so the ranks agree on
-which pairs each of them takes in each step without exchanging anything.
+``[all chosen; all rejected]`` so that one forward scores both. The sequences are the token ids
+the generators' engines received and sampled, exactly (the on-policy contract): nothing is
+re-tokenized and no EOS is added to a sampled answer. Every worker builds the whole round the
+same way and derives the same schedule from (seed, round, epoch), so the ranks agree on which
+pairs each of them takes in each step without exchanging anything.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ class TokenizedPair:
 
 
 def prompt_token_ids(tokenizer: Any, prompt: Any, *, chat_template: bool, where: str = "pair") -> list[int]:
-    """The prompt as the generators saw it: the chat template with the generation prompt when on,
-    else the plain text with the tokenizer's default special tokens (e.g. a leading BOS)."""
+    """A legacy pair's prompt tokenized from text, the way odpo's generators encoded prompts when
+    that pair was written: the chat template with the generation prompt when on, else the plain
+    text with the tokenizer's default special tokens (e.g. a leading BOS)."""
     if chat_template:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         # Rendered text is tokenized without special tokens: the template already holds any it wants.
@@ -43,32 +46,56 @@ def prompt_token_ids(tokenizer: Any, prompt: Any, *, chat_template: bool, where:
 
 
 def completion_token_ids(tokenizer: Any, text: str, token_ids: list[int] | None, finish_reason: str) -> list[int]:
-    """The sampled ids when known (re-tokenizing text need not give them back), else the text's
-    ids; plus EOS when the completion ended by stopping (``length`` ones were cut off)."""
+    """A completion side that carries no exact ids: the given ids (a legacy pairs file stored the
+    sampled ids without their EOS) or else the text's ids, plus EOS when the answer ended by
+    stopping (``length`` ones were cut off)."""
     ids = list(token_ids) if token_ids is not None else list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if finish_reason == "stop":
         ids.append(tokenizer.eos_token_id)
     return ids
 
 
+def pair_token_ids(tokenizer: Any, pair: Any, *, chat_template: bool, where: str) -> tuple[list[int], list[int], list[int], bool]:
+    """``(prompt, chosen, rejected, retokenized)`` ids of one pair, as the learner trains them.
+
+    A pair from the generators carries the prompt ids its engine received and each side's sampled
+    ids (EOS or stop token included when sampled): those are used as they are, with no tokenizer
+    call. A side without ids (a written correction) is tokenized from its text, with EOS. A pair
+    without prompt ids comes from a pairs file written before ids were carried end to end: its
+    prompt is re-tokenized and its stored completion ids get the EOS they were stored without.
+    """
+    if pair.prompt_token_ids is None:
+        prompt = prompt_token_ids(tokenizer, pair.prompt, chat_template=chat_template, where=where)
+        sides = [completion_token_ids(tokenizer, text, ids, finish) for text, ids, finish in (
+            (pair.chosen, pair.chosen_token_ids, pair.chosen_finish_reason),
+            (pair.rejected, pair.rejected_token_ids, pair.rejected_finish_reason))]
+        return prompt, sides[0], sides[1], True
+    sides = [list(ids) if ids is not None else completion_token_ids(tokenizer, text, None, "stop")
+             for text, ids in ((pair.chosen, pair.chosen_token_ids), (pair.rejected, pair.rejected_token_ids))]
+    return list(pair.prompt_token_ids), sides[0], sides[1], False
+
+
 def tokenize_pairs(
     tokenizer: Any, pairs: list, *, chat_template: bool, max_len: int
 ) -> tuple[list[TokenizedPair], dict]:
-    """Tokenize a round's pairs; returns the kept pairs and counts of what was cut or dropped.
+    """A round's pairs as token ids (see ``pair_token_ids``); returns the kept pairs and counts of
+    what was cut, dropped or re-tokenized.
 
-    A completion that would make its sequence longer than ``max_len`` is cut to fit (counted in
-    ``truncated``); a pair whose prompt leaves no room for a completion token, or whose answer is
-    empty, is dropped (``too_long`` / ``empty``).
+    Sampled pairs always fit: the generators leave room for the completion in ``max_len``. A
+    completion tokenized from text that would make its sequence longer than ``max_len`` is cut to
+    fit (counted in ``truncated``); a pair whose prompt leaves no room for a completion token, or
+    whose answer is empty, is dropped (``too_long`` / ``empty``); ``retokenized`` counts pairs
+    from legacy pairs files.
     """
-    kept, stats = [], {"too_long": 0, "truncated": 0, "empty": 0}
+    kept, stats = [], {"too_long": 0, "truncated": 0, "empty": 0, "retokenized": 0}
     for i, pair in enumerate(pairs):
-        prompt = prompt_token_ids(tokenizer, pair.prompt, chat_template=chat_template, where=f"pair {i}")
+        prompt, chosen, rejected, legacy = pair_token_ids(tokenizer, pair, chat_template=chat_template,
+                                                          where=f"pair {i}")
+        stats["retokenized"] += legacy
         if len(prompt) >= max_len:
             stats["too_long"] += 1
             continue
         room = max_len - len(prompt)
-        chosen = completion_token_ids(tokenizer, pair.chosen, pair.chosen_token_ids, pair.chosen_finish_reason)
-        rejected = completion_token_ids(tokenizer, pair.rejected, pair.rejected_token_ids, pair.rejected_finish_reason)
         if not chosen or not rejected:
             stats["empty"] += 1
             continue

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import time
 from typing import Any
 
@@ -19,6 +20,8 @@ import torch.distributed as dist
 
 from actors.learner.batching import TokenizedPair, collate, rank_schedule, tokenize_pairs
 from actors.loss import completion_lengths, completion_nll, dpo_loss, token_logps
+
+log = logging.getLogger(__name__)
 
 # Sums kept per round, all-reduced at its end; every report mean is one of these over "pairs".
 _FIELDS = ("pairs", "loss", "dpo_loss", "nll", "accuracy", "margin", "reward_chosen", "reward_rejected",
@@ -177,8 +180,21 @@ class Learner:
         self._nan_pending += steps
 
     def _tokenize(self, pairs: list) -> tuple[list[TokenizedPair], dict]:
-        return tokenize_pairs(self.tokenizer, pairs, chat_template=self.model_cfg.chat_template,
-                              max_len=self.model_cfg.max_model_len)
+        kept, stats = tokenize_pairs(self.tokenizer, pairs, chat_template=self.model_cfg.chat_template,
+                                     max_len=self.model_cfg.max_model_len)
+        if stats["retokenized"] and self.rank == 0:
+            log.warning("%d pairs carry no prompt token ids (a pairs file from before odpo carried ids end "
+                        "to end): their prompts were re-tokenized from text", stats["retokenized"])
+        return kept, stats
+
+    def completion_logps(self, pairs: list) -> torch.Tensor:
+        """``[N, 2]`` summed log-probs of each pair's chosen and rejected completion under the
+        current policy (NaN for a pair dropped as too long or empty); every rank calls."""
+        kept, _ = self._tokenize(pairs)
+        out = torch.full((len(pairs), 2), float("nan"))
+        if kept:
+            out[[p.index for p in kept]] = self._all_logps(self.model, kept, self.device)[0]
+        return out
 
     def _step(self, micro_batches, ref: torch.Tensor, totals: torch.Tensor) -> tuple[bool, float, int]:
         """One optimizer step over this rank's micro-batches; returns (applied, grad norm, tokens)."""
@@ -267,7 +283,8 @@ class Learner:
         report["reward_accuracy"] = report.pop("accuracy")
         report["reward_margin"] = report.pop("margin")
         report.update(pairs=float(n_in), pairs_trained=n, pairs_too_long=float(stats["too_long"]),
-                      pairs_truncated=float(stats["truncated"]), pairs_empty=float(stats["empty"]))
+                      pairs_truncated=float(stats["truncated"]), pairs_empty=float(stats["empty"]),
+                      pairs_retokenized=float(stats["retokenized"]))
         return report
 
     # -- weights -------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ class StandInLearnerWorker:
             x = torch.tensor([ids])
             gen = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=MAX_NEW, do_sample=False,
                                       pad_token_id=0, eos_token_id=EOS)[0, len(ids):].tolist()
-            out.append(gen[: gen.index(EOS)] if EOS in gen else gen)
+            out.append(gen[: gen.index(EOS) + 1] if EOS in gen else gen)  # the engine returns a sampled EOS too
         return out
 
     @torch.no_grad()

@@ -50,11 +50,15 @@ def test_n_completions_per_prompt_with_version_tags(pool, eval_rows, tok):
         assert group.prompt_token_ids == tok(row["prompt"])["input_ids"]
         assert len(group.completions) == 4
         for c in group.completions:
-            assert tok.eos_token_id not in c.token_ids
+            # The ids are exactly what was sampled: a sampled EOS is the last id, and only there.
+            assert tok.eos_token_id not in c.token_ids[:-1]
             assert tok.decode(c.token_ids, skip_special_tokens=True) == c.text
             assert c.logprob is not None and math.isfinite(c.logprob) and c.logprob < 0
             # "length" exactly when the 6-token budget ran out before EOS
-            assert (c.finish_reason == "length") == (len(c.token_ids) == 6)
+            if c.finish_reason == "length":
+                assert len(c.token_ids) == 6 and c.token_ids[-1] != tok.eos_token_id
+            else:
+                assert c.finish_reason == "stop" and c.token_ids[-1] == tok.eos_token_id and c.stop_reason is None
     assert any(c.finish_reason == "stop" for g in groups for c in g.completions)
     assert pool.last_sample_stats["tokens"] > 0
 
@@ -82,7 +86,7 @@ def test_over_long_prompts_are_skipped_with_a_reason(pool, tok):
     assert len(groups[1].prompt_token_ids) == 41
     assert len(groups[0].completions) == 4
     # The prompt that leaves room for exactly one token gets one-token completions.
-    assert all(len(c.token_ids) + (c.finish_reason == "stop") == 1 for c in groups[3].completions)
+    assert all(len(c.token_ids) == 1 for c in groups[3].completions)
 
 
 def test_a_row_without_the_prompt_field_is_an_error_naming_it(pool):

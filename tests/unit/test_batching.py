@@ -1,4 +1,4 @@
-"""Pairs to tokens (BOS, EOS, chat template, length limits), padded batches, and rank schedules."""
+"""Pairs to token ids (exact sampled ids; legacy re-tokenizing), padded batches, and rank schedules."""
 
 import pytest
 from transformers import AutoTokenizer
@@ -23,17 +23,49 @@ def _ids(tok, text):
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def test_plain_prompt_gets_bos_and_stopped_answers_get_eos(tok):
+class CompletionTextForbidden:
+    """A tokenizer that fails the test if anything is tokenized: exact ids must need none."""
+
+    eos_token_id = EOS
+
+    def __call__(self, *args, **kwargs):
+        raise AssertionError(f"the learner tokenized {args!r} although the pair carries exact ids")
+
+    def apply_chat_template(self, *args, **kwargs):
+        raise AssertionError("the learner rendered a chat template although the pair carries prompt ids")
+
+
+def test_sampled_pairs_are_trained_on_their_exact_ids_without_any_tokenizing():
+    # Ids as the engine returned them: one side ended on a sampled EOS, one on an extra EOS id (30)
+    # of generation_config, one on a stop string (its last token, 22, completed the string), one was
+    # cut by the token limit. Nothing may be appended, dropped or re-tokenized.
+    prompt = [BOS, 22, 24, 16, 29, 29, 34]
+    pairs = [_pair(prompt_token_ids=prompt, chosen_token_ids=[25, 24, EOS], rejected_token_ids=[30]),
+             _pair(prompt_token_ids=prompt, chosen_token_ids=[103, 22], rejected_token_ids=[28, 28],
+                   rejected_finish_reason="length")]
+    kept, stats = tokenize_pairs(CompletionTextForbidden(), pairs, chat_template=True, max_len=64)
+    assert [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in kept] == [
+        (prompt, [25, 24, EOS], [30]), (prompt, [103, 22], [28, 28])]
+    assert stats == {"too_long": 0, "truncated": 0, "empty": 0, "retokenized": 0}
+
+
+def test_a_written_side_is_tokenized_from_text_with_eos(tok):
+    # A correction pair: the chosen answer was written, not sampled; the rejected keeps its ids.
+    [p], stats = tokenize_pairs(tok, [_pair(prompt_token_ids=[BOS, 9], rejected_token_ids=[30, 2], source="correction")],
+                                chat_template=False, max_len=64)
+    assert (p.prompt_ids, p.chosen_ids, p.rejected_ids) == ([BOS, 9], _ids(tok, "43") + [EOS], [30, 2])
+    assert stats["retokenized"] == 0
+
+
+def test_legacy_pairs_without_prompt_ids_are_retokenized_as_when_written(tok):
+    # Pairs files from before ids were carried: no prompt ids, completion ids stored without EOS.
     [p], stats = tokenize_pairs(tok, [_pair(rejected_finish_reason="length")], chat_template=False, max_len=64)
     assert p.prompt_ids == [BOS] + _ids(tok, "17+26=")
     assert p.chosen_ids == _ids(tok, "43") + [EOS]
     assert p.rejected_ids == _ids(tok, "4")  # cut off by max_new_tokens: no EOS
-    assert stats == {"too_long": 0, "truncated": 0, "empty": 0}
-
-
-def test_sampled_token_ids_win_over_text(tok):
-    [p], _ = tokenize_pairs(tok, [_pair(chosen_token_ids=[25, 24], rejected_token_ids=[30])], chat_template=False, max_len=64)
-    assert (p.chosen_ids, p.rejected_ids) == ([25, 24, EOS], [30, EOS])
+    assert stats == {"too_long": 0, "truncated": 0, "empty": 0, "retokenized": 1}
+    [q], _ = tokenize_pairs(tok, [_pair(chosen_token_ids=[25, 24], rejected_token_ids=[30])], chat_template=False, max_len=64)
+    assert (q.chosen_ids, q.rejected_ids) == ([25, 24, EOS], [30, EOS])
 
 
 def test_chat_template_renders_the_generation_prompt(tok):
@@ -50,7 +82,7 @@ def test_long_pairs_are_truncated_or_dropped_and_counted(tok):
     assert [p.index for p in kept] == [0, 1]
     assert len(kept[1].prompt_ids) + len(kept[1].chosen_ids) == 12
     assert kept[1].chosen_ids == _ids(tok, "12345")  # 7 prompt tokens leave room for 5
-    assert stats == {"too_long": 1, "truncated": 1, "empty": 1}
+    assert stats == {"too_long": 1, "truncated": 1, "empty": 1, "retokenized": 4}
 
 
 def test_collate_puts_chosen_then_rejected_right_padded(tok):

@@ -23,16 +23,16 @@ def texts(sel):
 def test_best_worst_fills_every_field_of_the_pair():
     it = item(["a", "bb", "ccc"], logprobs=[-1.0, -2.0, -3.0], finish=["stop", "length", "stop"],
               prompt=[{"role": "user", "content": "hi"}], row={"answer": "a"})
-    sel = select_pairs([it], [[1.0, 0.0, 0.5]], versions=[7])
+    sel = select_pairs([it], [[1.0, 0.0, 0.5]], versions=[7], prompt_token_ids=[[1, 9, 9]])
     (pair,) = sel.pairs
     assert (pair.chosen, pair.rejected) == ("a", "bb")
     assert (pair.chosen_score, pair.rejected_score) == (1.0, 0.0)
     assert pair.prompt == [{"role": "user", "content": "hi"}] and pair.row == {"answer": "a"}
-    assert pair.policy_version == 7
+    assert pair.policy_version == 7 and pair.prompt_token_ids == [1, 9, 9] and pair.source == "best_worst"
     assert pair.chosen_token_ids == [97] and pair.rejected_token_ids == [98, 98]
     assert (pair.chosen_finish_reason, pair.rejected_finish_reason) == ("stop", "length")
     assert sel.prompt_index == [0]
-    assert sel.dropped == {"tie": 0, "below_margin": 0, "too_few_scored": 0}
+    assert sel.dropped == {"tie": 0, "below_margin": 0, "too_few_scored": 0, "aborted": 0}
 
 
 def test_drop_reasons_are_counted_per_prompt():
@@ -45,7 +45,7 @@ def test_drop_reasons_are_counted_per_prompt():
         [1.0, 0.0],               # a pair
     ]
     sel = select_pairs(items, scores, min_margin=0.2)
-    assert sel.dropped == {"tie": 2, "below_margin": 1, "too_few_scored": 1}
+    assert sel.dropped == {"tie": 2, "below_margin": 1, "too_few_scored": 1, "aborted": 0}
     assert sel.prompt_index == [4] and texts(sel) == [("a", "b")]
 
 
@@ -151,3 +151,11 @@ def test_versions_default_to_zero_and_pairs_follow_items():
     assert texts(sel) == [("y", "x"), ("u", "v")]
     assert [p.policy_version for p in sel.pairs] == [0, 0]
     assert sel.prompt_index == [0, 1]
+
+
+def test_aborted_completions_are_never_paired_and_are_counted():
+    it = item(["best", "x", "worst"], finish=["abort", "stop", "stop"])
+    sel = select_pairs([it], [[9.0, 1.0, 0.0]])
+    assert texts(sel) == [("x", "worst")] and sel.dropped["aborted"] == 1
+    lone = select_pairs([item(["a", "b"], finish=["abort", "stop"])], [[1.0, 0.0]])
+    assert lone.pairs == [] and lone.dropped["aborted"] == 1 and lone.dropped["too_few_scored"] == 1

@@ -14,18 +14,43 @@ from orchestrator.rundir import RunDir, pair_records, pairs_from_records
 def test_pairs_file_loads_with_datasets_and_keeps_row_columns(tmp_path):
     rd = RunDir(tmp_path / "run")
     rd.create()
-    pairs = [PreferencePair("1+1=", "2", "3", 1.0, 0.0, {"prompt": "1+1=", "answer": "2"}, policy_version=4)] * 3
+    pairs = [PreferencePair("1+1=", "2", "3", 1.0, 0.0, {"prompt": "1+1=", "answer": "2"}, policy_version=4,
+                            prompt_token_ids=[1, 22, 16, 22, 34], chosen_token_ids=[23, 2], rejected_token_ids=[24],
+                            rejected_finish_reason="length")] * 3
     path = rd.write_pairs(7, pair_records(pairs, 7))
     ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
     assert len(ds) == 3
     expected = {"prompt": "1+1=", "chosen": "2", "rejected": "3", "chosen_score": 1.0,
-                "rejected_score": 0.0, "policy_version": 4, "round": 7, "answer": "2"}
+                "rejected_score": 0.0, "policy_version": 4, "round": 7, "answer": "2", "source": "best_worst",
+                "prompt_token_ids": [1, 22, 16, 22, 34], "chosen_token_ids": [23, 2], "rejected_token_ids": [24]}
     assert {k: ds[0][k] for k in expected} == expected
+    assert all(str(ds.features[c].feature.dtype) == "int32" for c in ("prompt_token_ids", "chosen_token_ids"))
     back = pairs_from_records(rd.read_pairs(7))
     # A rebuilt learner replays exactly what was trained (the row's own prompt is the prompt column).
     assert [dataclasses.replace(p, row={}) for p in back] == [dataclasses.replace(p, row={}) for p in pairs]
     assert back[0].row == {"answer": "2"}
     assert not [p for p in rd.pairs_dir.iterdir() if p.name.startswith(".")]
+
+
+def test_a_pairs_file_from_before_ids_were_carried_still_replays_by_retokenizing(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from actors.learner.batching import tokenize_pairs
+    from tests.conftest import DEMO_MODEL
+
+    rd = RunDir(tmp_path)
+    rd.create()
+    old = {"prompt": "1+1=", "chosen": "2", "rejected": "3", "chosen_score": 1.0, "rejected_score": 0.0,
+           "policy_version": 0, "round": 1, "chosen_finish_reason": "stop", "rejected_finish_reason": "stop",
+           "chosen_token_ids": [23], "rejected_token_ids": [24]}  # the old columns: no prompt ids, no EOS
+    pq.write_table(pa.Table.from_pylist([old]), rd.pairs_path(1))
+    [pair] = pairs_from_records(rd.read_pairs(1))
+    assert pair.prompt_token_ids is None and pair.source == "best_worst"
+    [tp], stats = tokenize_pairs(AutoTokenizer.from_pretrained(DEMO_MODEL), [pair], chat_template=False, max_len=64)
+    assert (tp.prompt_ids, tp.chosen_ids, tp.rejected_ids) == ([1, 22, 16, 22, 34], [23, 2], [24, 2])
+    assert stats["retokenized"] == 1
 
 
 def test_round_without_pairs_writes_no_file(tmp_path):

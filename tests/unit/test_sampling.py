@@ -56,13 +56,21 @@ def output(ids, finish, stop_reason=None, logps=None):
                             finish_reason=finish, stop_reason=stop_reason)
 
 
-def test_eos_is_dropped_from_token_ids_but_counted_in_the_logprob():
+def test_token_ids_are_exactly_what_the_engine_sampled():
+    # EOS sampled: kept (the learner trains it), and counted in the log-prob.
     c = to_completion(output([5, 6, 2], "stop", logps=[-0.1, -0.2, -0.3]))
-    assert c.token_ids == [5, 6] and c.finish_reason == "stop" and math.isclose(c.logprob, -0.6)
-    assert to_completion(output([5, 6], "length")).token_ids == [5, 6]
-    assert to_completion(output([5, 6], "length")).finish_reason == "length"
-    # Stopped by a stop string: the last token is text, not EOS.
-    assert to_completion(output([5, 6], "stop", stop_reason="\n")).token_ids == [5, 6]
+    assert c.token_ids == [5, 6, 2] and c.finish_reason == "stop" and c.stop_reason is None
+    assert math.isclose(c.logprob, -0.6)
+    # An extra EOS id of generation_config (vLLM reports it in stop_reason): kept, nothing added.
+    c = to_completion(output([5, 30], "stop", stop_reason=30))
+    assert (c.token_ids, c.stop_reason) == ([5, 30], 30)
+    # A stop string: every sampled token up to the one completing it (vLLM cuts only the text).
+    c = to_completion(output([5, 6], "stop", stop_reason="\n"))
+    assert (c.token_ids, c.stop_reason) == ([5, 6], "\n")
+    c = to_completion(output([5, 6], "length"))
+    assert (c.token_ids, c.finish_reason, c.stop_reason) == ([5, 6], "length", None)
+    # An aborted request is its own reason (never paired), not "stop".
+    assert to_completion(output([5], "abort")).finish_reason == "abort"
 
 
 def test_engine_kwargs_layer_model_then_engine_section_then_extra():
