@@ -288,6 +288,11 @@ class GeneratorPool:
         """The policy version each actor serves (asked live)."""
         return self._call(range(len(self.actors)), "get_version", timeout=self.gen_cfg.timeout_s, what="get_version")
 
+    def served_versions(self) -> list[int]:
+        """The policy version each actor was last loaded with (as its load or its restart reported;
+        no call to the actors, so it answers while they sample)."""
+        return list(self._served)
+
     def load_publication(self, publication) -> float:
         """Make every actor serve ``publication`` (an actor that dies meanwhile is recovered and
         loaded again); then it becomes the pool's current weights. Returns the load seconds."""

@@ -87,6 +87,7 @@ class Loop:
         self.round_retries = 0
         self.trained_this_attempt = False
         self.sampler_before_pending: dict | None = None
+        self.republish = False  # a rebuilt learner publishes its weights before anything samples
 
     # --- one round's phases ----------------------------------------------------------------------
     def draw(self) -> list[dict]:
@@ -123,6 +124,8 @@ class Loop:
         c, m = self.c, self.metrics
         t_round = time.perf_counter()
         rec: dict = {"round": r}
+        sync_s = self.push_weights() if self.republish else 0.0
+        self.republish = False
 
         # 1. sample (sync: now; async: collect what was submitted last round, then start the next)
         m.set_phase("sample", r, policy_version=self.state.policy_version)
@@ -136,7 +139,6 @@ class Loop:
         self.pending = None
         gen_wait_s = time.perf_counter() - t
         gen_s = max((g.sample_s for g in groups), default=0.0) or gen_wait_s
-        sync_s = 0.0
         if c.loop.mode == "async":
             sync_s += self.push_weights()
             if r < c.loop.rounds or c.loop.rounds == 0:
@@ -239,8 +241,10 @@ class Loop:
             "policy_lag": lag,
             "judge_failures": dict(scored.failures) if scored else {},
             "restarts": self.restarts(),
+            "generator_versions": self.parts.generators.served_versions(),
         })
         rec["rss_mb"] = self.memory.sample(actor_handles(self.parts), rec["restarts"])
+        rec["rss_peak_mb"] = self.memory.peaks
         if eval_reward is not None:
             rec["eval_reward"] = eval_reward
         return rec
@@ -306,6 +310,7 @@ class Loop:
             except Exception as e:  # its workers may be gone already
                 log.warning("shutting down the old learner group: %s", e)
             self.parts.learner = self.parts.make_learner()
+            self.republish = True
         start = 0
         if path is not None:
             self.parts.learner.load(str(path))
@@ -316,7 +321,9 @@ class Loop:
                 self.parts.learner.train(pairs, round=j)
         log.info("learner restored: %s, then the pairs of rounds %d..%d replayed",
                  path.name if path else "initial weights", start + 1, self.state.round)
-        # The generators get these weights under a new version number.
+        # The generators get these weights under a new version number; a rebuilt learner
+        # publishes them at the start of the retried round (a publication made by the old group
+        # is not re-applied with the new one, and an NCCL session is re-opened with it).
         self.learner_version = max(self.learner_version, self.state.policy_version) + 1
 
 
