@@ -1,15 +1,17 @@
-"""Weight sync speed against the engine's own floor, on the demo model and a ~113M-parameter
-Llama of the same architecture (random weights, built here).
+"""Weight sync speed against the engine's own floor, on the demo model, a ~113M-parameter Llama of
+the same architecture (random weights, built here) and the rehearsal model (Qwen2.5-0.5B's shape,
+``odpo make-rehearsal-model``) served in bfloat16 from a float32 learner.
 
 For each model: seconds per ``sync_weights`` with every backend that runs on one machine
-(``object_store`` through the same-node /dev/shm fast path, ``object_store`` through Ray's object
-store proper, ``disk``), the first sync and the median of the warm ones; the seconds of a bare
-in-process ``reload_weights`` of the same tensors into the same engine (the floor; median of runs
-before and after the syncs); and of one in-memory copy of the same bytes. Warm figures are
-medians; ``sync_vs_reload_100m`` divides the best backend's warm sync by the floor. The last line
-is one JSON object.
+(``object_store`` through the same-node /dev/shm fast path, which is the default backend's choice
+here; ``object_store`` through Ray's object store proper; ``disk``), the first sync and the median
+of the warm ones; the seconds of a bare in-process ``reload_weights`` of the same tensors (the
+engine's dtype) into the same engine (the floor; median of runs before and after the syncs); and
+of one in-memory copy of the same bytes. ``sync_vs_reload_100m`` divides the best backend's warm
+sync by the floor; ``sync_vs_reload_0p5b_bf16`` the default backend's (cast to bf16 on the
+learner included). The last line is one JSON object.
 
-    .venv/bin/python bench/sync.py [--syncs 5]
+    flock /tmp/odpo-bigmem.lock .venv/bin/python bench/sync.py [--syncs 5] [--rehearsal-model DIR]
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+from datetime import date
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -94,9 +97,9 @@ def memcpy_s(nbytes: int, repeats: int = 5) -> float:
     return min(times)
 
 
-def bench_model(name: str, path: Path, syncs: int, tmp: Path) -> dict:
+def bench_model(name: str, path: Path, syncs: int, tmp: Path, dtype: str | None = None) -> dict:
     model_cfg = ModelConfig(path=str(path), max_model_len=64)
-    gen_cfg = GeneratorConfig(num_actors=1, n=2, max_new_tokens=4, engine={"enforce_eager": True})
+    gen_cfg = GeneratorConfig(num_actors=1, n=2, max_new_tokens=4, engine={"enforce_eager": True}, dtype=dtype)
     pool = GeneratorPool(model_cfg, gen_cfg)
     learner = Group(str(path))
     ray.get(learner.rank0.apply.remote(lambda worker: None), timeout=600)  # model loaded before timing
@@ -131,16 +134,23 @@ def bench_model(name: str, path: Path, syncs: int, tmp: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--syncs", type=int, default=5, help="syncs per backend (the first is reported apart)")
+    parser.add_argument("--rehearsal-model", help="rehearsal model folder (default: made in a temp folder, then removed)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="odpo-bench-sync-"))
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
+        rehearsal = Path(args.rehearsal_model) if args.rehearsal_model else tmp / "rehearsal-0.5b"
+        if not (rehearsal / "config.json").exists():
+            from orchestrator.rehearsal import make_rehearsal_model
+
+            make_rehearsal_model(str(rehearsal))
         results = {"demo": bench_model("demo", DEMO, args.syncs, tmp),
-                   "100m": bench_model("100m", build_100m(tmp / "model-100m"), args.syncs, tmp)}
+                   "100m": bench_model("100m", build_100m(tmp / "model-100m"), args.syncs, tmp),
+                   "0p5b_bf16": bench_model("0p5b_bf16", rehearsal, args.syncs, tmp, dtype="bfloat16")}
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
-    line: dict = {"bench": "sync", "syncs_per_backend": args.syncs}
+    line: dict = {"bench": "sync", "date": date.today().isoformat(), "syncs_per_backend": args.syncs}
     for name, r in results.items():
         line[f"params_{name}"] = r["params"]
         line[f"bytes_{name}"] = r["bytes"]
@@ -155,6 +165,10 @@ def main() -> None:
     line["best_backend_100m"] = min(("shm", "object_store", "disk"), key=lambda k: results["100m"][k]["warm_s"])
     line["sync_vs_reload_100m"] = round(best / results["100m"]["bare_reload_s"], 3)
     line["sync_vs_memcpy_100m"] = round(best / results["100m"]["memcpy_s"], 3)
+    big = results["0p5b_bf16"]
+    line["sync_vs_reload_0p5b_bf16"] = round(big["shm"]["warm_s"] / big["bare_reload_s"], 3)  # the default backend
+    line["sync_object_store_vs_reload_0p5b_bf16"] = round(big["object_store"]["warm_s"] / big["bare_reload_s"], 3)
+    line["sync_vs_memcpy_0p5b_bf16"] = round(big["shm"]["warm_s"] / big["memcpy_s"], 3)
     print(json.dumps(line))
 
 

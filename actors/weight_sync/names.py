@@ -69,6 +69,8 @@ def config_spec(config, dtype: str | None = None) -> ParamSpec:
 
 def _needs_reverting(model) -> bool:
     """Whether transformers renamed or fused any of ``model``'s weights at load time."""
+    if getattr(model, "config", None) is None:  # not a transformers model
+        return False
     from transformers.core_model_loading import revert_weight_conversion
 
     meta = {n: torch.empty(t.shape, dtype=t.dtype, device="meta") for n, t in model.state_dict().items()}

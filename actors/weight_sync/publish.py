@@ -37,28 +37,31 @@ log = logging.getLogger(__name__)
 
 def learner_state(worker, dtype: str) -> tuple[list[tuple[str, tuple[int, ...]]], Iterator] | None:
     """The policy as ``(plan, items)``: ``plan`` lists ``(name, shape)`` in checkpoint naming,
-    known before any tensor is gathered; ``items`` yields ``(name, tensor)`` in that naming, cast
-    to ``dtype``. Every rank must call it and, under FSDP, iterate ``items`` (a collective); only
-    rank 0 gets them (the others get None after taking part).
+    known before any tensor is gathered; ``items`` yields ``(name, tensor)`` in that naming, as
+    CPU tensors in ``dtype`` or still in the learner's (the consumer casts: into its destination,
+    in the same pass as the copy). Every rank must call it and, under FSDP, iterate ``items`` (a
+    collective); only rank 0 gets them (the others get None after taking part).
 
-    Uses the learner's streamed ``iter_full_state(dtype)`` when it has one (no full-precision
-    copy of the whole model), else ``full_state_dict()``.
+    Uses the learner's streamed ``iter_full_state`` when it has one (one tensor at a time; on a
+    GPU learner cast to ``dtype`` before it leaves the GPU), else ``full_state_dict()``.
     """
     model = getattr(worker, "model", None)
-    target = dtype_of(dtype)
-    stream = getattr(worker, "iter_full_state", None)
+    # The learner's streamed export lives on its engine (``LearnerWorker.engine``); stand-ins may
+    # carry it themselves.
+    stream = getattr(worker, "iter_full_state", None) or getattr(getattr(worker, "engine", None), "iter_full_state", None)
     if stream is not None:
-        items = stream(target)
+        on_gpu = model is not None and any(p.device.type == "cuda" for p in model.parameters())
+        items = stream(dtype_of(dtype) if on_gpu else None)
         if getattr(worker, "rank", 0) != 0:
-            for _ in items:  # take part in the gathers
+            for _ in items:  # take part in the gathers (rank 0 alone gets tensors)
                 pass
             return None
-        return checkpoint_shapes(model), ((n, t.to(target)) for n, t in checkpoint_items(model, items))
+        return checkpoint_shapes(model), checkpoint_items(model, items)
     state = worker.full_state_dict()
     if getattr(worker, "rank", 0) != 0:
         return None
-    named = list(checkpoint_items(model, state.items()))
-    return [(n, tuple(t.shape)) for n, t in named], ((n, t.detach().to(target)) for n, t in named)
+    named = [(n, t.detach()) for n, t in checkpoint_items(model, state.items())]
+    return [(n, tuple(t.shape)) for n, t in named], iter(named)
 
 
 def _publish(worker, kind: str, spec: ParamSpec, target: str | None) -> tuple[dict | None, list | None]:
@@ -89,9 +92,9 @@ def _publish(worker, kind: str, spec: ParamSpec, target: str | None) -> tuple[di
         seen.add(name)
         if buf is not None:
             if slot.nbytes:
-                tensor_view(buf, slot).copy_(tensor)
+                tensor_view(buf, slot).copy_(tensor)  # the cast to the engine's dtype happens in this copy
         else:
-            kept[name] = tensor.contiguous()
+            kept[name] = tensor.to(dtype_of(slot.dtype)).contiguous()
     missing = [n for n in by_name if n not in seen]
     if missing:
         raise WeightMismatchError(f"weight sync: parameter {missing[0]!r} was not produced by the learner")

@@ -217,3 +217,48 @@ def test_engine_kwargs_enable_vllms_weight_transfer_config():
                            extra={"weight_transfer_config": {"backend": "nccl"}})
     assert EngineArgs(**kwargs).weight_transfer_config.backend == "nccl"
     assert "kv_cache_memory_bytes" not in kwargs
+
+
+class StreamingLearner:
+    """A learner worker whose engine streams the policy tensor by tensor (``iter_full_state``):
+    rank 0 gets ``(name, tensor)``, the other ranks ``(name, None)`` and must iterate to the end."""
+
+    def __init__(self, state, rank=0):
+        self.rank, self.consumed = rank, 0
+        self.model = torch.nn.Module()  # what the plan reads: names and shapes only
+        for name, tensor in state.items():
+            module, attr = name.split(".")
+            if not hasattr(self.model, module):
+                self.model.add_module(module, torch.nn.Module())
+            getattr(self.model, module).register_parameter(attr, torch.nn.Parameter(torch.empty_like(tensor)))
+        self.engine = SimpleNamespace(iter_full_state=self._stream)
+        self.state = state
+
+    def _stream(self, dtype=None):
+        for name, tensor in self.state.items():
+            self.consumed += 1
+            yield name, (tensor if self.rank == 0 else None)
+
+    def full_state_dict(self):
+        raise AssertionError("the streamed export must be used when the learner has one")
+
+
+def test_streamed_export_is_used_and_every_rank_iterates_it(tmp_path):
+    state = demo_like_state(4)
+    rank1 = StreamingLearner(state, rank=1)
+    assert publish._publish(rank1, "shm", SPEC, str(tmp_path / "buf.bin")) == (None, None)
+    assert rank1.consumed == len(state)  # took part in every gather
+    desc, _ = publish._publish(StreamingLearner(state), "shm", dataclasses.replace(SPEC, dtype="bfloat16"),
+                               str(tmp_path / "buf.bin"))
+    got = dict(weight_sync.open_published(desc))
+    assert torch.equal(got["a.weight"], state["a.weight"].to(torch.bfloat16))
+
+
+def test_a_streamed_tensor_that_disagrees_with_the_plan_is_refused(tmp_path):
+    state = demo_like_state(5)
+    learner = StreamingLearner(state)
+    bad = dict(state, **{"b.bias": torch.zeros(3)})
+    bad["a.weight"] = torch.zeros(5, 3)  # the stream gathers another shape than the plan declared
+    learner.state = bad
+    with pytest.raises(WeightMismatchError):
+        publish._publish(learner, "object_store", SPEC, None)
