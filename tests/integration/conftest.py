@@ -37,3 +37,14 @@ def ray_local():
                                            "TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def stand_in_learner(ray_local):
+    """The TEST-ONLY stand-in learner of tests/integration/standins.py (the demo model), per module."""
+    from tests.integration.standins import StandInLearner
+
+    group = StandInLearner()
+    yield group
+    for w in group.workers:
+        ray_local.kill(w)

@@ -29,11 +29,8 @@ ENGINE = {"enforce_eager": True, "kv_cache_memory_bytes": 64 << 20}
 
 
 @pytest.fixture(scope="module")
-def learner(ray_local):
-    group = StandInLearner()
-    yield group
-    for w in group.workers:
-        ray.kill(w)
+def learner(stand_in_learner):
+    return stand_in_learner
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from actors.generator import GeneratorPool
 from actors.weight_sync import sync_weights
 from orchestrator.config import GeneratorConfig, LearnerConfig, ModelConfig, SyncConfig
 from tests.conftest import DEMO_MODEL
-from tests.integration.standins import EOS, StandInLearner
+from tests.integration.standins import EOS
 
 pytestmark = pytest.mark.integration
 
@@ -37,9 +37,8 @@ def sampled_ids(c) -> list[int]:
 
 def sample_pairs(pool, seed):
     """(prompt ids, completion ids, vLLM log-prob) of n samples per prompt."""
-    rows = [{"prompt": "x"} for _ in PROMPTS]
     groups = ray.get(pool.actors[0].apply.remote(_sample_ids, PROMPTS, seed), timeout=300)
-    assert len(groups) == len(rows)
+    assert len(groups) == len(PROMPTS)
     return [(p, ids, lp) for p, group in zip(PROMPTS, groups) for ids, lp in group]
 
 
@@ -82,27 +81,20 @@ def tp_pool(ray_local):
     pool.shutdown()
 
 
-@pytest.fixture(scope="module")
-def demo_learner(ray_local):
-    group = StandInLearner()
-    yield group
-    for w in group.workers:
-        ray.kill(w)
-
-
 @pytest.mark.parametrize("shm_dir,kind", [(None, "object_store"), ("/dev/shm", "shm")])
-def test_tp2_bf16_generator_serves_the_learners_new_weights(tp_pool, demo_learner, shm_dir, kind):
+def test_tp2_bf16_generator_serves_the_learners_new_weights(tp_pool, stand_in_learner, shm_dir, kind):
     params = sum(torch.Size(s).numel() for s in tp_pool.param_spec.shapes.values())
     assert tp_pool.param_spec.dtype == "bfloat16"
-    ray.get(demo_learner.rank0.sgd_steps.remote(PROMPTS[tp_pool.version % 3] + [7, 7], steps=4, lr=0.1), timeout=120)
-    stale = max(gaps(demo_learner, sample_pairs(tp_pool, seed=1)))
+    learner = stand_in_learner
+    ray.get(learner.rank0.sgd_steps.remote(PROMPTS[tp_pool.version % 3] + [7, 7], steps=4, lr=0.1), timeout=120)
+    stale = max(gaps(learner, sample_pairs(tp_pool, seed=1)))
 
     version = tp_pool.version + 1
-    timings = sync_weights(demo_learner, tp_pool, version, SyncConfig(shm_dir=shm_dir))
+    timings = sync_weights(learner, tp_pool, version, SyncConfig(shm_dir=shm_dir))
     assert tp_pool.publication.desc["kind"] == kind and tp_pool.versions() == [version]
     assert timings["bytes"] == 2 * params  # cast to bf16 on the learner: half of float32's bytes
     assert {s.dtype for s in tp_pool.publication.desc["slots"]} == {"bfloat16"}
-    fresh = max(gaps(demo_learner, sample_pairs(tp_pool, seed=2)))
+    fresh = max(gaps(learner, sample_pairs(tp_pool, seed=2)))
     # bf16 weights against the learner's float32 ones: within rounding; before the sync: far off.
     assert fresh < 0.15 < 2 * 0.15 < stale, (fresh, stale)
 
