@@ -17,6 +17,8 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from actors.pending import ActorWait, demand_of
+from actors.progress import EngineCounter
 from actors.sampling import cpu_thread_binding, encode_prompt, engine_kwargs, prompt_seed, row_prompt, split_evenly, \
     to_completion
 from actors.types import SampleGroup
@@ -97,7 +99,9 @@ class GeneratorActor:
             ))
             sampled.append(group)
         if prompts:
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            # Finished prompts are reported to the driver as they come (orchestrator/progress.py).
+            counter = EngineCounter.factory("sample", self.index, progress_tag(seed, greedy), len(prompts))
+            outputs = self.llm.generate(prompts, params, use_tqdm=counter)
             for group, out in zip(sampled, outputs):
                 # What the engine itself reports it received: the learner trains these ids.
                 group.prompt_token_ids = list(out.prompt_token_ids)
@@ -130,6 +134,11 @@ class GeneratorActor:
     def apply(self, fn, *args, **kwargs) -> Any:
         """Run ``fn(self, *args, **kwargs)`` inside the actor (benchmarks and tests)."""
         return fn(self, *args, **kwargs)
+
+
+def progress_tag(seed: int, greedy: bool) -> str:
+    """Names one pool-wide ``sample`` call in progress reports: every actor's share carries it."""
+    return f"{seed}:{int(greedy)}"
 
 
 class GeneratorLost(RuntimeError):
@@ -177,8 +186,8 @@ class GeneratorPool:
         self.last_sample_stats: dict[str, float] = {}
         extra = {"weight_transfer_config": {"backend": "nccl"}} if weight_transfer == "nccl" else None
         remote_cls = ray.remote(GeneratorActor).options(
-            num_cpus=gen_cfg.num_cpus, num_gpus=gen_cfg.num_gpus, max_restarts=max_restarts, max_task_retries=0,
-            runtime_env={"env_vars": dict(ENV_VARS)},
+            num_cpus=gen_cfg.num_cpus, num_gpus=gen_cfg.num_gpus, resources=dict(gen_cfg.resources),
+            max_restarts=max_restarts, max_task_retries=0, runtime_env={"env_vars": dict(ENV_VARS)},
         )
         self.actors = [remote_cls.remote(model_cfg, gen_cfg, i, seed, prompt_field, extra)
                        for i in range(gen_cfg.num_actors)]
@@ -332,11 +341,13 @@ class GeneratorPool:
         import ray
         from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError
 
-        timeout = self.gen_cfg.start_timeout_s
+        cfg, timeout = self.gen_cfg, self.gen_cfg.start_timeout_s
         deadline = time.perf_counter() + timeout
+        waiting = ActorWait([(self.actor_name(i), self.actors[i])], demand_of(cfg.num_cpus, cfg.num_gpus, cfg.resources),
+                            f"generator.start_timeout_s={timeout:g}")
         while True:
             try:
-                info = ray.get(self.actors[i].ready.remote(), timeout=max(0.0, deadline - time.perf_counter()))
+                info = waiting.get(self.actors[i].ready.remote(), timeout=max(0.0, deadline - time.perf_counter()))
                 if old_pid is None or info["pid"] != old_pid:
                     break
                 # A kill is asynchronous: the old process may still answer once.
@@ -344,6 +355,7 @@ class GeneratorPool:
             except ActorUnavailableError:
                 if time.perf_counter() > deadline:
                     raise TimeoutError(f"{self.actor_name(i)} did not come back within {timeout}s") from None
+                waiting.tick()
                 time.sleep(0.5)
             except ActorDiedError as e:
                 raise RuntimeError(f"{self.actor_name(i)} is dead for good (max_restarts={self.max_restarts} "

@@ -21,6 +21,11 @@ itself, handed ``generate_fn`` (``fn(prompts, n, temperature, max_tokens) -> lis
 through its ``bind_generate``, and called on a worker thread bounded by ``timeout_s`` (a timed
 out call loses its completions; the thread cannot be killed and is abandoned). The orchestrator
 can always pass ``generate_fn``: judges that do not ask for it never see it.
+
+A corrector (``corrector`` section, for correction pairs; see ``judges.correction``) is hosted in
+the same actors: ``JudgePool(judge_cfg, corrector=(cls, kwargs))`` builds it next to the judge in
+each actor, and ``pool.correct(items)`` runs it with the same chunking, timeout and restarts
+(``judges.calling.correct_guarded`` inside the actor).
 """
 
 from __future__ import annotations
@@ -35,8 +40,9 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from actors.pending import ActorWait, demand_of
 from judges.base import JudgeItem
-from judges.calling import call_score, pop_judge_failures, score_guarded
+from judges.calling import call_score, correct_guarded, pop_judge_failures, score_guarded
 from judges.loader import check_judge_spec
 
 log = logging.getLogger("odpo.judges")
@@ -56,6 +62,16 @@ class ScoreResult:
     """Actors replaced during this call."""
 
 
+@dataclass
+class CorrectionResult:
+    corrections: list[list[str | None]]
+    """One list per item, one improved text (or None) per completion."""
+    failures: dict[str, int] = field(default_factory=dict)
+    """Completions left uncorrected by a failure, by kind."""
+    errors: list[str] = field(default_factory=list)
+    """Distinct one-line messages (each names the corrector class), for the log."""
+
+
 class JudgePoolError(RuntimeError):
     """The pool cannot go on: an actor failed to start, or restarts are exhausted."""
 
@@ -72,7 +88,8 @@ class JudgeHost:
     """One judge instance: built, seeded and set up once; scores chunks with ``score_guarded``.
     Runs as a Ray actor (``ray.remote(JudgeHost)``) or, for self-rewarding judges, in the driver."""
 
-    def __init__(self, cls_path: str, kwargs: dict, seed: int, generate_fn: Callable | None = None):
+    def __init__(self, cls_path: str, kwargs: dict, seed: int, generate_fn: Callable | None = None,
+                 corrector: tuple[str, dict] | None = None):
         _seed_everything(seed)
         self.judge = check_judge_spec(cls_path, kwargs)(**kwargs)
         self.name = type(self.judge).__name__
@@ -80,6 +97,12 @@ class JudgeHost:
             self.judge.bind_generate(generate_fn)
         if callable(getattr(self.judge, "setup", None)):
             self.judge.setup()
+        self.corrector = None
+        if corrector is not None:
+            c_path, c_kwargs = corrector
+            self.corrector = check_judge_spec(c_path, c_kwargs, "corrector.cls", ("correct",))(**c_kwargs)
+            if callable(getattr(self.corrector, "setup", None)):
+                self.corrector.setup()
 
     def ready(self) -> str:
         return self.name
@@ -92,9 +115,15 @@ class JudgeHost:
         failures = {**failures, **pop_judge_failures(self.judge)}
         return scores, failures, errors
 
+    def correct(self, items: list[JudgeItem]) -> tuple[list[list[str | None]], dict[str, int], list[str]]:
+        if self.corrector is None:
+            raise RuntimeError("this judge actor hosts no corrector (corrector.cls is not set)")
+        return correct_guarded(self.corrector, items)
+
     def close(self) -> None:
-        if callable(getattr(self.judge, "close", None)):
-            self.judge.close()
+        for part in (self.judge, self.corrector):
+            if callable(getattr(part, "close", None)):
+                part.close()
 
 
 class _Raising:
@@ -126,14 +155,20 @@ def split_evenly(n: int, parts: int) -> list[range]:
 
 class JudgePool:
     def __init__(self, judge_cfg: Any, seed: int = 0, max_restarts: int = 3,
-                 generate_fn: Callable | None = None):
+                 generate_fn: Callable | None = None, corrector: tuple[str, dict] | None = None):
         """``judge_cfg``: the ``judge`` config section (cls, kwargs, num_actors, num_cpus, num_gpus,
         timeout_s, setup_timeout_s, missing_eos_penalty). ``generate_fn``: the policy's sampler for
-        self-rewarding judges (ignored by others)."""
+        self-rewarding judges (ignored by others). ``corrector``: ``(cls, kwargs)`` of a corrector
+        to host next to the judge (for ``correct``)."""
         self.cfg, self.seed, self.max_restarts = judge_cfg, seed, max_restarts
         cls = check_judge_spec(judge_cfg.cls, judge_cfg.kwargs)  # raises JudgeSpecError, before any actor
+        self.corrector = (corrector[0], dict(corrector[1])) if corrector else None
+        if self.corrector:
+            check_judge_spec(*self.corrector, "corrector.cls", ("correct",))
         self.name = cls.__name__  # every error message carries it
         self.restarts = 0
+        self.progress = (0, 0)
+        """(items done, items) of the current or last ``score``/``correct`` call, for progress reports."""
         self._actors: list[Any] = []
         self._slot_restarts: list[int] = []
         self._local: JudgeHost | None = None
@@ -143,7 +178,7 @@ class JudgePool:
                 raise JudgePoolError(f"judge {self.cfg.cls} ({self.name}): its kwargs ask for the policy's generators "
                                      "(self-rewarding) but JudgePool got no generate_fn")
             try:
-                self._local = JudgeHost(judge_cfg.cls, dict(judge_cfg.kwargs), seed, generate_fn)
+                self._local = JudgeHost(judge_cfg.cls, dict(judge_cfg.kwargs), seed, generate_fn, self.corrector)
             except Exception as e:
                 raise JudgePoolError(f"judge {self.cfg.cls} ({self.name}): failed to start: {_describe(e)}") from None
             return
@@ -153,10 +188,13 @@ class JudgePool:
         self._remote = ray.remote(JudgeHost)
         self._actors = [self._start(slot) for slot in range(judge_cfg.num_actors)]
         self._slot_restarts = [0] * judge_cfg.num_actors
+        waiting = ActorWait([(f"judge actor {slot}", a) for slot, a in enumerate(self._actors)],
+                            demand_of(judge_cfg.num_cpus, judge_cfg.num_gpus, judge_cfg.resources),
+                            f"judge.setup_timeout_s={self._setup_timeout():g}")
         try:
-            ray.get([a.ready.remote() for a in self._actors], timeout=self._setup_timeout())
+            waiting.get([a.ready.remote() for a in self._actors], timeout=self._setup_timeout())
         except Exception as e:
-            self.shutdown()
+            self.shutdown(close=False)  # a close() would queue behind constructors that may never run
             raise JudgePoolError(f"judge {self.cfg.cls} ({self.name}): actor failed to start: {_describe(e)}") from None
 
     @property
@@ -168,8 +206,9 @@ class JudgePool:
 
     def _start(self, slot: int):
         return self._remote.options(
-            num_cpus=self.cfg.num_cpus, num_gpus=self.cfg.num_gpus, max_restarts=0, max_task_retries=0,
-        ).remote(self.cfg.cls, dict(self.cfg.kwargs), self.seed + slot)
+            num_cpus=self.cfg.num_cpus, num_gpus=self.cfg.num_gpus, resources=dict(self.cfg.resources),
+            max_restarts=0, max_task_retries=0,
+        ).remote(self.cfg.cls, dict(self.cfg.kwargs), self.seed + slot, None, self.corrector)
 
     def _replace(self, slot: int, why: str) -> None:
         """Kill the actor in ``slot`` and start a fresh one (its construction is awaited lazily:
@@ -186,18 +225,24 @@ class JudgePool:
             pass
         self._actors[slot] = self._start(slot)
 
+    def _dispatch(self, method: str, items: list[JudgeItem]) -> tuple[list[list[Any]], Counter, list[str]]:
+        """``method`` (``score`` or ``correct``) for every completion of ``items``, in the driver or
+        on the actors: one entry per completion (None where lost), losses by kind, messages."""
+        out: list[list[Any]] = [[None] * len(item.completions) for item in items]
+        failures: Counter = Counter()
+        errors: list[str] = []
+        self.progress = (0, len(items))
+        if items:
+            call = self._call_in_driver if self._local is not None else self._call_on_actors
+            call(method, items, out, failures, errors)
+        self.progress = (len(items), len(items))
+        return out, failures, errors
+
     def score(self, items: list[JudgeItem]) -> ScoreResult:
         """Score every completion of ``items``; never raises for judge misbehaviour."""
         t0 = time.perf_counter()
         restarts0 = self.restarts
-        scores: list[list[float | None]] = [[None] * len(item.completions) for item in items]
-        failures: Counter = Counter()
-        errors: list[str] = []
-        if items:
-            if self._local is not None:
-                self._score_in_driver(items, scores, failures, errors)
-            else:
-                self._score_on_actors(items, scores, failures, errors)
+        scores, failures, errors = self._dispatch("score", items)
         penalty = self.cfg.missing_eos_penalty
         if penalty:
             for item, row in zip(items, scores):
@@ -209,6 +254,16 @@ class JudgePool:
         return ScoreResult(scores=scores, failures={k: v for k, v in failures.items() if v},
                            judge_s=time.perf_counter() - t0, errors=errors, restarts=self.restarts - restarts0)
 
+    def correct(self, items: list[JudgeItem]) -> CorrectionResult:
+        """The corrector's text (or None) for every completion of ``items``; a failing or hung
+        corrector leaves completions uncorrected (counted), it never raises."""
+        if self.corrector is None:
+            raise JudgePoolError(f"judge {self.cfg.cls}: no corrector hosted (corrector.cls is not set)")
+        corrections, failures, errors = self._dispatch("correct", items)
+        for message in errors:
+            log.warning("corrector %s: %s", self.corrector[0], message)
+        return CorrectionResult(corrections, {k: v for k, v in failures.items() if v}, errors)
+
     @staticmethod
     def _merge(chunk: range, out: tuple, scores: list, failures: Counter, errors: list[str]) -> None:
         chunk_scores, chunk_failures, chunk_errors = out
@@ -217,9 +272,10 @@ class JudgePool:
         failures.update(chunk_failures)
         errors.extend(e for e in chunk_errors if e not in errors)
 
-    def _score_in_driver(self, items, scores, failures, errors) -> None:
+    def _call_in_driver(self, method: str, items, scores, failures, errors) -> None:
+        """``method`` (``score`` or ``correct``) on the in-driver host, filling ``scores``."""
         executor = ThreadPoolExecutor(max_workers=1)
-        future = executor.submit(self._local.score, items)
+        future = executor.submit(getattr(self._local, method), items)
         try:
             self._merge(range(len(items)), future.result(timeout=self.cfg.timeout_s), scores, failures, errors)
         except FutureTimeout:
@@ -231,13 +287,14 @@ class JudgePool:
         finally:
             executor.shutdown(wait=False)
 
-    def _score_on_actors(self, items, scores, failures, errors) -> None:
+    def _call_on_actors(self, method: str, items, scores, failures, errors) -> None:
+        """``method`` (``score`` or ``correct``) on the actors, one chunk each, filling ``scores``."""
         ray = self._ray
         chunks = [c for c in split_evenly(len(items), len(self._actors)) if len(c)]
         pending: dict[Any, tuple[int, range, float, int]] = {}  # ref -> (slot, chunk, deadline, attempt)
 
         def submit(slot: int, chunk: range, attempt: int, extra_s: float = 0.0) -> None:
-            ref = self._actors[slot].score.remote([items[i] for i in chunk])
+            ref = getattr(self._actors[slot], method).remote([items[i] for i in chunk])
             pending[ref] = (slot, chunk, time.monotonic() + self.cfg.timeout_s + extra_s, attempt)
 
         def lose(chunk: range, kind: str) -> None:
@@ -252,6 +309,7 @@ class JudgePool:
                 slot, chunk, _, attempt = pending.pop(ref)
                 try:
                     self._merge(chunk, ray.get(ref), scores, failures, errors)
+                    self.progress = (self.progress[0] + len(chunk), len(items))
                 except ray.exceptions.RayActorError as e:
                     errors.append(f"{self.name}: actor {slot} died: {_describe(e)}")
                     self._replace(slot, "died")
@@ -275,15 +333,16 @@ class JudgePool:
         """The live judge actor handles (none when the judge runs in the driver)."""
         return list(self._actors)
 
-    def shutdown(self) -> None:
-        """Close the judges (best effort, bounded) and end the actors."""
+    def shutdown(self, close: bool = True) -> None:
+        """Close the judges (best effort, bounded; ``close=False`` skips it) and end the actors."""
         if self._local is not None:
             self._local.close()
             return
         if not self._actors:
             return
         try:
-            self._ray.get([a.close.remote() for a in self._actors], timeout=30)
+            if close:
+                self._ray.get([a.close.remote() for a in self._actors], timeout=30)
         except Exception:  # a dead or hung actor is killed below anyway
             pass
         for actor in self._actors:

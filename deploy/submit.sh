@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Submit an odpo run to a Ray cluster as a job.
 #
-#   deploy/submit.sh CONFIG [--set key=value ...] [--resume]
+#   deploy/submit.sh CONFIG [--set key=value ...] [--resume] [--wait-for-resources SECONDS]
 #
 # Uses RAY_ADDRESS (e.g. http://127.0.0.1:8265, the head's dashboard) like `ray job submit`.
 # The repo root is shipped as the job's working directory, so odpo's packages and configs (and

@@ -6,6 +6,7 @@ wrong shape is retried item by item, an item that raises is retried completion b
 and every returned value is validated (``None``, NaN, inf and non-numbers become ``None``).
 Lost completions are counted by kind. Pure Python: used inside the judge actors
 (``actors/judge_host.py``), in the driver for self-rewarding judges, and by the ensemble judge.
+``correct_guarded`` does the same for a corrector (``judges.correction``).
 """
 
 from __future__ import annotations
@@ -66,20 +67,21 @@ class WrongShape(ValueError):
     """A judge returned a list that does not have one score per completion."""
 
 
-def check_shape(out: Any, items: list[JudgeItem], name: str) -> list[list[Any]]:
+def check_shape(out: Any, items: list[JudgeItem], name: str, method: str = "score") -> list[list[Any]]:
     """``out`` as a list of per-item lists with one entry per completion, or ``WrongShape``."""
+    what = "scores" if method == "score" else "entries"
     if isinstance(out, (str, bytes, dict)) or not hasattr(out, "__len__"):
-        raise WrongShape(f"{name}.score returned {type(out).__name__}, expected a list of lists")
+        raise WrongShape(f"{name}.{method} returned {type(out).__name__}, expected a list of lists")
     out = list(out)
     if len(out) != len(items):
-        raise WrongShape(f"{name}.score returned {len(out)} lists for {len(items)} items")
+        raise WrongShape(f"{name}.{method} returned {len(out)} lists for {len(items)} items")
     rows = []
     for i, (row, item) in enumerate(zip(out, items)):
         if isinstance(row, (str, bytes, dict)) or not hasattr(row, "__len__"):
-            raise WrongShape(f"{name}.score: item {i}: got {type(row).__name__}, expected a list of scores")
+            raise WrongShape(f"{name}.{method}: item {i}: got {type(row).__name__}, expected a list of {what}")
         row = list(row)
         if len(row) != len(item.completions):
-            raise WrongShape(f"{name}.score: item {i}: {len(row)} scores for {len(item.completions)} completions")
+            raise WrongShape(f"{name}.{method}: item {i}: {len(row)} {what} for {len(item.completions)} completions")
         rows.append(row)
     return rows
 
@@ -168,6 +170,49 @@ def score_guarded(judge: Any, items: list[JudgeItem]) -> tuple[list[list[float |
                 row.append(None)
         scores.append(row)
     return scores, dict(failures), errors
+
+
+def correct_guarded(corrector: Any, items: list[JudgeItem]) -> tuple[list[list[str | None]], dict[str, int], list[str]]:
+    """A corrector's texts for ``items`` (one per completion, None = no correction); returns
+    (corrections, completions left uncorrected by failure kind, error messages).
+
+    A batch that raises or comes back in the wrong shape is retried item by item; an item that
+    still fails is left uncorrected (counted per completion as ``raised`` / ``wrong_shape``). An
+    entry that is neither text nor None counts as ``not_text``.
+    """
+    name = type(corrector).__name__
+    failures: Counter = Counter()
+    errors: list[str] = []
+
+    def attempt(batch: list[JudgeItem]) -> list[list[Any]] | None:
+        try:
+            return check_shape(run_sync(corrector.correct(batch)), batch, name, "correct")
+        except WrongShape as e:
+            kind, message = "wrong_shape", f"{e} (wrong_shape)"
+        except Exception as e:  # a user's corrector can fail in any way; only its items are lost
+            kind, message = "raised", f"{name}.correct raised {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        if message not in errors and len(errors) < MAX_ERRORS:
+            errors.append(message)
+        if len(batch) == 1:
+            failures[kind] += len(batch[0].completions)
+        return None
+
+    raw = attempt(items)
+    if raw is None:
+        raw = []
+        for item in items:
+            one = attempt([item]) if len(items) > 1 else None
+            raw.append(one[0] if one is not None else [None] * len(item.completions))
+    out = []
+    for row in raw:
+        texts = []
+        for value in row:
+            if value is not None and not isinstance(value, str):
+                failures["not_text"] += 1
+                value = None
+            texts.append(value)
+        out.append(texts)
+    return out, dict(failures), errors
 
 
 def pop_judge_failures(judge: Any) -> dict[str, int]:

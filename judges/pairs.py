@@ -25,6 +25,12 @@ Tie-break among equally scored candidates (which best, which worst):
   counts as the lowest; all missing falls back to the earliest completion.
 - ``random``: uniform with ``rng``.
 - ``shorter``: the shorter text (then the earliest).
+
+A ``LengthGuard`` (``judges.length_guard``: ``pairs.length_balance``, ``pairs.max_length_ratio``)
+ranks before the tie-break: among equally scored candidates a pair within the length-ratio cap,
+then one that keeps the run's longer-chosen share near 0.5, is preferred. A prompt whose best
+pair still breaks the cap (for ``best_random``: every lower-scored candidate does; for
+``all_pairs_above_margin``: every candidate does) yields none, counted as ``length_ratio``.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from dataclasses import dataclass, field
 from itertools import permutations
 
 from judges.base import Completion, JudgeItem
+from judges.length_guard import LengthGuard, answer_length
 from judges.pairs_types import PreferencePair
 
 TIE_TOL = 1e-9
@@ -64,7 +71,7 @@ def _as_score(x) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _rank_key(c: Completion, index: int, tie_break: str, noise: float):
+def rank_key(c: Completion, index: int, tie_break: str, noise: float):
     """Sort key: the preferred candidate sorts first."""
     if tie_break == "logprob":
         lp = c.logprob if c.logprob is not None and math.isfinite(c.logprob) else -math.inf
@@ -79,7 +86,7 @@ def _pick(candidates: list[int], completions: list[Completion], tie_break: str, 
         return candidates[0]
     if tie_break == "random":
         return rng.choice(candidates)
-    return min(candidates, key=lambda j: _rank_key(completions[j], j, tie_break, 0.0))
+    return min(candidates, key=lambda j: rank_key(completions[j], j, tie_break, 0.0))
 
 
 def _make_pair(item: JudgeItem, chosen: int, rejected: int, scores: list, version: int,
@@ -96,7 +103,7 @@ def _make_pair(item: JudgeItem, chosen: int, rejected: int, scores: list, versio
 
 def _pairs_for_item(
     item: JudgeItem, scores: list[float | None], strategy: str, min_margin: float,
-    tie_break: str, max_pairs: int, rng: random.Random,
+    tie_break: str, max_pairs: int, rng: random.Random, guard: LengthGuard | None = None,
 ) -> tuple[list[tuple[int, int]], str | None]:
     """(chosen, rejected) index pairs for one item, or ([], reason)."""
     scores = [_as_score(s) for s in scores]
@@ -112,6 +119,8 @@ def _pairs_for_item(
         return [], "below_margin"
     comps = item.completions
     top = [j for j in valid if best - scores[j] <= TIE_TOL]
+    if guard is not None and guard.active:
+        return _guarded_pairs(item, scores, valid, top, strategy, need, tie_break, max_pairs, rng, guard)
     if strategy == "best_worst":
         bottom = [j for j in valid if scores[j] - worst <= TIE_TOL]
         return [(_pick(top, comps, tie_break, rng), _pick(bottom, comps, tie_break, rng))], None
@@ -124,11 +133,50 @@ def _pairs_for_item(
         found = [(a, b) for a, b in permutations(valid, 2) if scores[a] - scores[b] >= need]
         found.sort(key=lambda p: (
             -(scores[p[0]] - scores[p[1]]),
-            _rank_key(comps[p[1]], p[1], tie_break, noise.get(p[1], 0.0)),
-            _rank_key(comps[p[0]], p[0], tie_break, noise.get(p[0], 0.0)),
+            rank_key(comps[p[1]], p[1], tie_break, noise.get(p[1], 0.0)),
+            rank_key(comps[p[0]], p[0], tie_break, noise.get(p[0], 0.0)),
         ))
         return found[:max_pairs], None
     raise ValueError(f"pairs.strategy: unknown strategy {strategy!r}")
+
+
+def _guarded_pairs(
+    item: JudgeItem, scores: list[float], valid: list[int], top: list[int], strategy: str, need: float,
+    tie_break: str, max_pairs: int, rng: random.Random, guard: LengthGuard,
+) -> tuple[list[tuple[int, int]], str | None]:
+    """``_pairs_for_item`` with the length guard ranking candidates before the tie-break."""
+    comps = item.completions
+    length = [answer_length(c.text, c.token_ids) for c in comps]
+    noise = {j: rng.random() for j in valid} if tie_break == "random" else {}
+
+    def rank(j: int):
+        return rank_key(comps[j], j, tie_break, noise.get(j, 0.0))
+
+    def key(p: tuple[int, int]):
+        return guard.key(length[p[0]], length[p[1]])
+
+    def fits(p: tuple[int, int]) -> bool:
+        return guard.fits(length[p[0]], length[p[1]])
+
+    if strategy == "best_worst":
+        worst = min(scores[j] for j in valid)
+        bottom = [j for j in valid if scores[j] - worst <= TIE_TOL]
+        found = [min(((c, r) for c in top for r in bottom), key=lambda p: (key(p), rank(p[1]), rank(p[0])))]
+    elif strategy == "best_random":
+        candidates = [(c, j) for c in top for j in valid if scores[c] - scores[j] >= need]
+        first = min(map(key, candidates))
+        candidates = [p for p in candidates if key(p) == first]
+        chosen = min({c for c, _ in candidates}, key=rank)
+        found = [rng.choice([p for p in candidates if p[0] == chosen])]
+    else:
+        found = [(a, b) for a, b in permutations(valid, 2) if scores[a] - scores[b] >= need and fits((a, b))]
+        found.sort(key=lambda p: (-(scores[p[0]] - scores[p[1]]), key(p), rank(p[1]), rank(p[0])))
+        found = found[:max_pairs]
+    if not found or not fits(found[0]):
+        return [], "length_ratio"
+    for c, r in found:
+        guard.record(length[c], length[r])
+    return found, None
 
 
 def select_pairs(
@@ -142,10 +190,12 @@ def select_pairs(
     versions: list[int] | None = None,
     prompt_token_ids: list[list[int]] | None = None,
     rng: random.Random | None = None,
+    length_guard: LengthGuard | None = None,
 ) -> PairSelection:
     """Preference pairs from ``items`` and their ``scores`` (one list per item, one score per
     completion); ``versions[i]`` is the policy version that sampled item i (0 when not given) and
-    ``prompt_token_ids[i]`` the ids its engine received (carried into the pairs for the learner)."""
+    ``prompt_token_ids[i]`` the ids its engine received (carried into the pairs for the learner).
+    ``length_guard`` (updated in place) balances lengths and caps their ratio (module docstring)."""
     if strategy not in ("best_worst", "best_random", "all_pairs_above_margin"):
         raise ValueError(f"pairs.strategy: must be best_worst, best_random or all_pairs_above_margin, got {strategy!r}")
     if tie_break not in ("logprob", "random", "shorter"):
@@ -161,13 +211,16 @@ def select_pairs(
             raise ValueError(f"select_pairs: {len(per_item)} {name} for {len(items)} items")
     rng = rng if rng is not None else random.Random(0)
     out = PairSelection()
+    if length_guard is not None and length_guard.max_ratio is not None:
+        out.dropped["length_ratio"] = 0
     for i, (item, row_scores) in enumerate(zip(items, scores)):
         if len(row_scores) != len(item.completions):
             raise ValueError(f"select_pairs: item {i}: {len(row_scores)} scores for {len(item.completions)} completions")
         aborted = [c.finish_reason == "abort" for c in item.completions]
         out.dropped["aborted"] += sum(aborted)
         usable = [None if gone else s for s, gone in zip(row_scores, aborted)]
-        found, reason = _pairs_for_item(item, usable, strategy, min_margin, tie_break, max_pairs_per_prompt, rng)
+        found, reason = _pairs_for_item(item, usable, strategy, min_margin, tie_break, max_pairs_per_prompt, rng,
+                                        length_guard)
         if reason:
             out.dropped[reason] += 1
             continue

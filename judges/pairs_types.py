@@ -13,8 +13,9 @@ class PreferencePair:
     prompt: Prompt
     chosen: str
     rejected: str
-    chosen_score: float
-    rejected_score: float
+    chosen_score: float | None
+    rejected_score: float | None
+    """The judge's scores; None for a side the judge did not score (a correction's written chosen)."""
     row: dict[str, Any] = field(default_factory=dict)
     """The prompt's dataset row (other columns, e.g. the gold answer) for the pairs file."""
     policy_version: int = 0

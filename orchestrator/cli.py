@@ -7,6 +7,7 @@ imported inside the verbs that need them, so ``--help`` and ``validate`` answer 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -16,6 +17,13 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config field, e.g. --set learner.beta=0.2 (repeatable)",
     )
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,12 +41,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("run", help="run the self-improvement loop")
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument(
+        "--wait-for-resources", type=_seconds, default=0.0, metavar="SECONDS",
+        help="when the Ray cluster cannot hold every actor, wait up to SECONDS for it to grow (autoscaling), "
+             "logging what is missing every 30 s, before failing (default 0: fail at once, exit 2)",
+    )
 
     p = verbs.add_parser("status", help="print a run's status (from its run directory or its HTTP endpoint)")
     p.add_argument("target", help="run directory, or http://host:port of the run's metrics server")
 
     p = verbs.add_parser("plot", help="write PNG charts of a run's metrics to RUN_DIR/plots/")
     p.add_argument("run_dir")
+
+    p = verbs.add_parser(
+        "audit", help="what separates chosen from rejected answers in a run's pairs: over-represented tokens, "
+                      "lengths, marker shortcuts (chart: RUN_DIR/plots/audit.png)")
+    p.add_argument("run_dir")
+    p.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the run's model.tokenizer / model.path)")
+    p.add_argument("--ngrams", type=int, default=2, help="longest token n-gram to rank (default: 2)")
+    p.add_argument("--top", type=int, default=10, help="units listed per side (default: 10)")
+    p.add_argument("--source", choices=["best_worst", "correction"], help="audit only the pairs of this source")
+
+    p = verbs.add_parser("export", help="write a run's policy as a Hugging Face model folder and its pairs as a "
+                                          "dataset, each with a card (OUT/model, OUT/pairs)")
+    p.add_argument("run_dir")
+    p.add_argument("out")
+    p.add_argument("--round", type=int, default=None, help="checkpoint round to export (default: the newest good one)")
+    p.add_argument("--push-to-hub", metavar="REPO", default=None,
+                   help="also upload the model (model repo REPO) and pairs (dataset repo REPO); token from HF_TOKEN")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create private repos")
 
     p = verbs.add_parser("config-doc", help="print the configuration reference (Markdown) from the config docstrings")
     p.add_argument("--update", metavar="FILE",
@@ -47,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("make-demo-model", help="rebuild the demo model and data (assets/demo)")
     p.add_argument("--out", default="assets/demo", help="output folder (default: assets/demo)")
     p.add_argument("--steps", type=int, default=240, help="SFT steps (default: 240)")
+
+    p = verbs.add_parser(
+        "make-rehearsal-model",
+        help="write a random-weight model with Qwen2.5-0.5B's architecture and shape (no download), for scale rehearsals")
+    p.add_argument("out", metavar="DIR", help="output folder (Hugging Face format)")
+    p.add_argument("--layers", type=int, default=24, help="decoder layers (default: 24, as Qwen2.5-0.5B)")
+    p.add_argument("--vocab-size", type=int, default=151_936, help="model vocabulary (default: 151936, as Qwen2.5-0.5B)")
+    p.add_argument("--tokenizer-vocab", type=int, default=4096, help="learned BPE entries (default: 4096)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="stored weights dtype (default: bfloat16)")
+    p.add_argument("--seed", type=int, default=0, help="weights and tokenizer seed (default: 0)")
     return parser
 
 
@@ -63,8 +105,19 @@ def load_or_exit(args) -> "RunConfig":  # noqa: F821
     return config
 
 
+def use_current_folder() -> None:
+    """Put the current folder first on ``sys.path``, as ``python -m orchestrator`` does (a console
+    script alone would not): classes a config names by import path, such as ``my_judges:MyJudge``
+    in a ``my_judges.py`` next to the config, resolve from where ``odpo`` is run. ``odpo run``
+    gives the actors of the local cluster it starts the same path (``run.local_runtime_env``)."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    use_current_folder()
     if args.verb == "validate":
         return validate(args)
     if args.verb == "run":
@@ -77,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         for path in plot_run(args.run_dir):
             print(path)
         return 0
+    if args.verb == "audit":
+        return audit_verb(args)
+    if args.verb == "export":
+        return export_verb(args)
     if args.verb == "config-doc":
         from orchestrator.config_doc import config_reference, update_between_markers
 
@@ -97,7 +154,37 @@ def main(argv: list[str] | None = None) -> int:
 
         print(make_demo_model(Path(args.out), steps=args.steps))
         return 0
+    if args.verb == "make-rehearsal-model":
+        import json
+
+        from orchestrator.rehearsal import make_rehearsal_model
+
+        try:
+            summary = make_rehearsal_model(args.out, layers=args.layers, vocab_size=args.vocab_size, seed=args.seed,
+                                           dtype=args.dtype, tokenizer_vocab=args.tokenizer_vocab)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(summary))
+        return 0
     raise AssertionError(args.verb)
+
+
+def export_verb(args) -> int:
+    """``odpo export``: a run that cannot be exported is one ``error:`` line and exit status 2."""
+    from orchestrator.export import ExportError, export_run, push_to_hub
+
+    try:
+        summary = export_run(args.run_dir, args.out, args.round)
+    except (ExportError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"round {summary['round']} (policy version {summary['policy_version']}): model -> {summary['model']}, "
+          f"{summary['pairs']} pairs -> {summary['dataset']}")
+    if args.push_to_hub:
+        for url in push_to_hub(args.out, args.push_to_hub, private=args.private):
+            print(url)
+    return 0
 
 
 def run_verb(args) -> int:
@@ -110,7 +197,7 @@ def run_verb(args) -> int:
     from orchestrator.run import run
 
     try:
-        return run(config, resume=args.resume)
+        return run(config, resume=args.resume, wait_for_resources_s=args.wait_for_resources)
     except ConfigError as e:
         for line in e.problems:
             print(f"error: {line}", file=sys.stderr)
@@ -148,6 +235,23 @@ def validate(args) -> int:
     have = f"{totals.get('GPU', 0):g} GPU, {totals.get('CPU', 0):g} CPU on {len(nodes)} node(s)"
     print(f"# cluster: {have}; {'does not fit' if problems else 'fits'}")
     return 2 if problems else 0
+
+
+def audit_verb(args) -> int:
+    """``odpo audit``: the report on stdout, one ``warning:`` line per marker shortcut on stderr."""
+    from orchestrator.audit import run_audit
+
+    try:
+        _, lines, warnings, chart = run_audit(args.run_dir, tokenizer=args.tokenizer, max_n=args.ngrams,
+                                              top=args.top, source=args.source)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    print(f"\nchart: {chart}")
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    return 0
 
 
 def print_status(target: str) -> int:

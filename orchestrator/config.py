@@ -9,11 +9,27 @@ This module imports no torch, Ray or vLLM, so ``odpo --help`` and ``odpo validat
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+def _custom_resources(v: dict[str, float]) -> dict[str, float]:
+    for key, value in v.items():
+        if key in ("CPU", "GPU", "memory", "object_store_memory"):
+            raise ValueError(f"{key!r} is not a custom resource (CPUs and GPUs have their own fields)")
+        if value < 0:
+            raise ValueError(f"{key}: must be >= 0, got {value:g}")
+    return v
+
+
+CustomResources = Annotated[dict[str, float], AfterValidator(_custom_resources)]
+"""Ray custom resources of one actor, as ``.options(resources=...)`` takes them."""
+
+from orchestrator.beta import BetaSpec
 
 
 class Section(BaseModel):
@@ -93,6 +109,8 @@ class GeneratorConfig(Section):
     """GPUs per generator actor (0 on CPU); with tensor parallelism, set to ``tensor_parallel_size``."""
     num_cpus: float = Field(1, ge=0)
     """CPUs reserved per generator actor."""
+    resources: CustomResources = {}
+    """Custom Ray resources per generator actor, e.g. ``{a100_node: 1}`` to run only on nodes started with ``--resources='{"a100_node": 8}'``; checked against the cluster, like GPUs and CPUs, before any actor starts."""
     tensor_parallel_size: int = Field(1, ge=1)
     """vLLM tensor-parallel size per generator (GPU clusters; on CPU each TP worker gets its share of the actor's cores)."""
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
@@ -114,6 +132,8 @@ class JudgeConfig(Section):
     """GPUs per judge actor (a reward model or LLM judge may need one)."""
     num_cpus: float = Field(0.5, ge=0)
     """CPUs reserved per judge actor."""
+    resources: CustomResources = {}
+    """Custom Ray resources per judge actor (as ``generator.resources``)."""
     timeout_s: float = Field(300, gt=0)
     """Longest one scoring call (one actor's share of a round) may take; past it, that share scores None and the actor is restarted."""
     setup_timeout_s: float = Field(900, gt=0)
@@ -138,7 +158,34 @@ class PairsConfig(Section):
     tie_break: Literal["logprob", "random", "shorter"] = "logprob"
     """Among equally scored candidates: the most likely one under the policy (a hard negative), random, or the shorter."""
     max_pairs_per_prompt: int = Field(4, ge=1)
-    """Cap for ``all_pairs_above_margin``."""
+    """Most pairs one prompt yields: the cap of ``all_pairs_above_margin``, and of all sources together when ``sources`` has several."""
+    sources: list[Literal["best_worst", "correction"]] = ["best_worst"]
+    """Where pairs come from: ``best_worst`` (two sampled answers, picked by ``strategy``), ``correction`` (a sampled answer as rejected, the ``corrector``'s improved text of it as chosen: off-policy by design), or both (a prompt may then yield a pair of each kind, in this order)."""
+    length_balance: bool = False
+    """Among equally scored candidates, prefer the pair that keeps ``longer_chosen_share`` (chosen longer, among pairs of unequal length) near 0.5 over the run: a guard against learning that longer is better."""
+    max_length_ratio: float | None = Field(None, ge=1)
+    """Make no pair whose longer side has more than this many times the tokens of the shorter (counted in ``pairs_dropped.length_ratio``); none = no cap."""
+
+    @field_validator("sources")
+    @classmethod
+    def _distinct_sources(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("needs at least one source (best_worst, correction)")
+        if len(set(v)) != len(v):
+            raise ValueError(f"lists a source twice: {v}")
+        return v
+
+
+class CorrectorConfig(Section):
+    cls: str | None = None
+    """The corrector class as ``package.module:ClassName`` (built-ins: ``judges.correction:GoldAnswerCorrector``, ``judges.correction:ReplaceCorrector``); needed when ``pairs.sources`` includes ``correction``. It runs in the judge actors."""
+    kwargs: dict[str, Any] = {}
+    """Keyword arguments for the corrector's constructor; checked against its signature at load time."""
+
+    @field_validator("cls")
+    @classmethod
+    def _dotted_path(cls, v: str | None) -> str | None:
+        return v if v is None else JudgeConfig._dotted_path(v)
 
 
 class LearnerConfig(Section):
@@ -148,10 +195,12 @@ class LearnerConfig(Section):
     """GPUs per learner worker (0 = CPU with gloo; >0 = NCCL)."""
     num_cpus_per_worker: float = Field(1, ge=0)
     """CPUs reserved per learner worker."""
+    resources: CustomResources = {}
+    """Custom Ray resources per learner worker (as ``generator.resources``)."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """Data parallelism: DDP, or FSDP2 (``fully_shard``) for models that do not fit one GPU."""
-    beta: float = Field(0.1, gt=0)
-    """DPO temperature β: rewards are β·(log π − log π_ref)."""
+    beta: BetaSpec = 0.1
+    """DPO temperature β: rewards are β·(log π − log π_ref). A number, or a schedule (see "β schedule" in the README): ``{schedule: linear, start, end, rounds}``, ``{schedule: steps, values: {round: β}}``, ``{schedule: kl_target, start, target_kl, rate, min_beta, max_beta}``."""
     loss_type: Literal["sigmoid", "robust", "hinge", "ipo"] = "sigmoid"
     """DPO loss variant."""
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
@@ -182,6 +231,13 @@ class LearnerConfig(Section):
     """Hold the reference model on CPU to save GPU memory."""
     timeout_s: float = Field(900, gt=0)
     """Longest a ``train`` call (or start-up, save, load) may take; also the torch.distributed collective timeout."""
+
+    @field_validator("beta")
+    @classmethod
+    def _positive_beta(cls, v):
+        if isinstance(v, float) and not (v > 0 and math.isfinite(v)):
+            raise ValueError("must be > 0.0" if not v > 0 else "must be finite")
+        return v
 
     @model_validator(mode="after")
     def _smoothing_fits_loss(self) -> "LearnerConfig":
@@ -233,6 +289,30 @@ class MetricsConfig(Section):
     """Port for the HTTP server (0 = off)."""
 
 
+class ReportConfig(Section):
+    to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = []
+    """Experiment trackers that receive every round's figures (step = round), the resolved config and samples of the pairs; each needs its extra, e.g. ``pip install 'odpo[wandb]'`` (empty = none)."""
+    project: str = "odpo"
+    """W&B project, MLflow experiment and trackio project name (the run is named ``run.name``)."""
+    pairs_every: int = Field(5, ge=0)
+    """Log a sample of the round's pairs as a table (W&B table, MLflow artifact, TensorBoard text, trackio table) every k rounds (0 = never)."""
+    pairs_sample: int = Field(16, ge=1)
+    """Pairs in each logged sample (the round's first ones)."""
+    tensorboard_dir: str | None = None
+    """TensorBoard log folder (none = ``<run dir>/tensorboard``)."""
+    mlflow_tracking_uri: str | None = None
+    """MLflow tracking server, e.g. ``http://127.0.0.1:5000`` (none = the ``MLFLOW_TRACKING_URI`` environment variable, else MLflow's default); credentials come from MLflow's environment variables only."""
+    wandb_entity: str | None = None
+    """W&B entity (team or user; none = the API key's default); the key comes from ``WANDB_API_KEY`` or ``wandb login``, ``WANDB_MODE=offline`` logs to files only."""
+    timeout_s: float = Field(30, gt=0)
+    """Longest one tracker call (start, one round's log) may take; past it the call is abandoned and counted in ``tracker_errors``."""
+
+
+class LogConfig(Section):
+    progress_every_s: float = Field(30, ge=0)
+    """Progress inside a round (prompts sampled, completions judged, learner steps): a tqdm bar when the driver writes to a terminal, otherwise one log line per phase every this many seconds (0 = no bar and no lines; ``/status`` still reports it)."""
+
+
 class FaultSpec(Section):
     kind: Literal["generator", "judge", "learner", "sync"]
     """What to hit: a generator actor, a judge actor, a learner worker, or a generator's next weight load."""
@@ -276,6 +356,8 @@ class RunConfig(Section):
     """The judge that scores completions."""
     pairs: PairsConfig = PairsConfig()
     """Pair selection."""
+    corrector: CorrectorConfig = CorrectorConfig()
+    """The corrector that writes the chosen side of correction pairs (``pairs.sources``)."""
     learner: LearnerConfig = LearnerConfig()
     """The DPO learner group."""
     sync: SyncConfig = SyncConfig()
@@ -284,6 +366,10 @@ class RunConfig(Section):
     """The round loop."""
     metrics: MetricsConfig = MetricsConfig()
     """Prometheus and status endpoint."""
+    report: ReportConfig = ReportConfig()
+    """Experiment trackers (TensorBoard, W&B, MLflow, trackio)."""
+    log: LogConfig = LogConfig()
+    """Progress lines in the job log."""
     faults: FaultsConfig = FaultsConfig()
     """Fault injection (off by default)."""
 
@@ -291,6 +377,8 @@ class RunConfig(Section):
     def _cross_checks(self) -> "RunConfig":
         if self.learner.micro_batch_size > self.learner.batch_size:
             raise ValueError("learner.micro_batch_size: must be <= learner.batch_size")
+        if "correction" in self.pairs.sources and not self.corrector.cls:
+            raise ValueError("corrector.cls: required when pairs.sources includes correction")
         return self
 
 
@@ -391,5 +479,12 @@ def check_plugins(config: RunConfig) -> None:
 
     try:
         check_judge_spec(config.judge.cls, config.judge.kwargs)
+        if config.corrector.cls:
+            check_judge_spec(config.corrector.cls, config.corrector.kwargs, "corrector.cls", ("correct",))
     except JudgeSpecError as e:
         raise ConfigError([str(e)]) from None
+    from orchestrator.trackers import missing_tracker_packages
+
+    problems = missing_tracker_packages(config.report.to)
+    if problems:
+        raise ConfigError(problems)

@@ -30,6 +30,8 @@ def type_name(annotation) -> str:
     if annotation is type(None):
         return "null"
     origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return type_name(typing.get_args(annotation)[0])
     if origin is typing.Literal:
         return " / ".join(json.dumps(v) for v in typing.get_args(annotation))
     if origin in (typing.Union, types.UnionType):
@@ -72,6 +74,25 @@ def _rows(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str, str]
     return rows
 
 
+def _nested_models(annotation) -> list[type[BaseModel]]:
+    """The config models inside a field's union type (e.g. the β schedules of ``learner.beta``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _nested_models(arg)]
+
+
+def _nested_tables(model: type[BaseModel], prefix: str) -> list[str]:
+    """One table per model a field may hold instead of a plain value, its rows named in full."""
+    out = []
+    for name, field in model.model_fields.items():
+        for nested in _nested_models(field.annotation):
+            tag = nested.model_fields.get("schedule")
+            title = f"`{prefix}{name}` as `{{schedule: {typing.get_args(tag.annotation)[0]}, ...}}`" if tag else f"`{prefix}{name}`"
+            out += ["", f"{title}:", "", "| field | type | default | meaning |", "|---|---|---|---|"]
+            out += [f"| {n} | {k} | {d} | {doc} |" for n, k, d, doc in _rows(nested, f"{prefix}{name}.")]
+    return out
+
+
 def config_reference(root: type[BaseModel] | None = None) -> str:
     """The Markdown reference: a table per section of ``root`` (``RunConfig`` by default)."""
     if root is None:
@@ -88,6 +109,7 @@ def config_reference(root: type[BaseModel] | None = None) -> str:
         out += [f"### `{section}`", "", _cell(field.description or ""), "",
                 "| field | type | default | meaning |", "|---|---|---|---|"]
         out += [f"| {name} | {kind} | {default} | {doc} |" for name, kind, default, doc in _rows(model, f"{section}.")]
+        out += _nested_tables(model, f"{section}.")
         out.append("")
     return "\n".join(out).rstrip("\n")
 

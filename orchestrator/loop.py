@@ -22,9 +22,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
-from judges.pairs import select_pairs
+from orchestrator.beta import beta_for_round, carry_beta
 from orchestrator.data import PromptSampler, PromptSet
 from orchestrator.metrics import Metrics
+from orchestrator.pairing import PairMaker, pair_figures
 from orchestrator.procs import ProcessMemory, actor_handles
 from orchestrator.faults import FaultInjector
 from orchestrator.rundir import RunDir, checkpoint_problem, pair_records, pairs_from_records
@@ -60,6 +61,10 @@ class LoopState:
     sampler: dict = field(default_factory=dict)
     pairs_total: int = 0
     rounds_without_pairs: int = 0
+    beta: float | None = None
+    """The adaptive β schedule's value for the next round (None for a fixed β or a fixed schedule)."""
+    length_counts: dict = field(default_factory=dict)
+    """The length guard's running counts of pairs with a longer / shorter chosen side."""
 
 
 def _mean(xs) -> float | None:
@@ -83,11 +88,13 @@ class Loop:
         self.pending = None  # async mode: sampling submitted for the next round
         self.memory = ProcessMemory()
         self.faults = FaultInjector(config.faults)
+        self.pair_maker = PairMaker(config.pairs, config.model)
         self.learner_restarts = 0
         self.round_retries = 0
         self.trained_this_attempt = False
         self.sampler_before_pending: dict | None = None
         self.republish = False  # a rebuilt learner publishes its weights before anything samples
+        self.trackers = None  # orchestrator.trackers.Trackers when report.to names any (set by run.py)
 
     # --- one round's phases ----------------------------------------------------------------------
     def draw(self) -> list[dict]:
@@ -157,11 +164,9 @@ class Loop:
         self.faults.fire("judge", r, self.parts)
         scored = self.parts.judges.score(items) if items else None
         scores = scored.scores if scored else []
-        sel = select_pairs(
-            items, scores, strategy=c.pairs.strategy, min_margin=c.pairs.min_margin,
-            tie_break=c.pairs.tie_break, max_pairs_per_prompt=c.pairs.max_pairs_per_prompt,
-            versions=[g.policy_version for g in live], prompt_token_ids=[g.prompt_token_ids for g in live],
-            rng=random.Random(round_seed(c.run.seed, r)),
+        sel = self.pair_maker.make(
+            items, scores, versions=[g.policy_version for g in live], prompt_token_ids=[g.prompt_token_ids for g in live],
+            rng=random.Random(round_seed(c.run.seed, r)), length_counts=self.state.length_counts, judges=self.parts.judges,
         )
         dropped = Counter(sel.dropped)
         dropped["too_long"] += sum(1 for g in groups if g.skipped)
@@ -175,10 +180,11 @@ class Loop:
         m.set_phase("learn", r)
         t = time.perf_counter()
         report: dict = {}
+        beta = beta_for_round(c.learner.beta, r, self.state.beta)
         if pairs:
             lag = max(self.learner_version - p.policy_version for p in pairs)
             self.faults.fire("learn", r, self.parts)
-            report = self.parts.learner.train(pairs, round=r)
+            report = self.parts.learner.train(pairs, round=r, beta=beta)
             self.trained_this_attempt = True
             if report.get("weights_changed", True):
                 self.learner_version += 1
@@ -206,6 +212,8 @@ class Loop:
 
         self.state.round = r
         self.state.pairs_total += len(pairs)
+        self.state.beta = carry_beta(c.learner.beta, beta, report.get("kl"))
+        self.state.length_counts = sel.length_counts
         self.state.sampler = sampler_after_this_round if c.loop.mode == "async" else self.sampler.state()
         self.rd.write_pairs(r, pair_records(pairs, r))
         all_scores = [s for row in scores for s in row]
@@ -217,9 +225,11 @@ class Loop:
             "completions": completions,
             "pairs": len(pairs),
             "pairs_dropped": dict(dropped),
+            **pair_figures(pairs, c.pairs.sources),
             "reward_mean": _mean(all_scores),
             "reward_chosen": _mean([p.chosen_score for p in pairs]),
             "reward_rejected": _mean([p.rejected_score for p in pairs]),
+            "beta": beta,
             "loss": report.get("loss"),
             "nll": report.get("nll"),
             "reward_accuracy": report.get("reward_accuracy"),
@@ -240,6 +250,7 @@ class Loop:
             "round_s": time.perf_counter() - t_round,
             "policy_lag": lag,
             "judge_failures": dict(scored.failures) if scored else {},
+            "corrector_failures": sel.corrector_failures,
             "restarts": self.restarts(),
             "generator_versions": self.parts.generators.served_versions(),
         })
@@ -315,10 +326,12 @@ class Loop:
         if path is not None:
             self.parts.learner.load(str(path))
             start = self.rd.read_checkpoint_state(path)["round"]
+        used_beta = {m.get("round"): m.get("beta") for m in self.rd.read_metrics()}
         for j in range(start + 1, self.state.round + 1):
             pairs = pairs_from_records(self.rd.read_pairs(j))
             if pairs:
-                self.parts.learner.train(pairs, round=j)
+                beta = used_beta.get(j) or beta_for_round(self.c.learner.beta, j, None)
+                self.parts.learner.train(pairs, round=j, beta=beta)
         log.info("learner restored: %s, then the pairs of rounds %d..%d replayed",
                  path.name if path else "initial weights", start + 1, self.state.round)
         # The generators get these weights under a new version number; a rebuilt learner
@@ -349,7 +362,7 @@ def format_round(rec: dict, rounds: int) -> str:
         f"round {rec['round']}{total} v{rec.get('policy_version')} | prompts {rec.get('prompts')} "
         f"pairs {rec.get('pairs')}" + (f" (dropped: {dropped})" if dropped else "") +
         f" | reward {f('reward_mean')} chosen {f('reward_chosen')} rejected {f('reward_rejected')}"
-        f" | loss {f('loss')} acc {f('reward_accuracy')} margin {f('reward_margin')} kl {f('kl')}"
+        f" | loss {f('loss')} acc {f('reward_accuracy')} margin {f('reward_margin')} kl {f('kl')} β {f('beta', '{:.3g}')}"
     )
     if "eval_reward" in rec:
         line += f" | eval {f('eval_reward')}"
@@ -375,8 +388,7 @@ def drive(loop: Loop, save_checkpoint) -> int:
         eval_reward = loop.evaluate()
         if eval_reward is not None:
             rec = {"round": 0, "policy_version": 0, "eval_reward": eval_reward, "eval_s": time.perf_counter() - t}
-            rd.append_metrics(rec)
-            loop.metrics.record_round(rec)
+            publish(loop, rec)
             log.info("round 0 (before training) | eval %.3f", eval_reward)
     r = loop.state.round
     while not loop.stop.is_set() and (c.loop.rounds == 0 or r < c.loop.rounds):
@@ -385,8 +397,7 @@ def drive(loop: Loop, save_checkpoint) -> int:
         if rec is None:
             log.info("stop requested: round %d abandoned before learning", r)
             break
-        rd.append_metrics(rec)
-        loop.metrics.record_round(rec)
+        publish(loop, rec)
         rd.write_status({**loop.metrics.status(), "phase": "between rounds"})
         log.info(format_round(rec, c.loop.rounds))
         done += 1
@@ -400,6 +411,16 @@ def drive(loop: Loop, save_checkpoint) -> int:
     loop.metrics.set_phase("stopped" if loop.stop.is_set() else "finished", loop.state.round)
     rd.write_status(loop.metrics.status())
     return done
+
+
+def publish(loop: Loop, rec: dict) -> None:
+    """Write a round's metrics line, then hand it to Prometheus and the trackers."""
+    if loop.trackers is not None:
+        rec["tracker_errors"] = dict(loop.trackers.errors)
+    loop.rd.append_metrics(rec)
+    loop.metrics.record_round(rec)
+    if loop.trackers is not None:
+        loop.trackers.log_round(rec)
 
 
 def run_with_retries(loop: Loop, r: int) -> dict | None:

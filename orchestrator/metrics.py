@@ -2,8 +2,8 @@
 
 Actors return numbers; the loop hands each round's record to ``Metrics.record_round`` and its
 phase to ``Metrics.set_phase``. The server answers ``/metrics`` (Prometheus text format),
-``/healthz`` and ``/status`` (JSON: run name, round, phase, policy version, last round's
-figures). It binds ``metrics.host`` (127.0.0.1 unless configured otherwise).
+``/healthz`` and ``/status`` (JSON: run name, round, phase, the phase's ``progress``, policy
+version, last round's figures). It binds ``metrics.host`` (127.0.0.1 unless configured otherwise).
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ GAUGES = {
     "logp_chosen": ("odpo_learner_logp_chosen", "Mean policy log-prob of chosen answers"),
     "logp_rejected": ("odpo_learner_logp_rejected", "Mean policy log-prob of rejected answers"),
     "kl": ("odpo_learner_kl", "KL estimate to the reference on chosen answers"),
+    "beta": ("odpo_learner_beta", "DPO beta of the last round (learner.beta, or its schedule's value)"),
+    "len_chosen_mean": ("odpo_pairs_chosen_tokens_mean", "Mean length of chosen answers in tokens"),
+    "len_rejected_mean": ("odpo_pairs_rejected_tokens_mean", "Mean length of rejected answers in tokens"),
+    "longer_chosen_share": ("odpo_pairs_longer_chosen_ratio", "Share of pairs of unequal length whose chosen answer is longer"),
     "gen_tokens_per_s": ("odpo_generator_tokens_per_second", "Generated tokens per second in the round"),
     "policy_lag": ("odpo_loop_policy_lag", "Policy versions between sampling and training"),
     "eval_reward": ("odpo_eval_reward", "Held-out greedy reward at the last eval round"),
@@ -51,6 +55,8 @@ class Metrics:
         self.gauges = {k: Gauge(name, doc, registry=r) for k, (name, doc) in GAUGES.items()}
         self.counts = {k: Counter(name.removesuffix("_total"), doc, registry=r) for k, (name, doc) in COUNTS.items()}
         self.dropped = Counter("odpo_pairs_dropped", "Prompts that yielded no pair, by reason", ["reason"], registry=r)
+        self.by_source = Counter("odpo_pairs_by_source", "Preference pairs kept, by source (best_worst, correction)",
+                                 ["source"], registry=r)
         self.failures = Counter("odpo_failures", "Failures by component and kind", ["component", "kind"], registry=r)
         self.restarts = Gauge("odpo_actor_restarts", "Actor restarts so far, by kind", ["kind"], registry=r)
         self.rss = Gauge("odpo_process_rss_bytes", "Resident memory of the driver and each local actor", ["process"], registry=r)
@@ -68,9 +74,19 @@ class Metrics:
     def set_phase(self, phase: str, round_: int | None = None, **extra) -> None:
         with self._lock:
             self._status["phase"] = phase
+            self._status.pop("progress", None)
             if round_ is not None:
                 self._status["round"] = round_
             self._status.update(extra)
+
+    def set_progress(self, phase: str, round_: int, done: int, total: int, unit: str) -> bool:
+        """Progress inside ``phase`` of ``round_`` (``orchestrator/progress.py``); ignored, and
+        False returned, when the loop has moved on to another phase meanwhile."""
+        with self._lock:
+            if self._status.get("phase") != phase or self._status.get("round") != round_:
+                return False
+            self._status["progress"] = {"done": done, "total": total, "unit": unit}
+            return True
 
     def record_round(self, record: dict) -> None:
         for key, gauge in self.gauges.items():
@@ -84,7 +100,10 @@ class Metrics:
         for reason, n in (record.get("pairs_dropped") or {}).items():
             if n:
                 self.dropped.labels(reason=reason).inc(n)
-        for component in ("judge_failures", "generator_failures", "learner_failures"):
+        for source, n in (record.get("pairs_by_source") or {}).items():
+            if n:
+                self.by_source.labels(source=source).inc(n)
+        for component in ("judge_failures", "generator_failures", "learner_failures", "corrector_failures"):
             for kind, n in (record.get(component) or {}).items():
                 if n:
                     self.failures.labels(component=component.split("_")[0], kind=kind).inc(n)

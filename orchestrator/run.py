@@ -1,7 +1,8 @@
 """``odpo run``: set up the run directory, Ray, the actors and metrics, then drive the loop.
 
 Connects to a running Ray cluster when there is one (``RAY_ADDRESS``, or the environment of a
-``ray job submit`` job) and otherwise starts a local one. SIGTERM/SIGINT (and ``ray job stop``)
+``ray job submit`` job) and otherwise starts a local one; before starting any actor it checks
+that the cluster can hold them all (``orchestrator.preflight``). SIGTERM/SIGINT (and ``ray job stop``)
 ask the loop to stop: a round that has not started learning is abandoned, one that has is
 finished, a checkpoint is written and the process exits 0.
 """
@@ -20,7 +21,10 @@ from orchestrator.config import RunConfig, dump_config
 from orchestrator.data import DataError, load_prompts
 from orchestrator.loop import Loop, LoopState, Parts, drive
 from orchestrator.metrics import Metrics
+from orchestrator.preflight import await_fit
+from orchestrator.progress import ProgressWatcher
 from orchestrator.rundir import RunDir, checkpoint_problem
+from orchestrator.trackers import open_trackers
 
 log = logging.getLogger("odpo")
 
@@ -53,8 +57,15 @@ def connect_ray(c: RunConfig) -> None:
         return
     # A local cluster: advertise enough logical CPUs for every actor (the demo's share a 2-core box).
     num_cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed(c)))
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, runtime_env=local_runtime_env())
     log.info("started a local Ray cluster with %d CPUs", num_cpus)
+
+
+def local_runtime_env() -> dict:
+    """Every actor of a local cluster imports from the current folder first, as the driver does
+    (``odpo`` puts it on ``sys.path``): a judge module next to the config loads in its actor too."""
+    path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
+    return {"env_vars": {"PYTHONPATH": path}}
 
 
 def install_stop_handlers(stop: threading.Event) -> None:
@@ -81,13 +92,14 @@ def build_parts(c: RunConfig, rd: RunDir) -> Parts:
     generators = GeneratorPool(c.model, c.generator, prompt_field=c.data.prompt_field, seed=c.run.seed,
                                max_restarts=c.loop.max_actor_restarts, mode=c.loop.mode,
                                weight_transfer="nccl" if c.sync.backend == "nccl" else None)
-    judges = JudgePool(c.judge, seed=c.run.seed, max_restarts=c.loop.max_actor_restarts,
+    corrector = (c.corrector.cls, c.corrector.kwargs) if "correction" in c.pairs.sources else None
+    judges = JudgePool(c.judge, seed=c.run.seed, max_restarts=c.loop.max_actor_restarts, corrector=corrector,
                        generate_fn=make_generate_fn(generators, c.data.prompt_field, c.run.seed))
     return Parts(generators=generators, judges=judges, learner=learner, make_learner=make_learner,
                  sync_cfg=c.sync, run_dir=str(rd.root))
 
 
-def run(c: RunConfig, resume: bool = False) -> int:
+def run(c: RunConfig, resume: bool = False, wait_for_resources_s: float = 0.0) -> int:
     setup_logging()
     from orchestrator.security import config_warnings
 
@@ -114,16 +126,25 @@ def run(c: RunConfig, resume: bool = False) -> int:
         log.info("metrics on http://%s:%d/metrics (status: /status)", c.metrics.host, port)
 
     connect_ray(c)
+    try:  # before any actor: a cluster that cannot hold them all is an error now, not a silent wait
+        await_fit(c, wait_for_resources_s)
+    except BaseException:
+        metrics.close()
+        raise
     install_stop_handlers(stop)  # after ray.init, which installs its own SIGTERM handler
     t = time.perf_counter()
     metrics.set_phase("starting actors")
     parts = build_parts(c, rd)
     log.info("actors ready in %.1fs", time.perf_counter() - t)
+    watcher = trackers = None
     try:
+        # Before any sampling: actors look the progress board up once, at their first report.
+        watcher = ProgressWatcher(metrics, parts.judges, c.run.seed, c.log.progress_every_s).start()
         state = LoopState()
         if resume:
             state = restore(rd, parts)
         loop = Loop(c, rd, parts, prompts, eval_prompts, metrics, stop, state)
+        loop.trackers = trackers = open_trackers(c, rd)
 
         def save_checkpoint(st: LoopState) -> None:
             t0 = time.perf_counter()
@@ -131,6 +152,7 @@ def run(c: RunConfig, resume: bool = False) -> int:
             parts.learner.save(str(staging))
             payload = {"round": st.round, "policy_version": loop.learner_version, "sampler": st.sampler,
                        "pairs_total": st.pairs_total, "rounds_without_pairs": st.rounds_without_pairs,
+                       "beta": st.beta, "length_counts": st.length_counts,
                        "seed": c.run.seed, "mode": c.loop.mode, "saved_at": time.time()}
             path = rd.commit_checkpoint(staging, st.round, payload)
             rd.prune_checkpoints(c.loop.keep_checkpoints)
@@ -138,6 +160,9 @@ def run(c: RunConfig, resume: bool = False) -> int:
 
         drive(loop, save_checkpoint)
     finally:
+        for closing in (watcher, trackers):
+            if closing is not None:
+                closing.close()
         for part in (parts.generators, parts.judges, parts.learner):
             try:
                 part.shutdown()
@@ -166,7 +191,8 @@ def restore(rd: RunDir, parts: Parts) -> LoopState:
     rd.remove_pairs_after(saved["round"])
     log.info("resumed from %s: round %d, policy version %d", path, saved["round"], version)
     return LoopState(round=saved["round"], policy_version=version, sampler=saved["sampler"],
-                     pairs_total=saved.get("pairs_total", 0), rounds_without_pairs=saved.get("rounds_without_pairs", 0))
+                     pairs_total=saved.get("pairs_total", 0), rounds_without_pairs=saved.get("rounds_without_pairs", 0),
+                     beta=saved.get("beta"), length_counts=saved.get("length_counts", {}))
 
 
 _checkpoint_problem = checkpoint_problem  # (older name)

@@ -194,8 +194,8 @@ def pair_records(pairs: Iterable, round_: int) -> list[dict]:
             "prompt": p.prompt,
             "chosen": p.chosen,
             "rejected": p.rejected,
-            "chosen_score": float(p.chosen_score),
-            "rejected_score": float(p.rejected_score),
+            "chosen_score": None if p.chosen_score is None else float(p.chosen_score),  # a written (correction) answer is not judged
+            "rejected_score": None if p.rejected_score is None else float(p.rejected_score),
             "policy_version": int(p.policy_version),
             "round": int(round_),
             "source": p.source,

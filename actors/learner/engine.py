@@ -64,6 +64,10 @@ class Learner:
         """Optimizer steps taken (skipped steps excluded)."""
         self.skipped_steps = 0
         self._nan_pending = 0
+        self.beta: float | None = None
+        """The β the last ``train``/``evaluate`` call was given (a scheduled ``learner.beta``)."""
+        self.on_step = None
+        """``fn(round, steps_done, steps_total)`` before each step and after the last (progress reports)."""
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -125,7 +129,7 @@ class Learner:
         """Per-pair total loss (with grad) and detached figures for the report."""
         cfg = self.cfg
         pol, rf = (logps / lens.clamp(min=1), ref / lens.clamp(min=1)) if cfg.length_normalize else (logps, ref)
-        losses, r_w, r_l = dpo_loss(pol[:, 0], pol[:, 1], rf[:, 0], rf[:, 1], beta=cfg.beta,
+        losses, r_w, r_l = dpo_loss(pol[:, 0], pol[:, 1], rf[:, 0], rf[:, 1], beta=self._beta(),
                                     loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing)
         nll = completion_nll(logps[:, 0], lens[:, 0])
         total = cfg.dpo_weight * losses + cfg.rpo_alpha * nll
@@ -232,9 +236,11 @@ class Learner:
         totals += step_sums
         return True, float(grad_norm), tokens
 
-    def train(self, pairs: list, round: int) -> dict[str, Any]:
-        """Train on one round's pairs (every rank gets the whole list); returns the round report."""
+    def train(self, pairs: list, round: int, beta: float | None = None) -> dict[str, Any]:
+        """Train on one round's pairs (every rank gets the whole list); returns the round report.
+        ``beta``: the round's β (a scheduled ``learner.beta``); kept for later calls."""
         start = time.perf_counter()
+        self.beta = float(beta) if beta is not None else self.beta
         kept, stats = self._tokenize(pairs)
         ref_start = time.perf_counter()
         ref = self._all_logps(self.reference, kept, self.ref_device)[0] if kept else torch.zeros(0, 2)
@@ -246,11 +252,15 @@ class Learner:
                                  seed=self.seed, round=round) if kept else []
         totals = torch.zeros(len(_FIELDS), dtype=torch.float64)
         applied, skipped, norms, tokens = 0, 0, [], 0
-        for micro_batches in schedule:
+        for k, micro_batches in enumerate(schedule):
+            if self.on_step is not None:
+                self.on_step(round, k, len(schedule))
             ok, norm, n_tokens = self._step(micro_batches, ref_by_index, totals)
             applied, skipped, tokens = applied + ok, skipped + (not ok), tokens + n_tokens
             if ok:
                 norms.append(norm)
+        if self.on_step is not None:
+            self.on_step(round, len(schedule), len(schedule))
         refreshed = self.cfg.ref_refresh_every > 0 and round % self.cfg.ref_refresh_every == 0
         if refreshed:
             self.refresh_reference()
@@ -262,11 +272,20 @@ class Learner:
             grad_norm=sum(norms) / len(norms) if norms else float("nan"),
             tokens=float(counts[0]), learn_s=learn_s, ref_s=ref_s, tokens_per_s=float(counts[0]) / learn_s,
             lr=self.optimizer.param_groups[0]["lr"], optimizer_steps=float(self.steps), ref_refreshed=refreshed,
+            beta=self._beta(),
         )
         return report
 
-    def evaluate(self, pairs: list) -> dict[str, Any]:
+    def _beta(self) -> float:
+        """β of the DPO term: the one the round was given, else ``learner.beta`` when it is a number."""
+        beta = self.beta if self.beta is not None else self.cfg.beta
+        if not isinstance(beta, (int, float)):
+            raise ValueError("learner.beta is a schedule: train() and evaluate() need the round's beta")
+        return float(beta)
+
+    def evaluate(self, pairs: list, beta: float | None = None) -> dict[str, Any]:
         """The report's pair figures for ``pairs`` under the current policy, without a step."""
+        self.beta = float(beta) if beta is not None else self.beta
         kept, stats = self._tokenize(pairs)
         if not kept:
             return self._report(torch.zeros(len(_FIELDS), dtype=torch.float64), stats, len(pairs))

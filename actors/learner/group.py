@@ -12,26 +12,35 @@ import time
 from typing import Any
 
 import ray
+from ray.exceptions import GetTimeoutError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.learner.worker import LearnerWorker
+from actors.pending import ActorWait, demand_of
 
 
 class LearnerGroup:
     def __init__(self, model_cfg: Any, learner_cfg: Any, seed: int = 0):
         cfg = self.cfg = learner_cfg
-        bundle = {k: v for k, v in (("CPU", cfg.num_cpus_per_worker), ("GPU", cfg.num_gpus_per_worker)) if v > 0}
+        bundle = demand_of(cfg.num_cpus_per_worker, cfg.num_gpus_per_worker, cfg.resources)
         if not bundle:
             raise ValueError("learner.num_cpus_per_worker and learner.num_gpus_per_worker are both 0: "
                              "a worker needs some resource to be placed")
         self.workers: list = []
         self._pg = placement_group([dict(bundle) for _ in range(cfg.num_workers)], strategy="PACK")
         try:
-            self._get(self._pg.ready(), f"placement group of {cfg.num_workers} x {bundle} (free resources?)")
+            what = f"placement group of {cfg.num_workers} x {bundle}"
+            waiting = ActorWait([(f"learner {what}", self._pg)], bundle, f"learner.timeout_s={cfg.timeout_s:g}")
+            try:
+                waiting.get(self._pg.ready(), timeout=cfg.timeout_s)
+            except GetTimeoutError:
+                raise TimeoutError(f"learner: {what} was not placed within learner.timeout_s={cfg.timeout_s:g}s "
+                                   f"(no room for it on the cluster)") from None
             self.workers = [
                 LearnerWorker.options(
                     num_cpus=cfg.num_cpus_per_worker, num_gpus=cfg.num_gpus_per_worker,
+                    resources=dict(cfg.resources),
                     scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i),
                 ).remote(model_cfg, cfg, seed, i, cfg.num_workers)
                 for i in range(cfg.num_workers)
@@ -65,14 +74,15 @@ class LearnerGroup:
     def _all(self, method: str, *args, what: str) -> list:
         return self._get([getattr(w, method).remote(*args) for w in self.workers], what)
 
-    def train(self, pairs: list, round: int) -> dict[str, Any]:
-        """One round of DPO steps on ``pairs`` (the global batch); returns rank 0's report."""
+    def train(self, pairs: list, round: int, beta: float | None = None) -> dict[str, Any]:
+        """One round of DPO steps on ``pairs`` (the global batch); returns rank 0's report.
+        ``beta``: the round's β when ``learner.beta`` is a schedule (none = the configured number)."""
         ref = ray.put(pairs)
-        return self._all("train", ref, round, what=f"train(round={round})")[0]
+        return self._all("train", ref, round, beta, what=f"train(round={round})")[0]
 
-    def evaluate(self, pairs: list) -> dict[str, Any]:
+    def evaluate(self, pairs: list, beta: float | None = None) -> dict[str, Any]:
         """Loss, rewards and accuracy of ``pairs`` under the current policy, without a step."""
-        return self._all("evaluate", ray.put(pairs), what="evaluate")[0]
+        return self._all("evaluate", ray.put(pairs), beta, what="evaluate")[0]
 
     def save(self, path: str) -> None:
         """Checkpoint to ``path``: ``policy/`` (HF format), ``reference.safetensors``, ``optimizer.pt``."""

@@ -49,15 +49,17 @@ class LearnerWorker:
             rank=self.rank, world_size=self.world_size, timeout=timedelta(seconds=self.cfg.timeout_s),
         )
         self.engine = Learner(self.model_cfg, self.cfg, seed=self.seed)
+        if self.rank == 0:
+            self.engine.on_step = _report_steps
         return True
 
     # The round API (each a collective: the group calls every worker at once).
 
-    def train(self, pairs: list, round: int) -> dict:
-        return self.engine.train(pairs, round)
+    def train(self, pairs: list, round: int, beta: float | None = None) -> dict:
+        return self.engine.train(pairs, round, beta)
 
-    def evaluate(self, pairs: list) -> dict:
-        return self.engine.evaluate(pairs)
+    def evaluate(self, pairs: list, beta: float | None = None) -> dict:
+        return self.engine.evaluate(pairs, beta)
 
     def save(self, path: str) -> None:
         self.engine.save(path)
@@ -89,3 +91,16 @@ class LearnerWorker:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+_step_reporter = None
+
+
+def _report_steps(round_: int, done: int, total: int) -> None:
+    """Rank 0's optimizer steps of a round, as progress reports (actors/progress.py)."""
+    global _step_reporter
+    from actors.progress import Reporter
+
+    if done == 0 or _step_reporter is None or _step_reporter.tag != round_:
+        _step_reporter = Reporter("learn", 0, round_, total)
+    _step_reporter.set(done)

@@ -1,6 +1,7 @@
 """One Ray head for the end-to-end tests: `ray start --head --block` on loopback, with its own
-ports and temp dir, 4 CPUs and 2 logical GPUs (so resource checks have GPUs to count). It is
-ended by its process group, which `ray start --block` tears down on SIGTERM."""
+ports and temp dir, 2 CPUs (a head too small for the demo's 2.5, as a new user's laptop might
+be: test_submit.py) and 2 logical GPUs (so resource checks have GPUs to count). It is ended by
+its process group, which `ray start --block` tears down on SIGTERM."""
 
 import os
 import shutil
@@ -31,7 +32,7 @@ def ray_head():
            "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     env.pop("RAY_ADDRESS", None)
     args = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-            "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=4", "--num-gpus=2",
+            "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2", "--num-gpus=2",
             f"--temp-dir={temp_dir}", "--disable-usage-stats", f"--min-worker-port={lo}", f"--max-worker-port={lo + 40}"]
     args += [f"--{name}={port}" for name, port in ports.items()]
     log = open(Path(temp_dir) / "head.log", "wb")

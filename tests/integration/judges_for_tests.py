@@ -83,3 +83,14 @@ class SetupFails:
 
     def score(self, items):
         return [[0.0] * len(it.completions) for it in items]
+
+
+class MarkerJudge:
+    """Scores 1 for an answer holding ``marker`` and 0 otherwise: a judge with a shortcut, whose
+    pairs teach the marker rather than the task (what ``odpo audit`` must catch)."""
+
+    def __init__(self, marker: str = "7"):
+        self.marker = marker
+
+    def score(self, items):
+        return [[float(self.marker in c.text) for c in it.completions] for it in items]

@@ -32,16 +32,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_run(out_dir: Path, name: str, *overrides: str, resume: bool = False) -> subprocess.Popen:
+def start_run(out_dir: Path, name: str, *overrides: str, resume: bool = False,
+              config: str = "configs/demo.yaml", tiny: bool = True, env: dict | None = None) -> subprocess.Popen:
     """Start `python -m orchestrator run` in its own session (so its Ray processes can be ended
-    with it, by process group)."""
-    args = [sys.executable, "-m", "orchestrator", "run", "configs/demo.yaml",
+    with it, by process group); ``tiny`` shrinks it with ``TINY`` first; ``env`` adds environment
+    variables."""
+    args = [sys.executable, "-m", "orchestrator", "run", config,
             "--set", f"run.output_dir={out_dir}", "--set", f"run.name={name}"]
-    for o in [*TINY, *overrides]:
+    for o in [*(TINY if tiny else ()), *overrides]:
         args += ["--set", o]
     if resume:
         args.append("--resume")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **(env or {})}
     log = open(out_dir / f"{name}.log", "ab")
     return subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 

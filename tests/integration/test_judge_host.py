@@ -99,7 +99,7 @@ def test_a_dead_actor_is_restarted_and_the_batch_completes(ray_local, tmp_path):
 
 
 def test_a_hung_call_times_out_and_the_actor_is_replaced(ray_local, tmp_path):
-    pool = pool_of("HangsOnce", ray_local, num_actors=1, timeout_s=3, kwargs={"marker": str(tmp_path / "hung")})
+    pool = pool_of("HangsOnce", ray_local, num_actors=1, timeout_s=10, kwargs={"marker": str(tmp_path / "hung")})
     try:
         res = pool.score(make_items(n_items=2, per_item=2))
         again = pool.score(make_items(n_items=2, per_item=2))

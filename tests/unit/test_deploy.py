@@ -241,7 +241,8 @@ def exported_series() -> dict[str, set[str]]:
         "gen_tokens_per_s": 100, "policy_lag": 0, "eval_reward": 0.4, "round_s": 2, "gen_s": 1, "judge_s": 0.1,
         "learn_s": 0.5, "sync_s": 0.1, "prompts": 8, "completions": 64, "pairs": 6, "gen_tokens": 300,
         "pairs_dropped": {"tie": 2}, "judge_failures": {"raised": 1}, "restarts": {"generator": 1},
-        "skipped_steps": 1, "rss_mb": {"driver": 512.0},
+        "skipped_steps": 1, "rss_mb": {"driver": 512.0}, "beta": 0.1, "len_chosen_mean": 3.0,
+        "len_rejected_mean": 4.0, "longer_chosen_share": 0.5, "pairs_by_source": {"best_worst": 6},
     })
     return {family.name: {s.name for s in family.samples if not s.name.endswith("_created")}
             for family in m.registry.collect()}

@@ -7,7 +7,7 @@ import sys
 import pytest
 import yaml
 
-from orchestrator.config import load_config
+from orchestrator.config import ConfigError, load_config
 from orchestrator.resources import (
     check_cluster,
     format_plan,
@@ -87,9 +87,61 @@ def test_check_cluster_fits_exactly():
 def test_check_cluster_names_each_shortfall():
     plan = plan_of(GSM8K)
     assert check_cluster(plan, {"CPU": 16.0}) == [
-        "GPU: the config asks for 8 (generator 4 x 1, learner 4 x 1), the cluster has 0",
-        "CPU: the config asks for 34 (generator 4 x 4, judge 2 x 1, learner 4 x 4), the cluster has 16",
+        "GPU: the config asks for 8 (learner 4 x 1, generator 4 x 1) and the cluster has 0: the learner actors would"
+        " wait forever; lower learner.num_gpus_per_worker, generator.num_gpus so that they ask for 8 GPU less,"
+        " or add 8 GPU to the cluster",
+        "CPU: the config asks for 34 (learner 4 x 4, generator 4 x 4, judge 2 x 1) and the cluster has 16: the"
+        " generator actors would wait forever; lower learner.num_cpus_per_worker, generator.num_cpus, judge.num_cpus"
+        " so that they ask for 18 CPU less, or add 18 CPU to the cluster",
     ]
+
+
+def test_the_first_kind_that_overflows_in_start_order_is_named_with_the_value_that_fits():
+    # The demo (learner 1 + generator 1 + judge 0.5 CPU) on a 2-CPU head: the learner and the
+    # generator start first and take both CPUs, so the judge is the one that would wait forever.
+    plan = plan_of(REPO / "configs" / "demo.yaml")
+    assert check_cluster(plan, {"CPU": 2.0}, [{"CPU": 2.0}]) == [
+        "CPU: the config asks for 2.5 (learner 1 x 1, generator 1 x 1, judge 1 x 0.5) and the cluster has 2: the"
+        " judge actors would wait forever; lower judge.num_cpus to 0 (or learner.num_cpus_per_worker,"
+        " generator.num_cpus), or add 0.5 CPU to the cluster"]
+    assert check_cluster(plan_of(REPO / "configs" / "demo.yaml", ["judge.num_cpus=0"]), {"CPU": 2.0}, [{"CPU": 2.0}]) == []
+    # 3 judges of 0.5 CPU on 2.75 CPUs: 0.75 left for 3 actors, so at most 0.25 each.
+    plan = plan_of(REPO / "configs" / "demo.yaml", ["judge.num_actors=3"])
+    assert "lower judge.num_cpus to 0.25 (or" in check_cluster(plan, {"CPU": 2.75})[0]
+    # One CPU short with 4 generators of 1: the generator is the one left waiting, at 0.75 CPU each.
+    plan = plan_of(REPO / "configs" / "demo.yaml", ["generator.num_actors=4", "judge.num_cpus=0"])
+    assert check_cluster(plan, {"CPU": 4.0}) == [
+        "CPU: the config asks for 5 (learner 1 x 1, generator 4 x 1) and the cluster has 4: the generator actors would"
+        " wait forever; lower generator.num_cpus to 0.75 (or learner.num_cpus_per_worker), or add 1 CPU to the cluster"]
+
+
+def test_custom_resources_are_planned_and_checked_like_gpus():
+    plan = plan_of(GSM8K, ["generator.resources={a100_node: 1}", "learner.resources={a100_node: 1}"])
+    assert plan["actors"]["generator"]["resources"] == {"GPU": 1.0, "CPU": 4.0, "a100_node": 1.0}
+    assert plan["total"] == {"GPU": 8.0, "CPU": 34.0, "a100_node": 8.0}
+    assert format_plan(plan)[:2] == [
+        "# resources: generator 4 x 1 GPU, judge 2 x 0 GPU, learner 4 x 1 GPU; total 8 GPU, 34 CPU, 8 a100_node",
+        "#   generator 4 x (1 GPU, 4 CPU, 1 a100_node) = 4 GPU, 16 CPU; tensor_parallel_size 1"]
+    node = {"GPU": 8.0, "CPU": 64.0, "a100_node": 8.0}
+    assert check_cluster(plan, node, [node]) == []
+    plain = {"GPU": 8.0, "CPU": 64.0}
+    assert check_cluster(plan, plain, [plain]) == [
+        "a100_node: the config asks for 8 (learner 4 x 1, generator 4 x 1) and the cluster has 0: the learner actors"
+        " would wait forever; lower learner.resources.a100_node, generator.resources.a100_node so that"
+        " they ask for 8 a100_node less, or add 8 a100_node to the cluster",
+        "learner: one actor needs 1 GPU, 4 CPU, 1 a100_node on a single node; the largest node has 8 GPU, 64 CPU,"
+        " 0 a100_node: lower learner.resources.a100_node to 0, or add a node with 1 a100_node",
+        "generator: one actor needs 1 GPU, 4 CPU, 1 a100_node on a single node; the largest node has 8 GPU, 64 CPU,"
+        " 0 a100_node: lower generator.resources.a100_node to 0, or add a node with 1 a100_node",
+    ]
+
+
+def test_custom_resources_must_be_custom_and_not_negative():
+    with pytest.raises(ConfigError) as e:
+        load_config(GSM8K, ["generator.resources={GPU: 1}", "judge.resources={x: -1}"])
+    assert e.value.problems == [
+        "generator.resources: 'GPU' is not a custom resource (CPUs and GPUs have their own fields)",
+        "judge.resources: x: must be >= 0, got -1"]
 
 
 def test_check_cluster_per_node_an_actor_never_spans_nodes():
@@ -100,7 +152,13 @@ def test_check_cluster_per_node_an_actor_never_spans_nodes():
     totals = {"GPU": 12.0, "CPU": 192.0}
     assert check_cluster(plan, totals) == []
     assert check_cluster(plan, totals, nodes) == [
-        "generator: one actor needs 4 GPU and 4 CPU on a single node; the largest node has 1 GPU, 16 CPU"]
+        "generator: one actor needs 4 GPU, 4 CPU on a single node; the largest node has 1 GPU, 16 CPU:"
+        " lower generator.num_gpus to 1, or add a node with 4 GPU"]
+    # Each resource fits some node, but no node has both.
+    nodes = [{"GPU": 4.0, "CPU": 2.0}, {"GPU": 0.0, "CPU": 64.0}]
+    assert check_cluster(plan, {"GPU": 8.0, "CPU": 66.0}, nodes)[-1] == (
+        "generator: one actor needs 4 GPU, 4 CPU on a single node; the largest node has 4 GPU, 64 CPU:"
+        " no single node has all of it: lower generator.num_gpus or generator.num_cpus")
 
 
 def test_read_cluster_fails_fast_naming_the_address():
