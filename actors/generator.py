@@ -53,6 +53,7 @@ class GeneratorActor:
         self.tokenizer = self.llm.get_tokenizer()
         self.spec = weight_sync.engine_param_spec(self.llm)
         self.version = 0
+        self.loaded_desc: dict | None = None  # the publication this engine last loaded in full
 
     def ready(self) -> dict[str, Any]:
         """Who and where this actor is; the pool compares ``pid`` to count restarts."""
@@ -119,8 +120,14 @@ class GeneratorActor:
             time.sleep(delay)
         from actors import weight_sync
 
-        seconds = weight_sync.load_into_engine(self.llm, desc, self.spec)
-        self.version = version
+        try:
+            seconds = weight_sync.load_into_engine(self.llm, desc, self.spec)
+        except Exception:
+            if desc.get("token") is not None:  # streamed: some weights may be replaced already
+                log.warning("weight load of version %d stopped part-way; restoring version %d", version, self.version)
+                weight_sync.restore_engine(self.llm, self.loaded_desc, self.spec)
+            raise
+        self.version, self.loaded_desc = version, desc
         return seconds
 
     def weight_transfer(self, step: str, payload: Any = None, version: int | None = None) -> None:

@@ -105,10 +105,10 @@ class TensorSlot:
     nbytes: int
 
 
-def plan_layout(items: list[tuple[str, str, tuple[int, ...]]]) -> tuple[list[TensorSlot], int]:
-    """Pack ``(name, dtype name, shape)`` tensors into one buffer, each aligned to ``ALIGN`` bytes;
-    returns the slots and the buffer size."""
-    slots, offset = [], 0
+def plan_layout(items: list[tuple[str, str, tuple[int, ...]]], start: int = 0) -> tuple[list[TensorSlot], int]:
+    """Pack ``(name, dtype name, shape)`` tensors into one buffer, each aligned to ``ALIGN`` bytes,
+    from byte ``start`` on (a multiple of ``ALIGN``); returns the slots and the buffer size."""
+    slots, offset = [], start
     for name, dtype, shape in items:
         nbytes = dtype_of(dtype).itemsize
         for s in shape:

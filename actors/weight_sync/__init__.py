@@ -14,6 +14,11 @@ what vLLM maps) and in the engine's dtype (``generator.dtype``), cast once on th
 shapes and dtype are checked against the engine's model before a byte moves or a weight changes:
 a mismatch is an error naming the first bad parameter.
 
+A shared-memory publication is streamed: the generators load each tensor as soon as the learner
+has written it (``publish`` marks it), so the cast-and-copy overlaps the engines' reload. An
+engine whose load stops part-way (the learner failed or died mid-publication) goes back to the
+last weights it loaded in full before the error is raised.
+
 This package is the only code that calls vLLM's weight-loading API (``engine`` and ``nccl``); it
 was written against vLLM ``VLLM_WEIGHT_API``.
 """
@@ -24,16 +29,17 @@ import logging
 import time
 from pathlib import Path
 
-from actors.weight_sync.engine import engine_param_spec, engine_transfer_step, load_into_engine, open_published, \
-    reload_tensors
+from actors.weight_sync.engine import PublicationAborted, engine_param_spec, engine_transfer_step, load_into_engine, \
+    open_published, reload_tensors, restore_engine
 from actors.weight_sync.nccl import NcclPublication
 from actors.weight_sync.publish import Publication, _remove, publish_weights, remove_files
 
 VLLM_WEIGHT_API = "0.32"
 log = logging.getLogger(__name__)
 
-__all__ = ["sync_weights", "Publication", "NcclPublication", "engine_param_spec", "engine_transfer_step",
-           "load_into_engine", "open_published", "reload_tensors", "VLLM_WEIGHT_API", "_remove"]
+__all__ = ["sync_weights", "Publication", "NcclPublication", "PublicationAborted", "engine_param_spec",
+           "engine_transfer_step", "load_into_engine", "open_published", "reload_tensors", "restore_engine",
+           "VLLM_WEIGHT_API", "_remove"]
 
 
 def sync_weights(learner, pool, version: int, sync_cfg, run_dir: str | Path | None = None) -> dict[str, float]:
@@ -51,11 +57,16 @@ def sync_weights(learner, pool, version: int, sync_cfg, run_dir: str | Path | No
         load_s = pool.load_publication(nccl)
         total = time.perf_counter() - start
         return {"publish_s": total - load_s, "load_s": load_s, "total_s": total, "bytes": float(nccl.bytes)}
-    publication = publish_weights(learner, pool, version, sync_cfg, run_dir)
+    publication = publish_weights(learner, pool, version, sync_cfg, run_dir, stream=True)
     desc = publication.desc
-    publish_s = time.perf_counter() - start
     previous = getattr(pool.publication, "desc", {})
-    load_s = pool.load_publication(publication)
+    try:
+        load_s = pool.load_publication(publication)  # a streamed publication loads while it is written
+    except BaseException:
+        publication.finish()  # the learner's own error, when it failed first, says more
+        raise
+    publication.finish()
+    publish_s = desc.get("publish_s", time.perf_counter() - start)
     if desc["kind"] == "disk" and previous.get("kind") == "disk" and previous["path"] != desc["path"]:
         # The old file is no longer needed to re-sync a restarted generator.
         remove_files(learner, [previous["path"]], sync_cfg.timeout_s)

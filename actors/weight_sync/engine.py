@@ -13,14 +13,15 @@ tensors out of band). Shared-memory and disk publications are opened by each wor
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-from actors.shm_buffer import map_buffer, tensor_view
+from actors.shm_buffer import map_buffer, marks, tensor_view
 from actors.weight_layout import ParamSpec, check_dtypes, check_params, dtype_name, dtype_of
 from actors.weight_sync.names import checkpoint_spec, config_spec
 
@@ -51,8 +52,9 @@ def engine_param_spec(llm) -> ParamSpec:
     return spec if spec is not None else config_spec(mc.hf_config, dtype)
 
 
-def open_published(desc: dict) -> list[tuple[str, torch.Tensor]]:
-    """The published tensors, in publication order, without copying where the transport allows."""
+def open_published(desc: dict) -> list[tuple[str, torch.Tensor]] | Iterator[tuple[str, torch.Tensor]]:
+    """The published tensors, in publication order, without copying where the transport allows
+    (a streamed publication: an iterator that waits for each tensor)."""
     kind, slots = desc["kind"], desc["slots"]
     if kind == "object_store":
         import ray
@@ -64,6 +66,8 @@ def open_published(desc: dict) -> list[tuple[str, torch.Tensor]]:
             return [(s.name, torch.from_numpy(a).view(dtype_of(s.dtype)).view(s.shape)) for s, a in zip(slots, arrays)]
     if kind == "shm":
         buf = map_buffer(desc["path"])
+        if desc.get("token") is not None:
+            return _streamed(buf, desc)
         return [(s.name, tensor_view(buf, s)) for s in slots]
     if kind == "disk":
         from safetensors.torch import load_file
@@ -71,6 +75,45 @@ def open_published(desc: dict) -> list[tuple[str, torch.Tensor]]:
         state = load_file(desc["path"])
         return [(s.name, state[s.name]) for s in slots]
     raise ValueError(f"unknown weight publication kind {kind!r}")
+
+
+class PublicationAborted(RuntimeError):
+    """A streamed publication that will not be completed (its writer failed or died)."""
+
+
+def _writer_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process by now: ours is gone
+        return False
+    return True
+
+
+def _streamed(buf, desc: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """A streamed shared-memory publication's tensors, each as soon as its mark says it is written;
+    raises ``PublicationAborted`` when the writer gives up or dies, ``TimeoutError`` past
+    ``desc["timeout_s"]``."""
+    slots, token = desc["slots"], desc["token"]
+    mark = marks(buf, len(slots))
+    deadline = time.monotonic() + desc.get("timeout_s", 600.0)
+    for i, slot in enumerate(slots):
+        pause, next_check = 1e-4, time.monotonic() + 0.5
+        while (m := int(mark[i])) != token:
+            if m == -token:
+                raise PublicationAborted(f"weight sync: the learner stopped publishing at {slot.name!r}")
+            now = time.monotonic()
+            if now > next_check:
+                if not _writer_alive(desc["writer_pid"]):
+                    raise PublicationAborted(f"weight sync: the learner (pid {desc['writer_pid']}) died before "
+                                             f"publishing {slot.name!r}")
+                if now > deadline:
+                    raise TimeoutError(f"weight sync: {slot.name!r} was not published within sync.timeout_s")
+                next_check = now + 0.5
+            time.sleep(pause)
+            pause = min(pause * 2, 0.005)
+        yield slot.name, tensor_view(buf, slot)
 
 
 def _refresh_tied(worker) -> int:
@@ -138,6 +181,21 @@ def load_into_engine(llm, desc: dict, spec: ParamSpec) -> float:
     llm.collective_rpc(_reload, args=(payload,))
     llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
     return time.perf_counter() - start
+
+
+def _reload_checkpoint(worker) -> None:
+    worker.reload_weights(is_checkpoint_format=True)  # the engine's own checkpoint files
+    _after_reload(worker)
+
+
+def restore_engine(llm, desc: dict | None, spec: ParamSpec) -> None:
+    """Complete weights again after a streamed load stopped part-way: ``desc`` (the last
+    publication this engine loaded in full) or, before any, the engine's checkpoint."""
+    if desc is not None:
+        load_into_engine(llm, desc, spec)
+        return
+    llm.collective_rpc(_reload_checkpoint)
+    llm.reset_prefix_cache()
 
 
 def reload_tensors(llm, named: list[tuple[str, torch.Tensor]]) -> tuple[float, float]:

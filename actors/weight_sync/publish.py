@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from actors.shm_buffer import map_buffer, tensor_view
-from actors.weight_layout import ParamSpec, WeightMismatchError, check_params, dtype_name, dtype_of, numpy_carrier, \
-    plan_layout
+from actors.shm_buffer import map_buffer, marks, marks_bytes, tensor_view
+from actors.weight_layout import ALIGN, ParamSpec, WeightMismatchError, check_params, dtype_name, dtype_of, \
+    numpy_carrier, plan_layout
 from actors.weight_sync.names import checkpoint_items, checkpoint_shapes
 
 log = logging.getLogger(__name__)
@@ -64,9 +65,48 @@ def learner_state(worker, dtype: str) -> tuple[list[tuple[str, tuple[int, ...]]]
     return [(n, tuple(t.shape)) for n, t in named], iter(named)
 
 
-def _publish(worker, kind: str, spec: ParamSpec, target: str | None) -> tuple[dict | None, list | None]:
+def learner_plan(worker) -> list[tuple[str, tuple[int, ...]]]:
+    """``(name, shape)`` of the policy in checkpoint naming and the order ``learner_state`` yields
+    it, without gathering a tensor (stand-ins without a model: from their state dict)."""
+    model = getattr(worker, "model", None)
+    if model is not None:
+        return checkpoint_shapes(model)
+    return [(n, tuple(t.shape)) for n, t in worker.full_state_dict().items()]
+
+
+def _prepare_stream(worker, spec: ParamSpec, target: str) -> dict:
+    """Rank 0, before a streamed shared-memory publication: the names and shapes checked against
+    the engine's spec, the buffer's layout (marks first), the file created at its size."""
+    plan = learner_plan(worker)
+    names = check_params(plan, spec)  # before a byte moves
+    shapes = dict(plan)
+    slots, size = plan_layout([(n, spec.dtype or "float32", shapes[n]) for n in names], start=marks_bytes(len(names)))
+    map_buffer(target, size)
+    return {"slots": slots, "writer_pid": os.getpid()}
+
+
+def _publish(worker, kind: str, spec: ParamSpec, target: str | None,
+             stream: dict | None = None) -> tuple[dict | None, list | None]:
     """Publish the policy as ``kind`` (rank 0) and return ``(descriptor, arrays)``; ``arrays`` are
-    the object-store payload (None for other kinds, and on other ranks)."""
+    the object-store payload (None for other kinds, and on other ranks). ``stream`` (shared memory
+    only: ``slots`` and ``token`` from ``_prepare_stream`` and the driver) marks each tensor as it
+    lands, for engines that load while it is written; on any failure the tensors not written are
+    marked as never coming."""
+    if stream is None or getattr(worker, "rank", 0) != 0:
+        return _write(worker, kind, spec, target, stream, set())
+    written: set[str] = set()
+    try:
+        return _write(worker, kind, spec, target, stream, written)
+    except BaseException:
+        mark = marks(map_buffer(target), len(stream["slots"]))
+        for i, slot in enumerate(stream["slots"]):
+            if slot.name not in written:
+                mark[i] = -stream["token"]
+        raise
+
+
+def _write(worker, kind: str, spec: ParamSpec, target: str | None, stream: dict | None,
+           seen: set[str]) -> tuple[dict | None, list | None]:
     state = learner_state(worker, spec.dtype or "float32")
     if state is None:
         return None, None
@@ -74,14 +114,18 @@ def _publish(worker, kind: str, spec: ParamSpec, target: str | None) -> tuple[di
     names = check_params(plan, spec)  # before a byte moves
     shapes = dict(plan)
     start = time.perf_counter()
-    slots, size = plan_layout([(n, spec.dtype or "float32", shapes[n]) for n in names])
-    by_name = {s.name: s for s in slots}
+    if stream is not None:
+        slots = stream["slots"]
+        size = slots[-1].offset + slots[-1].nbytes if slots else ALIGN
+    else:
+        slots, size = plan_layout([(n, spec.dtype or "float32", shapes[n]) for n in names])
+    by_name = {s.name: (i, s) for i, s in enumerate(slots)}
     desc: dict[str, Any] = {"kind": kind, "slots": slots, "bytes": sum(s.nbytes for s in slots)}
-    buf = map_buffer(target, size) if kind == "shm" else None
-    seen: set[str] = set()
+    buf = map_buffer(target, None if stream is not None else size) if kind == "shm" else None
+    mark = marks(buf, len(slots)) if stream is not None else None
     kept: dict[str, torch.Tensor] = {}
     for name, tensor in items:  # streamed: names and shapes are checked again as tensors arrive
-        slot = by_name.get(name)
+        i, slot = by_name.get(name, (None, None))
         if slot is None:
             if name in spec.optional:
                 continue
@@ -89,12 +133,14 @@ def _publish(worker, kind: str, spec: ParamSpec, target: str | None) -> tuple[di
         if tuple(tensor.shape) != slot.shape or name in seen:
             raise WeightMismatchError(f"weight sync: parameter {name!r} changed shape or appeared twice while "
                                       f"gathering ({list(tensor.shape)}, expected {list(slot.shape)})")
-        seen.add(name)
         if buf is not None:
             if slot.nbytes:
                 tensor_view(buf, slot).copy_(tensor)  # the cast to the engine's dtype happens in this copy
+            if mark is not None:
+                mark[i] = stream["token"]  # after the bytes: a reader that sees it sees them
         else:
             kept[name] = tensor.to(dtype_of(slot.dtype)).contiguous()
+        seen.add(name)
     missing = [n for n in by_name if n not in seen]
     if missing:
         raise WeightMismatchError(f"weight sync: parameter {missing[0]!r} was not produced by the learner")
@@ -135,10 +181,18 @@ def _remove(worker, paths: list[str]) -> None:
 
 class Publication:
     """Weights published once and loadable by any generator of the pool, now or after a restart
-    (the descriptor holds the driver-owned object-store reference, or a file path)."""
+    (the descriptor holds the driver-owned object-store reference, or a file path). A streamed
+    one is still being written (``pending``): engines may load it meanwhile; ``finish`` waits for
+    the learner and raises its error, if any."""
 
-    def __init__(self, version: int, desc: dict, timeout_s: float):
-        self.version, self.desc, self.timeout_s = version, desc, timeout_s
+    def __init__(self, version: int, desc: dict, timeout_s: float, pending: list | None = None):
+        self.version, self.desc, self.timeout_s, self.pending = version, desc, timeout_s, pending
+
+    def finish(self) -> None:
+        if self.pending:
+            refs, self.pending = self.pending, None
+            done = get(refs, self.timeout_s, f"the learner publishing weights version {self.version}")
+            self.desc["publish_s"] = done[0][0]["publish_s"]
 
     def apply(self, pool, indices: list[int]) -> float:
         seconds = pool._call(indices, "load_weights", self.desc, self.version, timeout=self.timeout_s,
@@ -183,11 +237,22 @@ def _transport(learner, pool, sync_cfg, run_dir, version: int) -> tuple[str, str
     return "shm", path
 
 
-def publish_weights(learner, pool, version: int, sync_cfg, run_dir=None) -> Publication:
+def publish_weights(learner, pool, version: int, sync_cfg, run_dir=None, stream: bool = False) -> Publication:
     """Publish the learner's weights as ``version`` for ``pool`` (object store, shared memory or
-    disk, as ``sync_cfg`` and the nodes allow); nothing is loaded yet."""
+    disk, as ``sync_cfg`` and the nodes allow); nothing is loaded yet. With ``stream``, a
+    shared-memory publication is returned as soon as its layout is known, still being written:
+    load it right away (engines take each tensor as it lands), then call ``finish``."""
     kind, target = _transport(learner, pool, sync_cfg, run_dir, version)
     workers = publishing_workers(learner)
+    if stream and kind == "shm":
+        layout = get(learner.rank0.apply.remote(_prepare_stream, pool.param_spec, target), sync_cfg.timeout_s,
+                     "the learner laying out the shared-memory buffer")
+        token = secrets.randbits(62) + 1
+        desc = {"kind": kind, "slots": layout["slots"], "bytes": sum(s.nbytes for s in layout["slots"]),
+                "path": target, "token": token, "writer_pid": layout["writer_pid"], "timeout_s": sync_cfg.timeout_s}
+        pending = [w.apply.remote(_publish, kind, pool.param_spec, target, {"slots": layout["slots"], "token": token})
+                   for w in workers]
+        return Publication(version, desc, sync_cfg.timeout_s, pending=pending)
     refs = [w.apply.options(num_returns=2).remote(_publish, kind, pool.param_spec, target) for w in workers]
     desc = get([r[0] for r in refs], sync_cfg.timeout_s, f"the learner publishing weights version {version}")[0]
     if kind == "object_store":
