@@ -117,21 +117,30 @@ def _streamed(buf, desc: dict) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _refresh_tied(worker) -> int:
-    """Re-run post-load processing of modules whose weight is tied to an earlier module's.
+    """Bring modules whose weight is tied to an earlier module's up to date after a reload.
 
     A checkpoint-format reload skips a tied ``lm_head`` (checkpoints carry no weights for it), so
     a kernel that packed its weight at load time (vLLM's CPU GEMM does) would keep computing
-    logits from the old embeddings. Returns how many modules were refreshed.
+    logits from the old embeddings. On CPU the embedding was just re-processed by the reload,
+    which packed the same (new) tensor into its own ``cpu_linear``: the head takes that one, no
+    second pack. Elsewhere the module's post-load processing runs again. Returns how many modules
+    were refreshed.
     """
-    seen, refreshed = set(), 0
+    first: dict[int, torch.nn.Module] = {}
+    refreshed = 0
     for module in worker.get_model().modules():
         weight, method = getattr(module, "weight", None), getattr(module, "quant_method", None)
         if method is None or not isinstance(weight, torch.Tensor) or weight.numel() == 0:
             continue
-        if weight.data_ptr() in seen:
+        owner = first.setdefault(weight.data_ptr(), module)
+        if owner is module:
+            continue
+        if (hasattr(owner, "cpu_linear") and hasattr(module, "cpu_linear") and type(owner.quant_method) is type(method)
+                and tuple(owner.weight.shape) == tuple(weight.shape)):
+            module.cpu_linear = owner.cpu_linear  # packed from this very tensor during the reload
+        else:
             method.process_weights_after_loading(module)
-            refreshed += 1
-        seen.add(weight.data_ptr())
+        refreshed += 1
     return refreshed
 
 
