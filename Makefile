@@ -7,8 +7,10 @@ STAMP := $(VENV)/.odpo-installed
 EXTRAS ?= cpu,dev
 CONFIG ?= configs/demo.yaml
 PYTEST_ARGS ?=
+REHEARSAL_MODEL ?= runs/models/rehearsal-0.5b
+ARGS ?=
 
-.PHONY: install demo test test-unit bench clean
+.PHONY: install demo test test-unit bench clean rehearse
 
 install: $(STAMP)
 
@@ -26,6 +28,13 @@ demo: $(STAMP)
 	rm -rf runs/demo
 	$(PY) -m orchestrator run $(CONFIG) --set run.name=demo
 	$(PY) -m orchestrator plot runs/demo
+
+# The scale rehearsal (configs/rehearsal-0.5b.yaml): builds the Qwen2.5-0.5B-shaped model when
+# missing, then runs the loop; extra `odpo run` arguments in ARGS (e.g. ARGS="--set run.name=r2").
+# A run directory with checkpoints is resumed. Needs ~16 GiB of RAM; not part of `make test`.
+rehearse: $(STAMP)
+	test -f $(REHEARSAL_MODEL)/config.json || $(PY) -m orchestrator make-rehearsal-model $(REHEARSAL_MODEL)
+	$(PY) -m orchestrator run configs/rehearsal-0.5b.yaml --set model.path=$(REHEARSAL_MODEL) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -ra $(PYTEST_ARGS) tests

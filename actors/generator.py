@@ -13,13 +13,15 @@ import logging
 import os
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from actors.pending import ActorWait, demand_of
 from actors.progress import EngineCounter
 from actors.placement import PlacementError, why_unplaced
-from actors.sampling import encode_prompt, engine_kwargs, prompt_seed, row_prompt, split_evenly, to_completion
+from actors.sampling import cpu_thread_binding, encode_prompt, engine_kwargs, prompt_seed, row_prompt, split_evenly, \
+    to_completion
 from actors.types import SampleGroup
 
 log = logging.getLogger(__name__)
@@ -43,11 +45,16 @@ class GeneratorActor:
 
         from actors import weight_sync
 
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu and gen_cfg.tensor_parallel_size > 1:  # vLLM's CPU workers each need their own cores
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
+                                  cpu_thread_binding(sorted(os.sched_getaffinity(0)), gen_cfg.tensor_parallel_size))
         self.model_cfg, self.gen_cfg, self.index, self.prompt_field = model_cfg, gen_cfg, index, prompt_field
-        self.llm = LLM(**engine_kwargs(model_cfg, gen_cfg, seed, on_gpu=torch.cuda.is_available(), extra=engine_extra))
+        self.llm = LLM(**engine_kwargs(model_cfg, gen_cfg, seed, on_gpu=on_gpu, extra=engine_extra))
         self.tokenizer = self.llm.get_tokenizer()
-        self.spec = weight_sync.engine_param_spec(model_cfg.path)
+        self.spec = weight_sync.engine_param_spec(self.llm)
         self.version = 0
+        self.loaded_desc: dict | None = None  # the publication this engine last loaded in full
 
     def ready(self) -> dict[str, Any]:
         """Who and where this actor is; the pool compares ``pid`` to count restarts."""
@@ -118,8 +125,14 @@ class GeneratorActor:
             time.sleep(delay)
         from actors import weight_sync
 
-        seconds = weight_sync.load_into_engine(self.llm, desc, self.spec)
-        self.version = version
+        try:
+            seconds = weight_sync.load_into_engine(self.llm, desc, self.spec)
+        except Exception:
+            if desc.get("token") is not None:  # streamed: some weights may be replaced already
+                log.warning("weight load of version %d stopped part-way; restoring version %d", version, self.version)
+                weight_sync.restore_engine(self.llm, self.loaded_desc, self.spec)
+            raise
+        self.version, self.loaded_desc = version, desc
         return seconds
 
     def weight_transfer(self, step: str, payload: Any = None, version: int | None = None) -> None:
@@ -157,7 +170,7 @@ class GeneratorHung(GeneratorLost, TimeoutError):
     """A generator actor did not answer within its timeout (it is killed and restarted)."""
 
 
-@dataclass
+@dataclass(eq=False)
 class PendingSample:
     """A submitted ``sample`` call; hand it to ``GeneratorPool.collect``."""
 
@@ -199,6 +212,7 @@ class GeneratorPool:
                        for i in range(gen_cfg.num_actors)]
         self._served = [0] * gen_cfg.num_actors
         self._info: list[dict] = [{} for _ in self.actors]
+        self._submitted: weakref.WeakSet[PendingSample] = weakref.WeakSet()
         try:
             for i in range(len(self.actors)):
                 self._info[i] = self._await_ready(i, count_restart=False)
@@ -223,6 +237,7 @@ class GeneratorPool:
         rows = list(rows)
         shares = {i: b for i, b in enumerate(split_evenly(len(rows), len(self.actors))) if b[1] > b[0]}
         pending = PendingSample(rows, seed, greedy, self.version, shares, {}, {}, overrides=overrides)
+        self._submitted.add(pending)
         for i in shares:
             self._dispatch(pending, i)
         return pending
@@ -290,11 +305,28 @@ class GeneratorPool:
                                                        pending.overrides)
         pending.deadlines[i] = time.perf_counter() + self.gen_cfg.timeout_s
 
+    def drain(self) -> int:
+        """Wait until no actor is inside a submitted ``sample`` call (results stay for ``collect``);
+        past a call's deadline its actor counts as hung. Returns how many calls were waited for."""
+        import ray
+
+        calls = [(i, ref, p.deadlines[i]) for p in list(self._submitted) for i, ref in p.refs.items()]
+        for i, ref, deadline in sorted(calls, key=lambda c: c[2]):
+            ready, _ = ray.wait([ref], timeout=max(0.0, deadline - time.perf_counter()))
+            if not ready:
+                raise GeneratorHung(i, f"{self.actor_name(i)} did not finish sample within {self.gen_cfg.timeout_s}s")
+        return len(calls)
+
     # -- versions and weights ------------------------------------------------------------------
 
     def versions(self) -> list[int]:
         """The policy version each actor serves (asked live)."""
         return self._call(range(len(self.actors)), "get_version", timeout=self.gen_cfg.timeout_s, what="get_version")
+
+    def served_versions(self) -> list[int]:
+        """The policy version each actor was last loaded with (as its load or its restart reported;
+        no call to the actors, so it answers while they sample)."""
+        return list(self._served)
 
     def load_publication(self, publication) -> float:
         """Make every actor serve ``publication`` (an actor that dies meanwhile is recovered and

@@ -22,7 +22,7 @@ def engine_kwargs(model_cfg, gen_cfg, seed: int, *, on_gpu: bool, extra: dict | 
     kwargs: dict[str, Any] = dict(
         model=model_cfg.path,
         tokenizer=model_cfg.tokenizer or model_cfg.path,
-        dtype=model_cfg.dtype,
+        dtype=gen_cfg.dtype or model_cfg.dtype,
         max_model_len=model_cfg.max_model_len,
         seed=seed,
         # In-process engine (see DESIGN.md); tensor parallelism needs worker processes.
@@ -41,6 +41,16 @@ def engine_kwargs(model_cfg, gen_cfg, seed: int, *, on_gpu: bool, extra: dict | 
         # scheduler waits for room instead. (The config refuses turning it back on for CPU.)
         kwargs.setdefault("enable_chunked_prefill", False)
     return kwargs
+
+
+def cpu_thread_binding(cpus: list[int], tp: int) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for ``tp`` CPU workers: the cores split into ``tp`` disjoint
+    groups (``"0|1"``), since vLLM's default binds by NUMA node and needs one node per worker."""
+    if len(cpus) < tp:
+        raise ValueError(f"generator.tensor_parallel_size={tp} on CPU needs at least {tp} cores, this actor has "
+                         f"{len(cpus)}")
+    groups = [cpus[i * len(cpus) // tp:(i + 1) * len(cpus) // tp] for i in range(tp)]
+    return "|".join(",".join(str(c) for c in group) for group in groups)
 
 
 def row_prompt(row: dict, field: str, position: int) -> Prompt:

@@ -4,6 +4,10 @@ sync. The writer copies tensors into the file's pages, readers view them in plac
 Each process keeps its maps open: rewriting the same pages next sync costs a memcpy, with no page
 faults and no new page tables (a fresh ``ray.put`` pays both). A map whose file was removed is
 closed on the next call, so the RAM goes back once every process let go of it.
+
+A streamed publication starts with one int64 mark per tensor (``marks``): the writer sets a
+tensor's mark to the publication's token once its bytes are in place (or to minus the token when
+it gives up), so a reader can load tensor ``i`` while tensor ``i + 1`` is still being written.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import os
 
 import torch
 
-from actors.weight_layout import TensorSlot, dtype_of
+from actors.weight_layout import ALIGN, TensorSlot, dtype_of
 
 # path -> (inode, size, map) of this process's open maps.
 _MAPS: dict[str, tuple[int, int, mmap.mmap]] = {}
@@ -54,3 +58,13 @@ def tensor_view(buf, slot: TensorSlot) -> torch.Tensor:
         return torch.empty(slot.shape, dtype=dtype_of(slot.dtype))
     raw = torch.frombuffer(buf, dtype=torch.uint8, count=slot.nbytes, offset=slot.offset)
     return raw.view(dtype_of(slot.dtype)).view(slot.shape)
+
+
+def marks_bytes(count: int) -> int:
+    """Bytes the marks of ``count`` tensors take at the start of a streamed buffer (aligned)."""
+    return max(-(-8 * count // ALIGN) * ALIGN, ALIGN)
+
+
+def marks(buf, count: int) -> torch.Tensor:
+    """The ``count`` int64 marks at the start of ``buf``, as a tensor sharing its memory."""
+    return torch.frombuffer(buf, dtype=torch.int64, count=count, offset=0)

@@ -27,6 +27,8 @@ class ParamSpec:
     shapes: dict[str, tuple[int, ...]]
     optional: frozenset[str] = field(default_factory=frozenset)
     """Names a state dict may carry that the engine ignores (a tied ``lm_head.weight``)."""
+    dtype: str | None = None
+    """The dtype the engine serves (``"bfloat16"``): weights are cast to it before they move."""
 
 
 def check_params(given: list[tuple[str, tuple[int, ...]]], spec: ParamSpec) -> list[str]:
@@ -65,15 +67,26 @@ def check_params(given: list[tuple[str, tuple[int, ...]]], spec: ParamSpec) -> l
     return keep
 
 
-def make_spec(shapes: dict[str, tuple[int, ...]], config: dict) -> ParamSpec:
-    """The spec of a model whose checkpoint (or state dict) has ``shapes``: a tied ``lm_head.weight``
-    is optional (checkpoints omit it, state dicts carry it, vLLM ignores it)."""
+def check_dtypes(given: list[tuple[str, str]], spec: ParamSpec) -> None:
+    """Raise ``WeightMismatchError`` naming the first ``(name, dtype name)`` whose dtype is not the
+    engine's (a publication cast for another generator, or never cast)."""
+    for name, dtype in given:
+        if spec.dtype is not None and dtype != spec.dtype:
+            raise WeightMismatchError(
+                f"weight sync: parameter {name!r} is {dtype} but the engine serves {spec.dtype} "
+                f"(generator.dtype)"
+            )
+
+
+def make_spec(shapes: dict[str, tuple[int, ...]], config: dict, dtype: str | None = None) -> ParamSpec:
+    """The spec of a model whose checkpoint (or state dict) has ``shapes``, served in ``dtype``: a
+    tied ``lm_head.weight`` is optional (checkpoints omit it, state dicts carry it, vLLM ignores it)."""
     shapes = dict(shapes)
     text_config = config.get("text_config") or {}
     if config.get("tie_word_embeddings", text_config.get("tie_word_embeddings")):
         shapes.pop("lm_head.weight", None)
-        return ParamSpec(shapes, frozenset({"lm_head.weight"}))
-    return ParamSpec(shapes)
+        return ParamSpec(shapes, frozenset({"lm_head.weight"}), dtype)
+    return ParamSpec(shapes, dtype=dtype)
 
 
 def safetensors_shapes(header: dict) -> dict[str, tuple[int, ...]]:
@@ -92,10 +105,10 @@ class TensorSlot:
     nbytes: int
 
 
-def plan_layout(items: list[tuple[str, str, tuple[int, ...]]]) -> tuple[list[TensorSlot], int]:
-    """Pack ``(name, dtype name, shape)`` tensors into one buffer, each aligned to ``ALIGN`` bytes;
-    returns the slots and the buffer size."""
-    slots, offset = [], 0
+def plan_layout(items: list[tuple[str, str, tuple[int, ...]]], start: int = 0) -> tuple[list[TensorSlot], int]:
+    """Pack ``(name, dtype name, shape)`` tensors into one buffer, each aligned to ``ALIGN`` bytes,
+    from byte ``start`` on (a multiple of ``ALIGN``); returns the slots and the buffer size."""
+    slots, offset = [], start
     for name, dtype, shape in items:
         nbytes = dtype_of(dtype).itemsize
         for s in shape:

@@ -56,7 +56,7 @@ class ModelConfig(Section):
     path: str = "assets/demo/model"
     """Policy model: a local folder in Hugging Face format, or a hub id where the cluster can reach a hub."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weights dtype for the generators and the learner's master copy (bf16 autocast is used on GPU)."""
+    """The learner's master weights (bf16 autocast is used on GPU); the generators serve ``generator.dtype``, which defaults to this."""
     tokenizer: str | None = None
     """Tokenizer folder or hub id; defaults to ``path``."""
     chat_template: bool = False
@@ -112,7 +112,9 @@ class GeneratorConfig(Section):
     resources: CustomResources = {}
     """Custom Ray resources per generator actor, e.g. ``{a100_node: 1}`` to run only on nodes started with ``--resources='{"a100_node": 8}'``; checked against the cluster, like GPUs and CPUs, before any actor starts."""
     tensor_parallel_size: int = Field(1, ge=1)
-    """vLLM tensor-parallel size per generator (GPU clusters)."""
+    """vLLM tensor-parallel size per generator (GPU clusters; on CPU each TP worker gets its share of the actor's cores)."""
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """Weights (and KV cache) dtype the generators serve; none = ``model.dtype``. Weights are cast to it on the learner before they move, so ``bfloat16`` halves every sync's bytes while the learner keeps ``model.dtype`` master weights."""
     timeout_s: float = Field(600, gt=0)
     """Longest a ``sample`` call may take before the actor is restarted and its share re-sampled."""
     start_timeout_s: float = Field(900, gt=0)

@@ -120,6 +120,7 @@ class Loop:
         # loop.regenerate_every > 1: offline / iterative DPO (orchestrator/regenerate.py)
         self.bank = SampleBank(rundir.root, config.loop.regenerate_every) \
             if config.loop.regenerate_every > 1 else None
+        self.republish = False  # a rebuilt learner publishes its weights before anything samples
         self.trackers = None  # orchestrator.trackers.Trackers when report.to names any (set by run.py)
         self.sync_path: str | None = None  # how this round's weight sync travelled (weight_sync's ``path``)
 
@@ -131,9 +132,10 @@ class Loop:
         handle = self.parts.generators.submit(rows, seed=round_seed(self.c.run.seed, round_))
         return Pending(round_, list(indices), self.sampler.state(), handle=handle)
 
-    def push_weights(self) -> float:
-        """Make the generators serve the learner's weights; returns seconds."""
-        if self.state.policy_version == self.learner_version:
+    def push_weights(self, force: bool = False) -> float:
+        """Make the generators serve the learner's weights; returns seconds. ``force``: publish
+        even when they serve this version already (a rebuilt learner's first publication)."""
+        if self.state.policy_version == self.learner_version and not force:
             return 0.0
         t = time.perf_counter()
         self.pushing = True
@@ -159,6 +161,8 @@ class Loop:
         c, m = self.c, self.metrics
         t_round = time.perf_counter()
         rec: dict = {"round": r}
+        sync_s = self.push_weights(force=True) if self.republish else 0.0
+        self.republish = False
 
         # 1. sample (sync: now; async: collect what was submitted last round, then start the next)
         m.set_phase("sample", r, policy_version=self.state.policy_version)
@@ -178,7 +182,6 @@ class Loop:
             sampler_after_this_round = self.in_hand.sampler_after
         gen_wait_s = time.perf_counter() - t
         gen_s = max((g.sample_s for g in groups), default=0.0) or gen_wait_s
-        sync_s = 0.0
         if c.loop.mode == "async":
             sync_s += self.push_weights()
             if r < c.loop.rounds or c.loop.rounds == 0:
@@ -289,10 +292,12 @@ class Loop:
             "judge_failures": dict(scored.failures) if scored else {},
             "corrector_failures": sel.corrector_failures,
             "restarts": self.restarts(),
+            "generator_versions": self.parts.generators.served_versions(),
         })
         if self.bank is not None:
             rec.update(self.bank.record(r))
         rec["rss_mb"] = self.memory.sample(actor_handles(self.parts), rec["restarts"])
+        rec["rss_peak_mb"] = self.memory.peaks
         if eval_reward is not None:
             rec["eval_reward"] = eval_reward
         self.committed_version, self.in_hand = self.learner_version, None
@@ -357,6 +362,7 @@ class Loop:
             self.pushing = True
             self.parts.sync(self.committed_version)
             self.pushing = False
+            self.republish = False  # that was the rebuilt learner's publication
             self.state.policy_version = self.committed_version
 
     def rewind_to_last_round(self) -> None:
@@ -395,6 +401,7 @@ class Loop:
             except Exception as e:  # its workers may be gone already
                 log.warning("shutting down the old learner group: %s", e)
             self.parts.learner = self.parts.make_learner()
+            self.republish = True
         start = 0
         if path is not None:
             self.parts.learner.load(str(path))
@@ -407,6 +414,9 @@ class Loop:
                 self.parts.learner.train(pairs, round=j, beta=beta)
         log.info("learner restored: %s, then the pairs of rounds %d..%d replayed",
                  path.name if path else "initial weights", start + 1, self.state.round)
+        # A rebuilt learner publishes its weights (the same version: they are the round-start weights)
+        # at the start of the retried round, so that a generator restarted later re-syncs from the
+        # new group's publication, and an NCCL session is re-opened with the new group.
 
 
 def _rank(worker) -> int:

@@ -70,3 +70,14 @@ def _status_in_round(port):
     except OSError:
         return None
     return status if status.get("round", 0) >= 1 and status["phase"] in ("sample", "judge", "learn", "sync", "eval") else None
+
+
+@pytest.fixture(scope="module")
+def stand_in_learner(ray_local):
+    """The TEST-ONLY stand-in learner of tests/integration/standins.py (the demo model), per module."""
+    from tests.integration.standins import StandInLearner
+
+    group = StandInLearner()
+    yield group
+    for w in group.workers:
+        ray_local.kill(w)

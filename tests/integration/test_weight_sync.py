@@ -3,9 +3,10 @@ change, every generator's greedy output equals transformers' on the new weights 
 log-probs match transformers' to 1e-3; a mismatched state dict fails before any weight changes;
 a generator killed during a sample call is restarted, re-synced and its share re-sampled.
 
-The learner here is ``StandInLearnerWorker``, a TEST-ONLY stand-in for ``actors.learner``'s
-``LearnerWorker`` with the same contract (``apply``, ``full_state_dict``, ``model``); the
-end-to-end test with the real learner lives with the orchestrator.
+The learner here is ``StandInLearnerWorker`` (tests/integration/standins.py), a TEST-ONLY
+stand-in for ``actors.learner``'s ``LearnerWorker`` with the same contract (``apply``,
+``full_state_dict``, ``model``); the end-to-end test with the real learner lives with the
+orchestrator.
 """
 
 import dataclasses
@@ -20,85 +21,16 @@ from actors.weight_layout import WeightMismatchError
 from actors.weight_sync import sync_weights
 from orchestrator.config import GeneratorConfig, ModelConfig, SyncConfig
 from tests.conftest import DEMO_MODEL
+from tests.integration.standins import MAX_NEW, StandInLearner
 
 pytestmark = pytest.mark.integration
 
 ENGINE = {"enforce_eager": True, "kv_cache_memory_bytes": 64 << 20}
-MAX_NEW = 6
-EOS = 2
-
-
-@ray.remote(num_cpus=0)
-class StandInLearnerWorker:
-    """TEST-ONLY stand-in for the learner's rank-0 worker: the demo model in transformers."""
-
-    def __init__(self, path: str):
-        from transformers import AutoModelForCausalLM
-
-        torch.set_num_threads(1)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        self.corrupt = None
-
-    def apply(self, fn, *args, **kwargs):
-        return fn(self, *args, **kwargs)
-
-    def full_state_dict(self) -> dict:
-        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        if self.corrupt == "name":
-            state["model.layers.0.mlp.gate_projj.weight"] = state.pop("model.layers.0.mlp.gate_proj.weight")
-        elif self.corrupt == "shape":
-            state["model.norm.weight"] = torch.ones(64)
-        return state
-
-    def set_corrupt(self, how):
-        self.corrupt = how
-
-    @torch.no_grad()
-    def sgd_steps(self, ids: list[int], steps: int, lr: float) -> None:
-        """A few plain SGD steps that make ``ids`` likelier: a real weight change."""
-        self.model.train()
-        x = torch.tensor([ids])
-        for _ in range(steps):
-            with torch.enable_grad():
-                loss = self.model(x, labels=x).loss
-                loss.backward()
-            for p in self.model.parameters():
-                p -= lr * p.grad
-                p.grad = None
-        self.model.eval()
-
-    @torch.no_grad()
-    def greedy(self, prompts: list[list[int]]) -> list[list[int]]:
-        out = []
-        for ids in prompts:
-            x = torch.tensor([ids])
-            gen = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=MAX_NEW, do_sample=False,
-                                      pad_token_id=0, eos_token_id=EOS)[0, len(ids):].tolist()
-            out.append(gen[: gen.index(EOS) + 1] if EOS in gen else gen)  # the engine returns a sampled EOS too
-        return out
-
-    @torch.no_grad()
-    def logprob(self, prompt: list[int], completion: list[int]) -> float:
-        x = torch.tensor([prompt + completion])
-        logps = self.model(x).logits[0, :-1].float().log_softmax(-1)
-        targets = x[0, 1:]
-        return float(logps[torch.arange(len(targets)), targets][len(prompt) - 1:].sum())
-
-
-class StandInLearner:
-    """TEST-ONLY stand-in for ``LearnerGroup``: ``workers`` and ``rank0``."""
-
-    def __init__(self):
-        self.workers = [StandInLearnerWorker.remote(str(DEMO_MODEL))]
-        self.rank0 = self.workers[0]
 
 
 @pytest.fixture(scope="module")
-def learner(ray_local):
-    group = StandInLearner()
-    yield group
-    for w in group.workers:
-        ray.kill(w)
+def learner(stand_in_learner):
+    return stand_in_learner
 
 
 @pytest.fixture(scope="module")
@@ -210,3 +142,33 @@ def test_killed_generator_is_restarted_resynced_and_its_share_resampled(pool, le
     groups = pool.sample(rows, seed=0, greedy=True)
     assert {g.policy_version for g in groups} == {version}
     assert [g.completions[0].token_ids for g in groups] == expected
+
+
+def test_a_publication_outlives_the_learner_that_made_it(pool, eval_rows):
+    """The driver owns an object-store publication: with the learner that published it gone (a
+    learner rebuild), a restarted generator still loads it."""
+    rows = eval_rows[:8]
+    ids = prompt_ids(pool, rows)
+    doomed = StandInLearner()
+    ray.get(doomed.rank0.sgd_steps.remote(ids[0] + [7], steps=3, lr=0.05), timeout=120)
+    expected = ray.get(doomed.rank0.greedy.remote(ids), timeout=120)
+    version = pool.version + 1
+    sync_weights(doomed, pool, version, SyncConfig(shm_dir=None))
+    assert pool.publication.desc["kind"] == "object_store"
+    ray.kill(doomed.rank0, no_restart=True)
+    restarts = pool.restarts
+    ray.kill(pool.actors[0], no_restart=False)
+    groups = pool.sample(rows, seed=0, greedy=True)  # generator 0 comes back on version 0 and re-syncs
+    assert pool.restarts == restarts + 1 and pool.versions() == [version, version]
+    assert [g.completions[0].token_ids for g in groups] == expected
+    assert greedy_per_actor(pool, rows) == [expected, expected]
+
+
+def test_drain_waits_for_every_sample_in_flight_and_keeps_the_results(pool, eval_rows):
+    rows = eval_rows[:8]
+    pending = pool.submit(rows, seed=0, greedy=True)
+    assert pool.drain() == 2
+    ready, not_ready = ray.wait(list(pending.refs.values()), num_returns=2, timeout=0)
+    assert len(ready) == 2 and not not_ready
+    assert [g.row for g in pool.collect(pending)] == rows
+    assert pool.drain() == 0

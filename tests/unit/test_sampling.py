@@ -82,3 +82,12 @@ def test_engine_kwargs_layer_model_then_engine_section_then_extra():
     assert kwargs["kv_cache_memory_bytes"] == CPU_KV_CACHE_BYTES
     explicit = engine_kwargs(model, GeneratorConfig(engine={"gpu_memory_utilization": 0.1}), 3, on_gpu=False)
     assert "kv_cache_memory_bytes" not in explicit
+
+
+def test_cpu_tensor_parallel_workers_get_disjoint_core_groups():
+    from actors.sampling import cpu_thread_binding
+
+    assert cpu_thread_binding([0, 1], 2) == "0|1"
+    assert cpu_thread_binding([0, 1, 2, 3, 4], 2) == "0,1|2,3,4"
+    with pytest.raises(ValueError, match="tensor_parallel_size=4 on CPU needs at least 4 cores, this actor has 2"):
+        cpu_thread_binding([0, 1], 4)

@@ -1,0 +1,189 @@
+"""The ``nccl`` backend (GPU clusters): vLLM's weight-transfer API
+(``WeightTransferConfig(backend="nccl")``: init -> start -> update -> finish), packed into
+``sync.nccl_bucket_mb`` buckets, driven by the learner's rank 0 through ``PoolClient``.
+
+A session is one NCCL group between the learner's sender and every generator's TP workers. It is
+keyed on who is in it: the learner workers' and the generator actors' identities (actor id and
+process id). A full sync reuses the session while the key holds and opens a new one otherwise (a
+generator restarted, or the learner was rebuilt: its new rank 0 has no transfer state).
+
+- Before any collective, the pool is drained: no generator may be inside ``sample`` (its
+  weight-transfer calls would queue behind the sample, past ``sync.timeout_s``).
+- Re-syncing one restarted generator never touches the healthy ones: the learner publishes its
+  weights through the object store or shared memory (``actors.weight_sync.publish``) and only that
+  generator loads them. The next full sync opens a new session with everyone.
+- A broadcast that fails leaves the engines mid-update: every generator is restarted and the
+  session dropped.
+
+Under DDP only rank 0 takes part; under FSDP every rank does (gathering is a collective).
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import time
+
+from actors.weight_layout import ParamSpec, WeightMismatchError, check_params, dtype_of
+from actors.weight_sync.names import checkpoint_items
+from actors.weight_sync.publish import get, publish_weights, publishing_workers
+
+
+def nccl_trainer_init_info(sync_cfg, address: str, port: int, num_generators: int, tp: int, rank: int = 0):
+    """vLLM's trainer-side init info: one sender (rank 0) plus every generator's TP workers."""
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
+
+    return NCCLTrainerInitInfo(master_address=address, master_port=port, world_size=1 + num_generators * tp,
+                               packed=True, packed_buffer_size_bytes=sync_cfg.nccl_bucket_mb << 20,
+                               packed_num_buffers=2, rank=rank)
+
+
+def generator_init_infos(init_info: dict, num_generators: int, tp: int) -> list[dict]:
+    """vLLM sends one worker init payload with ``rank_offset=1``; each generator needs its own
+    offset so that its TP workers take distinct ranks in the group."""
+    base = init_info["rank_offset"]
+    return [{**init_info, "rank_offset": base + i * tp} for i in range(num_generators)]
+
+
+class PoolClient:
+    """vLLM's ``VLLMWeightSyncClient`` over the pool's generator actors (used on the learner)."""
+
+    def __init__(self, actors: list, tp: int, timeout_s: float):
+        self.actors, self.tp, self.timeout_s, self.version = actors, tp, timeout_s, None
+
+    def _all(self, step: str, payloads: list) -> None:
+        get([a.weight_transfer.remote(step, p, self.version) for a, p in zip(self.actors, payloads)],
+            self.timeout_s, f"generators at weight transfer step {step!r}")
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self._all("init", generator_init_infos(init_info, len(self.actors), self.tp))
+
+    def start_weight_update(self) -> None:
+        self._all("start", [None] * len(self.actors))
+
+    def update_weights(self, update_info) -> None:
+        self._all("update", [update_info] * len(self.actors))
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self._all("finish", [None] * len(self.actors))
+
+
+def model_source(worker, spec: ParamSpec):
+    """vLLM ``WeightSource`` over the learner's policy in checkpoint naming, checked against
+    ``spec`` (before anything is sent) and cast to the engine's dtype on the learner."""
+    import torch
+    from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource, materialize_full_tensor
+
+    target = dtype_of(spec.dtype or "float32")
+    model = worker.model
+
+    def raw(meta: bool):
+        for name, param in model.named_parameters():
+            if meta:
+                yield name, torch.empty(param.shape, dtype=param.dtype, device="meta")
+            else:
+                yield name, materialize_full_tensor(param.detach())  # a collective under FSDP
+
+    class CheckedSource(WeightSource):
+        def metadata(self):
+            shapes = [(n, tuple(t.shape)) for n, t in checkpoint_items(model, raw(meta=True))]
+            names = set(check_params(shapes, spec))
+            return [ParamMeta(n, target, s) for n, s in shapes if n in names]
+
+        def __iter__(self):
+            keep = {m.name for m in self.metadata()}
+            for name, tensor in checkpoint_items(model, raw(meta=False)):
+                if name in keep:  # the same filter on every rank keeps FSDP gathers in step
+                    yield name, tensor.to(target)
+
+    return CheckedSource()
+
+
+def trainer_engine_cls():
+    """vLLM's trainer-side NCCL engine class (unit tests put a fake in its place)."""
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerWeightTransferEngine
+
+    return NCCLTrainerWeightTransferEngine
+
+
+def _nccl_endpoint(worker, port: int) -> tuple[str, int]:
+    import ray
+
+    if not port:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+    return ray.util.get_node_ip_address(), port
+
+
+def _nccl_trainer_init(worker, rank, sync_cfg, address, port, actors, tp, spec):
+    old = getattr(worker, "_odpo_weight_transfer", None)
+    if old is not None:
+        old.shutdown()
+    source = model_source(worker, spec)
+    source.metadata()  # a mismatch is an error before any generator joins a group
+    info = nccl_trainer_init_info(sync_cfg, address, port, len(actors), tp, rank=rank)
+    worker._odpo_weight_transfer = trainer_engine_cls().trainer_init(
+        info, client=PoolClient(actors, tp, sync_cfg.timeout_s), source=source)
+
+
+def _nccl_send(worker, version: int) -> int:
+    engine = worker._odpo_weight_transfer
+    engine.client.version = version
+    meta = engine.source.metadata()  # raises on a mismatch before the generators start an update
+    engine.send_weights()
+    return sum(m.dtype.itemsize * math.prod(m.shape) for m in meta)
+
+
+def session_key(learner, pool) -> tuple:
+    """Who an NCCL session joins: the learner's workers and each generator's actor and process."""
+    return (tuple(w._actor_id.hex() for w in learner.workers),
+            tuple((a._actor_id.hex(), pid) for a, pid in zip(pool.actors, pool.pids())))
+
+
+class NcclPublication:
+    """The learner's weights sent over NCCL as ``version``. They live on the learner: re-applying
+    them to a restarted generator publishes the learner's weights as they are now through the
+    object store or shared memory (right in sync mode, where nothing trains between a sync and the
+    sampling it serves; in async mode a restart mid-round serves weights a few steps newer)."""
+
+    def __init__(self, learner, version: int, sync_cfg, spec: ParamSpec, run_dir=None):
+        self.learner, self.version, self.sync_cfg, self.spec, self.run_dir = learner, version, sync_cfg, spec, run_dir
+        self.bytes = 0
+
+    def apply(self, pool, indices: list[int]) -> float:
+        if sorted(indices) != list(range(len(pool.actors))):
+            return self._resync(pool, indices)
+        cfg = self.sync_cfg
+        start = time.perf_counter()
+        pool.drain()  # no collective while a generator is inside ``sample``
+        workers = publishing_workers(self.learner)
+        key = session_key(self.learner, pool)
+        if pool.sync_state.get("nccl") != key:
+            pool.sync_state.pop("nccl", None)
+            address, port = get(self.learner.rank0.apply.remote(_nccl_endpoint, cfg.nccl_port), cfg.timeout_s,
+                                "picking the NCCL rendezvous port")
+            tp = pool.gen_cfg.tensor_parallel_size
+            get([w.apply.remote(_nccl_trainer_init, r, cfg, address, port, pool.actors, tp, self.spec)
+                 for r, w in enumerate(workers)], cfg.timeout_s, "opening the NCCL weight-transfer group")
+            pool.sync_state["nccl"] = key
+        try:
+            sent = get([w.apply.remote(_nccl_send, self.version) for w in workers], cfg.timeout_s,
+                       f"the NCCL broadcast of weights version {self.version}")
+        except WeightMismatchError:
+            raise  # found before any generator started an update: nothing to undo
+        except BaseException:
+            # The group is unusable and the engines are left mid-update (layers on the meta
+            # device): start them fresh; the next sync opens a new group.
+            pool.sync_state.pop("nccl", None)
+            for i in range(len(pool.actors)):
+                pool.restart_actor(i, resync=False)
+            raise
+        self.bytes = sent[0]
+        return time.perf_counter() - start
+
+    def _resync(self, pool, indices: list[int]) -> float:
+        """Bring only ``indices`` (restarted generators) to the learner's weights, off NCCL."""
+        host_cfg = self.sync_cfg.model_copy(update={"backend": "object_store"})
+        publication = publish_weights(self.learner, pool, self.version, host_cfg, self.run_dir)
+        return publication.apply(pool, indices)
