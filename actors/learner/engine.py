@@ -46,12 +46,18 @@ def ref_dtype(cfg: Any, on_gpu: bool) -> torch.dtype:
     return getattr(torch, cfg.ref_dtype)
 
 
-def _weights_source(path: str):
-    """What rank 0 streams the initial weights from: the safetensors files, else (``.bin``
-    checkpoints) the state dict transformers loads (one full copy on rank 0)."""
+def _weights_source(path: str, model_names: set[str]):
+    """What rank 0 streams the initial weights from: the safetensors files when they hold the
+    model's own tensor names; else (``.bin`` checkpoints, or checkpoints whose names transformers
+    converts on load, e.g. MoE experts that transformers 5 fuses) the state dict transformers
+    loads (one full copy on rank 0)."""
     folder = resolve_folder(path)
     if list(folder.glob("*.safetensors")):
-        return SafetensorsSource(folder)
+        source = SafetensorsSource(folder)
+        if all(name in model_names for name, _, _ in source.entries()):
+            return source
+        log.info("model.path %s: its tensor names differ from the model's (converted on load): "
+                 "rank 0 loads it through transformers", path)
     from transformers import AutoModelForCausalLM
 
     return StateDictSource(AutoModelForCausalLM.from_pretrained(path).state_dict())
@@ -89,7 +95,7 @@ class Learner:
             sharding.fsdp_shard(self.reference, cpu_offload=cfg.ref_on_cpu and on_gpu)
         materialize(self.model, self.device)
         materialize(self.reference, ref_store)
-        source = _weights_source(model_cfg.path) if self.rank == 0 else None
+        source = _weights_source(model_cfg.path, set(self.model.state_dict())) if self.rank == 0 else None
         load_streamed(self.model, source, where=f"model.path {model_cfg.path}")
         del source
         copy_local(self.reference, self.model)
