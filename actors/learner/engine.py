@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from actors.learner import checkpoint, sharding
+from actors.learner.allocator import release_freed_blocks
 from actors.learner.batching import TokenizedPair, collate, rank_schedule, tokenize_pairs
 from actors.learner.modeling import build_empty, completion_logp_sums, materialize
 from actors.learner.weights import SafetensorsSource, StateDictSource, copy_local, iter_full, load_streamed, \
@@ -70,6 +71,7 @@ class Learner:
         from transformers import AutoTokenizer
 
         self.model_cfg, self.cfg, self.seed = model_cfg, cfg, seed
+        release_freed_blocks()  # freed activations and gradients leave the rank's RSS (allocator)
         self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         on_gpu = cfg.num_gpus_per_worker > 0 and torch.cuda.is_available()

@@ -3,7 +3,8 @@
 FSDP2 (``fully_shard``) as large-model trainers set it up: one unit per decoder layer (its
 parameters are gathered just before it runs and freed right after, forward and backward), an
 untied input embedding and LM head one unit each, the root holding what is left (final norm,
-and a tied embedding/LM head, which must stay one tensor used at both ends of the forward). Every parameter, gradient and optimizer state is held as a
+and a tied embedding/LM head, which must stay one tensor used at both ends of the forward; it is
+freed again once the backward is below the final norm). Every parameter, gradient and optimizer state is held as a
 1/world shard; gradients are reduce-scattered after every backward. On GPU the policy computes
 in bfloat16 with fp32 gradient reduction (``MixedPrecisionPolicy``) over fp32 master shards.
 """
@@ -49,7 +50,33 @@ def fsdp_shard(model: nn.Module, *, mixed_precision: bool = False, cpu_offload: 
             if end is not None:
                 fully_shard(end, **kw)
     fully_shard(model, **kw)
+    if out is not None and out.weight is inp.weight:
+        _reshard_root_below_the_norm(model)
     return model
+
+
+def _reshard_root_below_the_norm(model: nn.Module) -> None:
+    """Free the gathered root unit for the decoder layers' backward.
+
+    FSDP2 keeps the root gathered from its forward to the end of the backward. With a tied
+    embedding/LM head that is a whole vocabulary × hidden weight, yet only the top of the backward
+    reads the root's parameters (LM head, final norm): the embedding's backward needs the token
+    ids, not the weight. So when the gradient reaches the final norm's input, the root is
+    resharded; the gradients of its parameters still accumulate in their unsharded gradients,
+    reduce-scattered at the end of the backward as usual. Models without a ``norm`` on their
+    decoder keep FSDP2's default.
+    """
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    norm = getattr(decoder, "norm", None)
+    if not isinstance(norm, nn.Module):
+        return
+
+    def on_norm_input(module: nn.Module, args: tuple) -> None:
+        hidden = args[0] if args else None
+        if torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+            hidden.register_hook(lambda grad: model.reshard())
+
+    norm.register_forward_pre_hook(on_norm_input)
 
 
 def ddp_wrap(model: nn.Module, device: torch.device) -> nn.Module:
