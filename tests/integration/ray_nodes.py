@@ -30,10 +30,12 @@ NODE_PORTS = ("node-manager-port", "object-manager-port", "dashboard-agent-liste
 def node_env(**extra: str) -> dict:
     """The nodes' environment: this venv's `python` first on PATH (a job's entrypoint runs it), and
     5 minutes rather than 30 s for each dashboard module to start (on a loaded machine a head's
-    dashboard otherwise fails to start: "Module MetricsHead failed to start")."""
+    dashboard otherwise fails to start: "Module MetricsHead failed to start"), and no drain on
+    SIGTERM: `ray start --block` otherwise asks the GCS to drain the node first, and as the whole
+    process group gets the signal the GCS is already gone, so it waits out the 30 s default."""
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
            "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT": "300",
-           **extra}
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", **extra}
     env.pop("RAY_ADDRESS", None)
     return env
 

@@ -13,10 +13,15 @@ from pathlib import Path
 
 from tests.conftest import REPO
 
-# A shrunken demo: few prompts and rounds, small eval set, checkpoints every 2 rounds.
+# A shrunken demo: few prompts and rounds, small eval set, checkpoints every 2 rounds, and an eager
+# engine: vLLM's torch.compile warm-up costs ~40-90 s per engine start on this loaded 2-core machine
+# (eager: ~8 s), and every run below starts one or more. The compiled engine stays covered end to
+# end by test_rehearsal.py (the rehearsal config, not TINY), the identity run of
+# test_dpo_lessons.py and the session's `demo_llm`.
 TINY = [
     "loop.prompts_per_round=16", "generator.n=4", "loop.eval_every=2", "data.eval_size=32",
     "loop.checkpoint_every=2", "learner.batch_size=16", "learner.micro_batch_size=16",
+    "generator.engine.enforce_eager=true",
 ]
 
 FIELDS = [

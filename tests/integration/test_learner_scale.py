@@ -104,12 +104,8 @@ def _fsdp_then_ddp(rank: int, world: int, port: int, model_path: str, out: str, 
 
 
 @pytest.fixture(scope="module")
-def small_model(tmp_path_factory) -> Path:
-    from orchestrator.rehearsal import make_rehearsal_model
-
-    path = tmp_path_factory.mktemp("rehearsal4")
-    make_rehearsal_model(path, layers=4, vocab_size=8192, seed=0)
-    return path
+def small_model(small_rehearsal_model) -> Path:
+    return small_rehearsal_model  # conftest.py's, shared with test_rehearsal.py
 
 
 @pytest.fixture(scope="module")

@@ -52,8 +52,10 @@ def in_thirds_or_halves(x, k):
 @pytest.fixture(scope="module")
 def engine_judge(serve_process):
     # Asks for serve_process only so that `vllm serve` boots while this engine is built.
+    # Eager (as the other integration engines): no torch.compile warm-up, which on this 2-core
+    # machine costs far more than these few prompts; the compiled engine is demo_llm's.
     judge = LLMJudge(model=str(DEMO_MODEL), template=SHORT, max_tokens=8,
-                     engine={"dtype": "float32", "max_model_len": 1024})
+                     engine={"dtype": "float32", "max_model_len": 1024, "enforce_eager": True})
     judge.setup()
     yield judge
     judge.close()
@@ -160,7 +162,8 @@ def serve_process(tmp_path_factory):
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(DEMO_MODEL),
            "--served-model-name", "demo", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
            "--max-model-len", "1024", "--kv-cache-memory-bytes", str(64 << 20),
-           "--distributed-executor-backend", "uni", "--api-key", "test-key-123", "--disable-uvicorn-access-log"]
+           "--distributed-executor-backend", "uni", "--api-key", "test-key-123", "--disable-uvicorn-access-log",
+           "--enforce-eager"]  # no compile warm-up, as the module's other engine
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:

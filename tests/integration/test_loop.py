@@ -1,14 +1,15 @@
 """The loop end to end on a shrunken demo: sync and async modes, run-dir contents, the live
-Prometheus and /status endpoint, resume after SIGKILL, and a graceful stop on SIGTERM. The
-uninterrupted sync run (`sync_run`) is a session fixture of conftest.py: test_nodes.py compares
-a two-node run with it."""
+Prometheus and /status endpoint, and a graceful stop on SIGTERM. The uninterrupted sync run
+(`sync_run`) is a session fixture of conftest.py: test_nodes.py compares a two-node run with it.
+Resume after SIGKILL (each round once, the same prompts as `sync_run`) is checked on
+test_tracking.py's killed-and-resumed run, which has this config plus trackers."""
 
 import signal
 
 import datasets
 import pytest
 
-from tests.integration.runs import FIELDS, end_group, finish, metrics, start_run, wait_for
+from tests.integration.runs import FIELDS, end_group, metrics, start_run, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -69,23 +70,3 @@ def test_async_run_overlaps_and_stops_gracefully_on_sigterm(out_dir):
     assert later and all(m["policy_lag"] == 1 for m in later)  # trained on the previous version's samples
     # Sampling of round t+1 overlaps judging/learning of round t: the parts add up to more than the round.
     assert any(m["gen_s"] + m["learn_s"] > m["round_s"] for m in lines[2:])
-
-
-def test_resume_after_sigkill_redoes_nothing_twice_and_draws_the_same_prompts(out_dir, sync_run):
-    run_dir = out_dir / "killed"
-    proc = start_run(out_dir, "killed", "loop.rounds=4")
-    log = out_dir / "killed.log"
-    try:
-        wait_for(lambda: (run_dir / "checkpoints" / "round_000002" / "loop_state.json").exists(), proc, 300,
-                 "the round-2 checkpoint", log)
-        wait_for(lambda: len(metrics(run_dir)) >= 4, proc, 120, "round 3 to be written", log)
-    finally:
-        end_group(proc)  # SIGKILL the driver and its Ray cluster
-    resumed = start_run(out_dir, "killed", "loop.rounds=4", resume=True)
-    finish(resumed, log)
-    lines = metrics(run_dir)
-    assert [m["round"] for m in lines] == [0, 1, 2, 3, 4]
-    baseline = {m["round"]: m for m in metrics(sync_run["dir"])}
-    for m in lines[1:]:
-        assert m["prompts_sha"] == baseline[m["round"]]["prompts_sha"], m["round"]
-        assert m["data_cursor"] == baseline[m["round"]]["data_cursor"]

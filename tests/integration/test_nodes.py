@@ -30,9 +30,7 @@ from tests.integration.runs import end_group, finish, metrics, start_run, wait_f
 
 pytestmark = pytest.mark.integration
 
-PLACE = ["generator.resources={node_b: 1}", "learner.resources={node_a: 1}", "judge.resources={node_a: 1}",
-         # Eager engines start without the compile warm-up (the figures are the same as compiled ones).
-         "generator.engine.enforce_eager=true"]
+PLACE = ["generator.resources={node_b: 1}", "learner.resources={node_a: 1}", "judge.resources={node_a: 1}"]
 WORKER = {"num_cpus": 1, "resources": {"node_b": 1}, "object_store_mb": 256}
 
 

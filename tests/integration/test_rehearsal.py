@@ -19,15 +19,6 @@ pytestmark = pytest.mark.integration
 PHASES = ("gen_s", "judge_s", "learn_s", "sync_s", "eval_s", "round_s")
 
 
-@pytest.fixture(scope="module")
-def small_rehearsal_model(tmp_path_factory):
-    from orchestrator.rehearsal import make_rehearsal_model
-
-    path = tmp_path_factory.mktemp("rehearsal4")
-    make_rehearsal_model(path, layers=4, vocab_size=8192, seed=0)
-    return path
-
-
 # The config as shipped but for less work per round (its shape, placement and phases unchanged).
 LIGHTER = ["loop.prompts_per_round=8", "generator.max_new_tokens=16", "data.eval_size=4", "learner.batch_size=8"]
 

@@ -3,7 +3,9 @@
 Two runs serve every test here: a 3-round run that logs to TensorBoard, W&B (offline), MLflow (a
 real `mlflow server` on loopback with a SQLite store) and trackio (local) at once while /status
 is polled, and a run that is SIGKILLed after round 3 reached every tracker and then resumed.
-Each tracker is read back with its own reader and compared with the run's metrics lines.
+Each tracker is read back with its own reader and compared with the run's metrics lines. The
+resumed run (the shrunken demo's training config, as conftest's `sync_run`, plus trackers) also
+shows that a resume after SIGKILL redoes no round twice and draws `sync_run`'s prompts.
 """
 
 import json
@@ -224,6 +226,15 @@ def test_trackio_run_holds_every_round_once_across_a_resume(tracked, resumed):
     assert list(table) == [2] and len(table[2][0]["_value"]) == min(16, tracked["lines"][2]["pairs"])
     history, _ = read_trackio(PROJECT, "resumed")
     check_history(history, _redone_kept_first(resumed))
+
+
+def test_resume_after_sigkill_redoes_nothing_twice_and_draws_the_same_prompts(resumed, sync_run):
+    lines = metrics(resumed["dir"])
+    assert [m["round"] for m in lines] == [0, 1, 2, 3, 4]
+    baseline = {m["round"]: m for m in metrics(sync_run["dir"])}
+    for m in lines[1:]:
+        assert m["prompts_sha"] == baseline[m["round"]]["prompts_sha"], m["round"]
+        assert m["data_cursor"] == baseline[m["round"]]["data_cursor"]
 
 
 def test_no_tracker_errors_were_counted(tracked, resumed):
