@@ -217,6 +217,12 @@ class LearnerConfig(Section):
     """AdamW weight decay."""
     warmup_steps: int = Field(0, ge=0)
     """Linear warmup steps (then constant)."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Per-round decay of ``lr``: ``constant`` (none), ``linear`` or ``cosine`` from ``lr`` at round 1 to ``lr`` × ``min_lr_ratio`` at round ``lr_decay_rounds`` (then held there). Keyed to the round, so a resumed run continues it exactly."""
+    lr_decay_rounds: int = Field(0, ge=0)
+    """The round at which a decaying ``lr_schedule`` reaches its end (0 = ``loop.rounds``)."""
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    """Where a decaying ``lr_schedule`` ends, as a fraction of ``lr``."""
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradient clipping norm."""
     batch_size: int = Field(64, ge=1)
@@ -404,6 +410,14 @@ class RunConfig(Section):
             raise ValueError("generator.engine.enable_chunked_prefill: cannot be on for CPU generators (num_gpus 0): "
                              "vLLM's CPU backend fails ('CPU Generator does not use offset') when a seeded request's "
                              "prompt is split over engine steps; leave it unset (odpo turns it off on CPU)")
+        if self.learner.lr_schedule != "constant" and self.learner.lr_decay_rounds == 0:
+            if self.loop.rounds < 2:
+                raise ValueError(f"learner.lr_decay_rounds: required (>= 2) for lr_schedule {self.learner.lr_schedule!r} "
+                                 f"when loop.rounds is {self.loop.rounds} (0 = run until stopped)")
+            self.learner.lr_decay_rounds = self.loop.rounds
+        if self.learner.lr_schedule != "constant" and self.learner.lr_decay_rounds < 2:
+            raise ValueError("learner.lr_decay_rounds: must be >= 2 for a decaying lr_schedule "
+                             f"(got {self.learner.lr_decay_rounds})")
         if "correction" in self.pairs.sources and not self.corrector.cls:
             raise ValueError("corrector.cls: required when pairs.sources includes correction")
         return self

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from actors.learner import checkpoint, sharding
 from actors.learner.allocator import release_freed_blocks
 from actors.learner.batching import TokenizedPair, collate, rank_schedule, tokenize_pairs
+from actors.learner.lr_schedule import lr_factor
 from actors.learner.modeling import build_empty, completion_logp_sums, materialize
 from actors.learner.weights import SafetensorsSource, StateDictSource, copy_local, iter_full, load_streamed, \
     resolve_folder, tied_aliases
@@ -107,8 +108,10 @@ class Learner:
             self.train_model = sharding.ddp_wrap(self.model, self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = cfg.warmup_steps
+        self.round_lr_factor = 1.0
+        """The round's factor of ``learner.lr`` (``lr_schedule``), set by each ``train`` call."""
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0)
+            self.optimizer, lambda s: (min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0) * self.round_lr_factor)
         self.steps = 0
         """Optimizer steps taken (skipped steps excluded)."""
         self.skipped_steps = 0
@@ -268,6 +271,7 @@ class Learner:
         ``beta``: the round's β (a scheduled ``learner.beta``); kept for later calls."""
         start = time.perf_counter()
         self.beta = float(beta) if beta is not None else self.beta
+        self._set_round_lr(round)
         kept, stats = self._tokenize(pairs)
         ref_start = time.perf_counter()
         ref = self._all_logps(self.reference, kept, self.ref_device)[0] if kept else torch.zeros(0, 2)
@@ -303,6 +307,12 @@ class Learner:
         )
         return report
 
+    def _set_round_lr(self, round_: int) -> None:
+        """Apply ``lr_schedule``'s factor for this round to the next step's learning rate."""
+        self.round_lr_factor = lr_factor(self.cfg.lr_schedule, round_, self.cfg.lr_decay_rounds, self.cfg.min_lr_ratio)
+        for group, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base * fn(self.scheduler.last_epoch)
+
     def _beta(self) -> float:
         """β of the DPO term: the one the round was given, else ``learner.beta`` when it is a number."""
         beta = self.beta if self.beta is not None else self.cfg.beta
@@ -313,6 +323,7 @@ class Learner:
     def evaluate(self, pairs: list, beta: float | None = None) -> dict[str, Any]:
         """The report's pair figures for ``pairs`` under the current policy, without a step."""
         self.beta = float(beta) if beta is not None else self.beta
+        self._set_round_lr(round)
         kept, stats = self._tokenize(pairs)
         if not kept:
             return self._report(torch.zeros(len(_FIELDS), dtype=torch.float64), stats, len(pairs))
