@@ -269,6 +269,7 @@ class Loop:
             "reward_chosen": _mean([p.chosen_score for p in pairs]),
             "reward_rejected": _mean([p.rejected_score for p in pairs]),
             "beta": beta,
+            "lr": report.get("lr"),
             "loss": report.get("loss"),
             "nll": report.get("nll"),
             "reward_accuracy": report.get("reward_accuracy"),

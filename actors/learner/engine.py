@@ -108,6 +108,8 @@ class Learner:
             self.train_model = sharding.ddp_wrap(self.model, self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = cfg.warmup_steps
+        self.last_step_lr = cfg.lr
+        """The learning rate of the last optimizer step taken (the round report's ``lr``)."""
         self.round_lr_factor = 1.0
         """The round's factor of ``learner.lr`` (``lr_schedule``), set by each ``train`` call."""
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -259,6 +261,7 @@ class Learner:
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
             return False, float("nan"), tokens
+        self.last_step_lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -302,7 +305,7 @@ class Learner:
             steps=float(applied), skipped_steps=float(skipped), weights_changed=applied > 0,
             grad_norm=sum(norms) / len(norms) if norms else float("nan"),
             tokens=float(counts[0]), learn_s=learn_s, ref_s=ref_s, tokens_per_s=float(counts[0]) / learn_s,
-            lr=self.optimizer.param_groups[0]["lr"], optimizer_steps=float(self.steps), ref_refreshed=refreshed,
+            lr=self.last_step_lr if applied else self.optimizer.param_groups[0]["lr"], optimizer_steps=float(self.steps), ref_refreshed=refreshed,
             beta=self._beta(),
         )
         return report

@@ -10,7 +10,7 @@ from actors.learner.lr_schedule import lr_factor
 from orchestrator.config import ConfigError, LearnerConfig, ModelConfig, load_config
 from tests.conftest import DEMO_MODEL
 
-DPO = "configs/demo-dpo.yaml"
+DEMO = "configs/demo.yaml"  # constant lr
 
 
 def test_constant_is_one_every_round():
@@ -33,16 +33,16 @@ def test_bad_schedule_arguments_name_the_field():
 
 
 def test_config_fills_the_decay_rounds_from_the_run_and_names_what_is_missing():
-    c = load_config(DPO, ["learner.lr_schedule=cosine", "loop.rounds=30"])
+    c = load_config(DEMO, ["learner.lr_schedule=cosine", "loop.rounds=30"])
     assert (c.learner.lr_decay_rounds, c.learner.min_lr_ratio) == (30, 0.0)
-    assert load_config(DPO, ["learner.lr_schedule=linear", "learner.lr_decay_rounds=12"]).learner.lr_decay_rounds == 12
-    assert load_config(DPO).learner.lr_decay_rounds == 0  # constant: not filled
+    assert load_config(DEMO, ["learner.lr_schedule=linear", "learner.lr_decay_rounds=12"]).learner.lr_decay_rounds == 12
+    assert load_config(DEMO).learner.lr_decay_rounds == 0  # constant: not filled
     with pytest.raises(ConfigError, match="learner.lr_decay_rounds: required .* when loop.rounds is 0"):
-        load_config(DPO, ["learner.lr_schedule=cosine", "loop.rounds=0"])
+        load_config(DEMO, ["learner.lr_schedule=cosine", "loop.rounds=0"])
     with pytest.raises(ConfigError, match="learner.lr_decay_rounds: must be >= 2"):
-        load_config(DPO, ["learner.lr_schedule=cosine", "learner.lr_decay_rounds=1"])
+        load_config(DEMO, ["learner.lr_schedule=cosine", "learner.lr_decay_rounds=1"])
     with pytest.raises(ConfigError, match="min_lr_ratio"):
-        load_config(DPO, ["learner.min_lr_ratio=1.5"])
+        load_config(DEMO, ["learner.min_lr_ratio=1.5"])
 
 
 def test_the_learner_steps_with_the_round_s_rate_through_warmup_and_a_resume(tmp_path):
@@ -60,10 +60,9 @@ def test_the_learner_steps_with_the_round_s_rate_through_warmup_and_a_resume(tmp
     seen = []
     first = learner()
     first.optimizer.register_step_pre_hook(lambda opt, *_: seen.append(opt.param_groups[0]["lr"]))
-    for r in (1, 2, 3):
-        first.train(pairs, round=r)
+    reported = [first.train(pairs, round=r)["lr"] for r in (1, 2, 3)]
     # round 1: factor 1 and warmup 1/2; round 2: 0.8 at full warmup; round 3: 0.6
-    assert seen == pytest.approx([0.5e-3, 0.8e-3, 0.6e-3])
+    assert seen == reported == pytest.approx([0.5e-3, 0.8e-3, 0.6e-3])
     first.save(str(tmp_path / "c"))
 
     again = learner()
