@@ -29,6 +29,7 @@ GAUGES = {
     "logp_rejected": ("odpo_learner_logp_rejected", "Mean policy log-prob of rejected answers"),
     "kl": ("odpo_learner_kl", "KL estimate to the reference on chosen answers"),
     "beta": ("odpo_learner_beta", "DPO beta of the last round (learner.beta, or its schedule's value)"),
+    "lr": ("odpo_learner_lr", "Learning rate of the last round's last optimizer step (learner.lr times lr_schedule's factor)"),
     "len_chosen_mean": ("odpo_pairs_chosen_tokens_mean", "Mean length of chosen answers in tokens"),
     "len_rejected_mean": ("odpo_pairs_rejected_tokens_mean", "Mean length of rejected answers in tokens"),
     "longer_chosen_share": ("odpo_pairs_longer_chosen_ratio", "Share of pairs of unequal length whose chosen answer is longer"),

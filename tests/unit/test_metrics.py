@@ -24,7 +24,7 @@ def test_metrics_status_and_health_over_http():
         m.set_phase("learn", 3, policy_version=2)
         m.record_round({"round": 3, "policy_version": 3, "loss": 0.25, "pairs": 10, "prompts": 16,
                         "pairs_dropped": {"tie": 4, "too_long": 0}, "gen_s": 1.5, "round_s": 2.0,
-                        "judge_failures": {"raised": 2}, "restarts": {"generator": 1}, "beta": 0.05,
+                        "judge_failures": {"raised": 2}, "restarts": {"generator": 1}, "beta": 0.05, "lr": 2.5e-05,
                         "pairs_by_source": {"best_worst": 7, "correction": 3}, "longer_chosen_share": 0.4,
                         "len_chosen_mean": 3.5, "len_rejected_mean": 4.0, "corrector_failures": {"raised": 1}})
         body = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
@@ -34,7 +34,7 @@ def test_metrics_status_and_health_over_http():
         assert 'odpo_failures_total{component="judge",kind="raised"} 2.0' in body
         assert 'odpo_actor_restarts{kind="generator"} 1.0' in body
         assert 'odpo_loop_phase_seconds_count{phase="gen"} 1.0' in body
-        assert "odpo_learner_beta 0.05" in body
+        assert "odpo_learner_beta 0.05" in body and "odpo_learner_lr 2.5e-05" in body
         assert 'odpo_pairs_by_source_total{source="correction"} 3.0' in body
         assert "odpo_pairs_longer_chosen_ratio 0.4" in body and "odpo_pairs_chosen_tokens_mean 3.5" in body
         assert 'odpo_failures_total{component="corrector",kind="raised"} 1.0' in body
