@@ -26,7 +26,7 @@ TINY = [
 
 FIELDS = [
     "round", "policy_version", "prompts", "completions", "pairs", "pairs_dropped", "reward_mean",
-    "reward_chosen", "reward_rejected", "loss", "reward_accuracy", "reward_margin", "kl",
+    "reward_chosen", "reward_rejected", "loss", "lr", "reward_accuracy", "reward_margin", "kl",
     "gen_tokens_per_s", "gen_s", "judge_s", "learn_s", "sync_s", "round_s", "policy_lag",
 ]
 

@@ -41,6 +41,7 @@ def test_sync_run_writes_every_round_and_serves_metrics(sync_run):
     trained = [m for m in lines[1:] if m["pairs"]]
     assert trained, "no round produced pairs"
     assert all(m["policy_lag"] == 0 for m in lines[1:])  # strictly on-policy
+    assert {m["lr"] for m in trained} == {1e-4}  # configs/demo.yaml: a constant lr, no warmup
     assert lines[-1]["policy_version"] == len([m for m in lines[1:] if m["loss"] is not None])
     assert sync_run["status"]["run"] == "sync" and sync_run["status"]["round"] >= 1
     assert "odpo_loop_round" in sync_run["prometheus"] and "odpo_pairs_total" in sync_run["prometheus"]
