@@ -305,7 +305,8 @@ class Learner:
             steps=float(applied), skipped_steps=float(skipped), weights_changed=applied > 0,
             grad_norm=sum(norms) / len(norms) if norms else float("nan"),
             tokens=float(counts[0]), learn_s=learn_s, ref_s=ref_s, tokens_per_s=float(counts[0]) / learn_s,
-            lr=self.last_step_lr if applied else self.optimizer.param_groups[0]["lr"], optimizer_steps=float(self.steps), ref_refreshed=refreshed,
+            lr=self.last_step_lr if applied else self.optimizer.param_groups[0]["lr"],
+            optimizer_steps=float(self.steps), ref_refreshed=refreshed,
             beta=self._beta(),
         )
         return report
@@ -326,7 +327,6 @@ class Learner:
     def evaluate(self, pairs: list, beta: float | None = None) -> dict[str, Any]:
         """The report's pair figures for ``pairs`` under the current policy, without a step."""
         self.beta = float(beta) if beta is not None else self.beta
-        self._set_round_lr(round)
         kept, stats = self._tokenize(pairs)
         if not kept:
             return self._report(torch.zeros(len(_FIELDS), dtype=torch.float64), stats, len(pairs))

@@ -63,6 +63,8 @@ def test_the_learner_steps_with_the_round_s_rate_through_warmup_and_a_resume(tmp
     reported = [first.train(pairs, round=r)["lr"] for r in (1, 2, 3)]
     # round 1: factor 1 and warmup 1/2; round 2: 0.8 at full warmup; round 3: 0.6
     assert seen == reported == pytest.approx([0.5e-3, 0.8e-3, 0.6e-3])
+    assert first.evaluate(pairs)["loss"] > 0  # no step: the lr stays the round's
+    assert first.optimizer.param_groups[0]["lr"] == pytest.approx(0.6e-3)
     first.save(str(tmp_path / "c"))
 
     again = learner()
