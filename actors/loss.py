@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
+_GRAD_ROWS = 16_384
+"""Vocabulary rows of the LM head's gradient summed at once in reduced precision (bounds the temporary)."""
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
@@ -42,18 +44,47 @@ def completion_targets(labels: torch.Tensor, completion_mask: torch.Tensor):
     return select, labels[:, 1:][select], select.nonzero()[:, 0]
 
 
+def _linear_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype ``F.linear(hidden, weight)`` computes in here: autocast's dtype when autocast is on
+    for their device (it casts every floating input but fp64), else the inputs' own."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device) and hidden.dtype != torch.float64:
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor:
+    """One chunk's logits, computed from inputs already in the compute dtype, returned in ``acc``.
+    Autocast is off inside: the forward and the backward's recomputation must run the very same
+    product, and the backward runs outside the autocast region the forward ran in."""
+    with torch.autocast(h.device.type, enabled=False):
+        return F.linear(h, weight, bias).to(acc)
+
+
 class _LinearLogProbs(torch.autograd.Function):
     """log softmax(h W^T + b)[y] for rows of ``h``, ``chunk`` rows at a time, never holding more
     than one chunk of logits; the backward recomputes each chunk's logits and accumulates the
-    weight gradient in place (one weight-sized buffer, no per-chunk copy)."""
+    weight gradient in place (one weight-sized buffer, no per-chunk copy).
+
+    Precision: the logits are computed in the dtype ``F.linear`` would use at the call (the
+    autocast dtype under autocast, e.g. bf16), in the forward and again in the backward, and taken
+    to fp32 (fp64 for fp64 inputs) for the softmax. The backward's recomputed logits are therefore
+    bit-identical to the forward's, so ``exp(logits - lse)`` is the forward's softmax (summing to 1);
+    recomputing them in another precision than the forward (the autocast region does not reach the
+    backward) made the gradient wrong by up to 137% where the target's probability is near 1. The
+    two gradient products run in the compute dtype, as autograd's would, accumulated in fp32.
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk):
-        acc = torch.promote_types(torch.float32, hidden.dtype)  # fp32, or fp64 for fp64 inputs
+        dt = _linear_dtype(hidden, weight)
+        acc = torch.promote_types(torch.float32, dt)  # fp32, or fp64 for fp64 inputs
+        w = weight.to(dt)
+        b = bias.to(dt) if bias is not None else None
         out = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
         lse = torch.empty_like(out)
         for s in range(0, hidden.shape[0], chunk):
-            logits = F.linear(hidden[s : s + chunk], weight, bias).to(acc)
+            logits = _chunk_logits(hidden[s : s + chunk].to(dt), w, b, acc)
             picked = logits.gather(-1, targets[s : s + chunk, None]).squeeze(-1)
             # logsumexp in place (torch.logsumexp would allocate a second chunk-sized tensor).
             top = logits.amax(-1, keepdim=True)
@@ -61,30 +92,38 @@ class _LinearLogProbs(torch.autograd.Function):
             out[s : s + chunk] = picked - lse[s : s + chunk]
             del logits
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.dtype = chunk, dt
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        dt, acc = ctx.dtype, lse.dtype
+        w = weight.to(dt)  # the same cast as the forward's (a no-op without autocast)
+        b = bias.to(dt) if bias is not None else None
         grad_h = torch.empty_like(hidden) if want_h else None
-        acc = lse.dtype
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if want_b else None
         for s in range(0, hidden.shape[0], ctx.chunk):
-            h = hidden[s : s + ctx.chunk]
+            h = hidden[s : s + ctx.chunk].to(dt)
             # d logp / d logits = onehot(y) - softmax(logits), times the incoming gradient.
-            g = F.linear(h, weight, bias).to(acc).sub_(lse[s : s + ctx.chunk, None]).exp_().neg_()
+            g = _chunk_logits(h, w, b, acc).sub_(lse[s : s + ctx.chunk, None]).exp_().neg_()
             g.scatter_add_(-1, targets[s : s + ctx.chunk, None], torch.ones_like(g[:, :1]))
             g.mul_(grad_out[s : s + ctx.chunk, None].to(acc))
+            g_dt = g.to(dt)
             if want_h:
-                grad_h[s : s + ctx.chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_h[s : s + ctx.chunk] = (g_dt @ w).to(hidden.dtype)
             if want_w:
-                grad_w.addmm_(g.t(), h.to(acc))
+                if dt == acc:
+                    grad_w.addmm_(g.t(), h)
+                else:  # products in the compute dtype (as autograd's), summed in fp32, a block of rows
+                    gt = g_dt.t()  # at a time so that no weight-sized temporary is made
+                    for v in range(0, gt.shape[0], _GRAD_ROWS):
+                        grad_w[v : v + _GRAD_ROWS] += gt[v : v + _GRAD_ROWS] @ h
             if want_b:
                 grad_b += g.sum(0)
-            del g
+            del g, g_dt
         grad_w = grad_w.to(weight.dtype) if want_w else None
         grad_b = grad_b.to(bias.dtype) if want_b else None
         return grad_h, grad_w, grad_b, None, None
@@ -93,7 +132,8 @@ class _LinearLogProbs(torch.autograd.Function):
 def linear_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                  chunk: int = 256) -> torch.Tensor:
     """Log-prob of ``targets`` under ``softmax(hidden @ weight.T + bias)``, shape ``[N]`` (fp32, or
-    fp64 for fp64 inputs).
+    fp64 for fp64 inputs); under autocast the logits are computed in its dtype, forward and
+    backward alike, and normalized in fp32.
 
     ``hidden`` is ``[N, H]`` (only the positions that are scored), ``weight`` the LM head's
     ``[V, H]``. Equal to ``log_softmax(logits).gather(targets)`` on full logits, but peak memory is
