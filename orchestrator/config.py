@@ -56,7 +56,7 @@ class ModelConfig(Section):
     path: str = "assets/demo/model"
     """Policy model: a local folder in Hugging Face format, or a hub id where the cluster can reach a hub."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """The learner's master weights (bf16 autocast is used on GPU); the generators serve ``generator.dtype``, which defaults to this."""
+    """The learner's master weights, gradients and AdamW state (its compute precision is ``learner.precision``); the generators serve ``generator.dtype``, which defaults to this. ``float16`` is refused: AdamW's update underflows in fp16 (use ``learner.precision: fp16`` with fp32 master weights)."""
     tokenizer: str | None = None
     """Tokenizer folder or hub id; defaults to ``path``."""
     chat_template: bool = False
@@ -197,8 +197,10 @@ class LearnerConfig(Section):
     """CPUs reserved per learner worker."""
     resources: CustomResources = {}
     """Custom Ray resources per learner worker (as ``generator.resources``)."""
-    strategy: Literal["ddp", "fsdp"] = "ddp"
-    """Data parallelism: DDP, or FSDP2 (``fully_shard``) for models that do not fit one GPU."""
+    strategy: Literal["ddp", "fsdp"] = "fsdp"
+    """Data parallelism over the workers: ``fsdp`` (FSDP2, ``fully_shard``: weights, gradients and AdamW state divided by the number of workers; one worker runs unsharded) or ``ddp`` (every worker holds all of them)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Compute precision of the learner's forward and backward; master weights, gradients and AdamW state stay in ``model.dtype`` (fp32). ``bf16``: bf16 autocast (FSDP with several workers: bf16 parameters, fp32 gradient reduction); ``fp16``: the same in float16 with dynamic loss scaling (GPUs without bf16); ``fp32``: none. ``auto`` = bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
     beta: BetaSpec = 0.1
     """DPO temperature β: rewards are β·(log π − log π_ref). A number, or a schedule (see "β schedule" in the README): ``{schedule: linear, start, end, rounds}``, ``{schedule: steps, values: {round: β}}``, ``{schedule: kl_target, start, target_kl, rate, min_beta, max_beta}``."""
     loss_type: Literal["sigmoid", "robust", "hinge", "ipo"] = "sigmoid"
@@ -228,13 +230,15 @@ class LearnerConfig(Section):
     batch_size: int = Field(64, ge=1)
     """Pairs per optimizer step (global, across workers)."""
     micro_batch_size: int = Field(64, ge=1)
-    """Pairs per forward/backward on one worker; gradients accumulate up to ``batch_size``."""
+    """Pairs per forward/backward on one worker; gradients accumulate up to ``batch_size`` (unused when ``max_tokens_per_micro_batch`` is set)."""
+    max_tokens_per_micro_batch: int = Field(0, ge=0)
+    """Token budget of one forward/backward on one worker (prompt + chosen and prompt + rejected tokens of its pairs): a step's pairs are grouped by their real lengths and packed into rows without padding between sequences, so memory follows tokens, not pairs (0 = off: ``micro_batch_size`` pairs per forward, right-padded). A pair longer than the budget gets a forward of its own."""
     epochs_per_round: int = Field(1, ge=1)
     """Passes over a round's pairs."""
     ref_refresh_every: int = Field(0, ge=0)
     """Copy the policy into the reference after the steps of each round whose number is a multiple of k (0 = never: a fixed reference, as in RLHFlow's recipes; 1 = the reference is always the last round's policy)."""
     ref_on_cpu: bool = False
-    """Hold the reference model on CPU to save GPU memory (FSDP: its shards, gathered to the GPU for each forward; DDP: it also runs on CPU)."""
+    """Hold the reference model's shards in host RAM to save GPU memory; they are gathered to the GPU for each forward (needs ``strategy: fsdp`` with 2 or more workers on GPUs; on CPU learners it changes nothing)."""
     ref_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Dtype the reference is held and run in; ``auto`` = bfloat16 on GPU, float32 on CPU (where bf16 is slower)."""
     activation_checkpointing: bool = False
@@ -243,6 +247,8 @@ class LearnerConfig(Section):
     """Completion tokens whose vocabulary logits are computed at once (log-probs are taken at completion positions only, this many at a time)."""
     timeout_s: float = Field(900, gt=0)
     """Longest a ``train`` call (or start-up, save, load) may take; also the torch.distributed collective timeout."""
+    gpu_memory_gb: float | None = Field(None, gt=0)
+    """Memory of one learner GPU in GB, for the memory check before start (none = what the cluster's GPUs report)."""
 
     @field_validator("beta")
     @classmethod
@@ -339,11 +345,12 @@ class LogConfig(Section):
 class FaultSpec(Section):
     kind: Literal["generator", "judge", "learner", "sync"]
     """What to hit: a generator actor, a judge actor, a learner worker, or a generator's next weight load."""
-    action: Literal["kill", "hang", "raise", "nan"] = "kill"
+    action: Literal["kill", "hang", "raise", "nan", "nan_weights"] = "kill"
     """``kill`` (generator/judge/learner): end the actor as a crash would; ``hang`` (sync): the
     generator's next weight load sleeps ``seconds``; ``raise`` (judge): its next ``count`` score calls
     raise; ``raise`` (learner): every rank's ``train`` raises after ``after_steps`` optimizer steps;
-    ``nan`` (learner): its next ``count`` steps produce a NaN loss."""
+    ``nan`` (learner): its next ``count`` steps produce a NaN loss; ``nan_weights`` (learner): its
+    next optimizer step leaves a NaN in rank 0's weights (the round is redone, nothing published)."""
     round: int = Field(1, ge=1)
     """Round in which the fault fires (once)."""
     index: int = Field(0, ge=0)
@@ -357,7 +364,7 @@ class FaultSpec(Section):
 
     @model_validator(mode="after")
     def _action_fits_kind(self) -> "FaultSpec":
-        allowed = {"generator": {"kill"}, "judge": {"kill", "raise"}, "learner": {"kill", "nan", "raise"}, "sync": {"hang"}}
+        allowed = {"generator": {"kill"}, "judge": {"kill", "raise"}, "learner": {"kill", "nan", "nan_weights", "raise"}, "sync": {"hang"}}
         if self.action not in allowed[self.kind]:
             raise ValueError(f"action {self.action!r} does not apply to kind {self.kind!r} (allowed: {sorted(allowed[self.kind])})")
         return self
@@ -418,6 +425,17 @@ class RunConfig(Section):
         if self.learner.lr_schedule != "constant" and self.learner.lr_decay_rounds < 2:
             raise ValueError("learner.lr_decay_rounds: must be >= 2 for a decaying lr_schedule "
                              f"(got {self.learner.lr_decay_rounds})")
+        if self.model.dtype == "float16":
+            raise ValueError("model.dtype: float16 would hold the learner's master weights and AdamW state in fp16, "
+                             "where AdamW's update underflows (eps 1e-8 rounds to 0) and the first step makes weights "
+                             "inf/NaN; set model.dtype: float32 with learner.precision: fp16 (fp16 compute with dynamic "
+                             "loss scaling), and generator.dtype: float16 to serve fp16")
+        gpu_learner = self.learner.num_gpus_per_worker > 0
+        if self.learner.ref_on_cpu and gpu_learner and (self.learner.strategy != "fsdp" or self.learner.num_workers < 2):
+            raise ValueError("learner.ref_on_cpu: needs learner.strategy: fsdp with num_workers >= 2 on GPUs (its shards "
+                             "are offloaded and gathered to the GPU per layer); otherwise the reference would run its "
+                             f"forward on the CPU (strategy {self.learner.strategy}, {self.learner.num_workers} worker(s)), "
+                             "far too slow beyond toy models: turn ref_on_cpu off, or use fsdp over 2+ GPUs")
         if "correction" in self.pairs.sources and not self.corrector.cls:
             raise ValueError("corrector.cls: required when pairs.sources includes correction")
         return self

@@ -49,6 +49,8 @@ def _fire(ev, parts) -> None:
         ray.kill(parts.learner.workers[ev.index], no_restart=True)
     elif ev.kind == "learner" and ev.action == "raise":
         parts.learner.inject_raise(ev.after_steps)
+    elif ev.kind == "learner" and ev.action == "nan_weights":
+        parts.learner.inject_nan_weights()
     elif ev.kind == "learner":
         parts.learner.inject_nan(ev.count)
     elif ev.kind == "sync":

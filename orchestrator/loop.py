@@ -27,6 +27,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
+from actors.learner.precision import NonFiniteWeights
 from orchestrator.beta import beta_for_round, carry_beta
 from orchestrator.data import PromptSampler, PromptSet
 from orchestrator.metrics import Metrics
@@ -115,6 +116,7 @@ class Loop:
         self.pair_maker = PairMaker(config.pairs, config.model)
         self.learner_restarts = 0
         self.round_retries = 0
+        self.nonfinite_updates = 0  # rounds redone because a step made the weights inf/NaN
         self.learn_started = False  # the learner may have stepped in this attempt of the round
         self.pushing = False  # a weight push is (or was, when it failed) under way
         # loop.regenerate_every > 1: offline / iterative DPO (orchestrator/regenerate.py)
@@ -279,6 +281,8 @@ class Loop:
             "kl": report.get("kl"),
             "grad_norm": report.get("grad_norm"),
             "skipped_steps": report.get("skipped_steps", 0),
+            "overflow_steps": report.get("overflow_steps", 0),
+            "loss_scale": report.get("loss_scale"),
             "gen_tokens": gen_tokens,
             "gen_tokens_per_s": gen_tokens / gen_s if gen_s > 0 else None,
             "gen_s": gen_s,
@@ -332,6 +336,7 @@ class Loop:
             "judge": getattr(self.parts.judges, "restarts", 0),
             "learner": self.learner_restarts,
             "round_retries": self.round_retries,
+            "nonfinite_updates": self.nonfinite_updates,
         }
 
     # --- recovery ------------------------------------------------------------------------------
@@ -532,6 +537,8 @@ def run_with_retries(loop: Loop, r: int) -> dict | None:
             raise
         except Exception as e:  # any failure of a part: the round is redone after recovery
             failures += 1
+            if isinstance(e, NonFiniteWeights):  # (a Ray task error is also an instance of its cause)
+                loop.nonfinite_updates += 1
             if failures > loop.c.loop.max_round_retries:
                 raise RuntimeError(f"round {r} failed {failures} times (loop.max_round_retries="
                                    f"{loop.c.loop.max_round_retries}); last error: {type(e).__name__}: {e}") from e

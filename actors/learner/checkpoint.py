@@ -8,7 +8,8 @@ Layout under ``path`` (format 2)::
                     reshards when the world size or strategy changed.
     policy/         the policy in Hugging Face format (config, safetensors, tokenizer) for serving
                     and for other tools; streamed out tensor by tensor (``hf_export``).
-    trainer.json    format, strategy, world size, scheduler and step counters; written last.
+    trainer.json    format, strategy, world size, scheduler, step counters and the fp16 loss
+                    scale; written last.
 
 ``state`` and ``policy`` are written under temporary names and renamed into place, then
 ``trainer.json``: a folder without it is incomplete. ``path`` must be on a filesystem every
@@ -116,7 +117,8 @@ def save(learner: Any, path: str) -> None:
             (root / name).unlink(missing_ok=True)
         meta = {"format": FORMAT, "strategy": "fsdp" if learner.fsdp else "ddp", "world_size": learner.world_size,
                 "optimizer": has_optimizer, "scheduler": learner.scheduler.state_dict(), "steps": learner.steps,
-                "skipped_steps": learner.skipped_steps}
+                "skipped_steps": learner.skipped_steps, "overflow_steps": learner.overflow_steps,
+                "loss_scale": learner.scaler.state_dict()}
         write_text_atomic(root / TRAINER_FILE, json.dumps(meta, indent=1) + "\n")
     _barrier()
 
@@ -157,6 +159,8 @@ def _load_sharded(learner: Any, root: Path) -> None:
     # the restored state has none, or the next step would add them in.
     learner.optimizer.zero_grad(set_to_none=True)
     learner.steps, learner.skipped_steps = int(meta["steps"]), int(meta["skipped_steps"])
+    learner.overflow_steps = int(meta.get("overflow_steps", 0))
+    learner.scaler.load_state_dict(meta.get("loss_scale"))
     _load_rng(learner, root)
 
 

@@ -26,6 +26,7 @@ from actors.learner.allocator import release_freed_blocks
 from actors.learner.batching import TokenizedPair, collate, rank_schedule, tokenize_pairs
 from actors.learner.lr_schedule import lr_factor
 from actors.learner.modeling import build_empty, completion_logp_sums, materialize
+from actors.learner.precision import LossScaler, NonFiniteWeights, all_finite, autocast, compute_dtype
 from actors.learner.weights import SafetensorsSource, StateDictSource, copy_local, iter_full, load_streamed, \
     resolve_folder, tied_aliases
 from actors.loss import completion_nll, dpo_loss
@@ -84,6 +85,8 @@ class Learner:
         self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
         self.fsdp = cfg.strategy == "fsdp" and _distributed()
         self.ref_dtype = ref_dtype(cfg, on_gpu)
+        self.compute_dtype = compute_dtype(cfg.precision, self.device)
+        """The forward's and backward's dtype (``actors.learner.precision``)."""
         self.model = build_empty(model_cfg.path, getattr(torch, model_cfg.dtype))
         """The HF model being trained (for FSDP: sharded in place, still the HF class)."""
         self.reference = build_empty(model_cfg.path, self.ref_dtype).requires_grad_(False).eval()
@@ -94,8 +97,9 @@ class Learner:
         ref_store = torch.device("cpu") if cfg.ref_on_cpu else self.device
         self.ref_device = self.device if self.fsdp else ref_store
         if self.fsdp:
-            sharding.fsdp_shard(self.model, mixed_precision=on_gpu)
-            sharding.fsdp_shard(self.reference, cpu_offload=cfg.ref_on_cpu and on_gpu)
+            mixed = self.compute_dtype if self.compute_dtype != torch.float32 else None
+            sharding.fsdp_shard(self.model, param_dtype=mixed)
+            sharding.fsdp_shard(self.reference, param_dtype=mixed, cpu_offload=cfg.ref_on_cpu and on_gpu)
         materialize(self.model, self.device)
         materialize(self.reference, ref_store)
         source = _weights_source(model_cfg.path, set(self.model.state_dict())) if self.rank == 0 else None
@@ -117,7 +121,13 @@ class Learner:
         self.steps = 0
         """Optimizer steps taken (skipped steps excluded)."""
         self.skipped_steps = 0
+        """Steps skipped for a non-finite loss or gradient (fp16 overflows excepted)."""
+        self.scaler = LossScaler(enabled=self.compute_dtype == torch.float16)
+        """Dynamic loss scaling, on for fp16 compute."""
+        self.overflow_steps = 0
+        """fp16 steps skipped because the scaled gradients overflowed (the scale was halved)."""
         self._nan_pending = 0
+        self._nan_weights_pending = 0
         self.beta: float | None = None
         """The β the last ``train``/``evaluate`` call was given (a scheduled ``learner.beta``)."""
         self.on_step = None
@@ -126,10 +136,8 @@ class Learner:
     # -- setup ---------------------------------------------------------------------------------
 
     def _autocast(self):
-        # FSDP on GPU computes in bf16 through its MixedPrecisionPolicy; DDP through autocast.
-        if self.device.type == "cuda" and not self.fsdp:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        # FSDP computes in the compute dtype through its MixedPrecisionPolicy; DDP and one process through autocast.
+        return autocast(self.device, self.compute_dtype, sharded=self.fsdp)
 
     def _grad_sync(self, sync: bool):
         """DDP: gradient all-reduce only on the last micro-batch of a step (the replicas' local
@@ -215,6 +223,10 @@ class Learner:
         """Make the next ``steps`` optimizer steps produce a NaN loss on this rank (fault tests)."""
         self._nan_pending += steps
 
+    def inject_nan_weights(self) -> None:
+        """Make the next optimizer step's update leave a NaN in this rank's weights (fault tests)."""
+        self._nan_weights_pending += 1
+
     def _tokenize(self, pairs: list) -> tuple[list[TokenizedPair], dict]:
         kept, stats = tokenize_pairs(self.tokenizer, pairs, chat_template=self.model_cfg.chat_template,
                                      max_len=self.model_cfg.max_model_len)
@@ -232,7 +244,7 @@ class Learner:
             out[[p.index for p in kept]] = self._all_logps(self.model, kept, self.device)[0]
         return out
 
-    def _step(self, micro_batches, ref: torch.Tensor, totals: torch.Tensor) -> tuple[bool, float, int]:
+    def _step(self, micro_batches, ref: torch.Tensor, totals: torch.Tensor, round_: int) -> tuple[bool, float, int]:
         """One optimizer step over this rank's micro-batches; returns (applied, grad norm, tokens)."""
         self.train_model.train()
         step_sums = torch.zeros(len(_FIELDS), dtype=torch.float64)
@@ -247,11 +259,12 @@ class Learner:
                 loss = terms["total"].sum() * mb.weight
                 if inject and k == 0:
                     loss = loss * float("nan")
-                loss.backward()
+                self.scaler.scale_loss(loss).backward()
             local_bad |= not bool(torch.isfinite(loss.detach()))
             if not mb.filler:
                 step_sums += self._sums(terms)
                 tokens += sum(p.tokens for p in mb.pairs)
+        self.scaler.unscale_(self.model.parameters())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
@@ -259,15 +272,37 @@ class Learner:
         bad = self._all_reduce(bad, dist.ReduceOp.MAX if _distributed() else None)
         if bool(bad.any()):
             self.optimizer.zero_grad(set_to_none=True)
-            self.skipped_steps += 1
+            overflow = self.scaler.enabled and not bool(bad[0])  # finite loss, overflowed fp16 gradients
+            self.scaler.update(overflow=overflow)
+            if overflow:
+                self.overflow_steps += 1
+            else:
+                self.skipped_steps += 1
             return False, float("nan"), tokens
         self.last_step_lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
+        self.scaler.update(overflow=False)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
+        self._check_weights_finite(round_)
         totals += step_sums
         return True, float(grad_norm), tokens
+
+    def _check_weights_finite(self, round_: int) -> None:
+        """After an optimizer step: every weight finite on every rank, else ``NonFiniteWeights``
+        (the step is not kept: the loop redoes the round from its start, or stops naming it)."""
+        if self._nan_weights_pending:
+            self._nan_weights_pending -= 1
+            with torch.no_grad():
+                p = next(self.model.parameters())
+                (p.to_local() if hasattr(p, "to_local") else p).view(-1)[:1].fill_(float("nan"))
+        bad = torch.tensor([0.0 if all_finite(self.model.parameters()) else 1.0], device=self.device)
+        if _distributed():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bool(bad[0]):
+            raise NonFiniteWeights(f"round {round_}: optimizer step {self.steps} made the policy's weights "
+                                   "non-finite (inf/NaN); the step is not kept and its weights are not published")
 
     def train(self, pairs: list, round: int, beta: float | None = None) -> dict[str, Any]:
         """Train on one round's pairs (every rank gets the whole list); returns the round report.
@@ -286,15 +321,17 @@ class Learner:
                                  seed=self.seed, round=round) if kept else []
         totals = torch.zeros(len(_FIELDS), dtype=torch.float64)
         applied, skipped, norms, tokens = 0, 0, [], 0
+        overflows_before = self.overflow_steps
         for k, micro_batches in enumerate(schedule):
             if self.on_step is not None:
                 self.on_step(round, k, len(schedule))
-            ok, norm, n_tokens = self._step(micro_batches, ref_by_index, totals)
+            ok, norm, n_tokens = self._step(micro_batches, ref_by_index, totals, round)
             applied, skipped, tokens = applied + ok, skipped + (not ok), tokens + n_tokens
             if ok:
                 norms.append(norm)
         if self.on_step is not None:
             self.on_step(round, len(schedule), len(schedule))
+        overflowed = self.overflow_steps - overflows_before
         refreshed = self.cfg.ref_refresh_every > 0 and round % self.cfg.ref_refresh_every == 0
         if refreshed:
             self.refresh_reference()
@@ -302,7 +339,8 @@ class Learner:
         report = self._report(self._all_reduce(totals.to(self.device)).cpu(), stats, len(pairs))
         learn_s = time.perf_counter() - start
         report.update(
-            steps=float(applied), skipped_steps=float(skipped), weights_changed=applied > 0,
+            steps=float(applied), skipped_steps=float(skipped - overflowed), overflow_steps=float(overflowed),
+            loss_scale=self.scaler.scale if self.scaler.enabled else None, weights_changed=applied > 0,
             grad_norm=sum(norms) / len(norms) if norms else float("nan"),
             tokens=float(counts[0]), learn_s=learn_s, ref_s=ref_s, tokens_per_s=float(counts[0]) / learn_s,
             lr=self.last_step_lr if applied else self.optimizer.param_groups[0]["lr"],

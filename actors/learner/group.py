@@ -99,6 +99,10 @@ class LearnerGroup:
         """Fault injection: rank 0's loss is NaN for the next ``steps`` steps (all ranks then skip them)."""
         self._get(self.rank0.inject_nan_next_step.remote(steps), "inject_nan")
 
+    def inject_nan_weights(self) -> None:
+        """Fault injection: rank 0's next optimizer step leaves a NaN in its weights."""
+        self._get(self.rank0.inject_nan_weights.remote(), "inject_nan_weights")
+
     def inject_raise(self, after_steps: int) -> None:
         """Fault injection: every rank's next ``train`` raises after ``after_steps`` optimizer steps."""
         self._all("inject_raise", after_steps, what="inject_raise")

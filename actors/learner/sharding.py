@@ -5,8 +5,9 @@ parameters are gathered just before it runs and freed right after, forward and b
 untied input embedding and LM head one unit each, the root holding what is left (final norm,
 and a tied embedding/LM head, which must stay one tensor used at both ends of the forward; it is
 freed again once the backward is below the final norm). Every parameter, gradient and optimizer state is held as a
-1/world shard; gradients are reduce-scattered after every backward. On GPU the policy computes
-in bfloat16 with fp32 gradient reduction (``MixedPrecisionPolicy``) over fp32 master shards.
+1/world shard; gradients are reduce-scattered after every backward. With a reduced compute
+precision (``actors.learner.precision``) the parameters are gathered in it and gradients reduced
+in fp32 (``MixedPrecisionPolicy``) over the master shards.
 """
 
 from __future__ import annotations
@@ -32,13 +33,15 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def fsdp_shard(model: nn.Module, *, mixed_precision: bool = False, cpu_offload: bool = False) -> nn.Module:
-    """Shard ``model`` in place with FSDP2 over all ranks (meta or real parameters alike)."""
+def fsdp_shard(model: nn.Module, *, param_dtype: torch.dtype | None = None, cpu_offload: bool = False) -> nn.Module:
+    """Shard ``model`` in place with FSDP2 over all ranks (meta or real parameters alike).
+    ``param_dtype``: gather the parameters in this dtype for compute and reduce gradients in fp32
+    (mixed precision); None computes in the held dtype."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     kw: dict[str, Any] = {}
-    if mixed_precision:
-        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if param_dtype is not None:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     kw["offload_policy"] = CPUOffloadPolicy(pin_memory=True) if cpu_offload else OffloadPolicy()
     for layer in decoder_layers(model):
         fully_shard(layer, **kw)

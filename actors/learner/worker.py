@@ -75,6 +75,10 @@ class LearnerWorker:
         """Fault injection: this rank's loss is NaN on its next ``steps`` optimizer steps."""
         self.engine.inject_nan(steps)
 
+    def inject_nan_weights(self) -> None:
+        """Fault injection: this rank's next optimizer step leaves a NaN in its weights."""
+        self.engine.inject_nan_weights()
+
     def inject_raise(self, after_steps: int) -> None:
         """Fault injection: the next ``train`` raises after ``after_steps`` optimizer steps."""
         self.fault_raise_after = after_steps

@@ -52,7 +52,7 @@ def one(ray_local, tmp_path_factory):
 @pytest.fixture(scope="module")
 def two(ray_local, tmp_path_factory):
     # micro-batches of 3: each rank's 8 pairs per step take 3 forwards (3 + 3 + 2).
-    group = LearnerGroup(MODEL, _cfg(num_workers=2, micro_batch_size=3, ref_refresh_every=2), seed=0)
+    group = LearnerGroup(MODEL, _cfg(num_workers=2, strategy="ddp", micro_batch_size=3, ref_refresh_every=2), seed=0)
     init = str(tmp_path_factory.mktemp("two_init"))
     group.save(init)
     yield group, init

@@ -1,6 +1,6 @@
 """Every round once, exactly, across a redo and a resume. A learner that raises after its
 optimizer step of round 2 (on every rank) is restored to the round's start (checkpoint of round
-1) and the round is redone. The run stops after round 3 and is resumed for round 4: first with a
+1) and the round is redone; so is round 3, whose first step leaves a NaN in the weights. The run stops after round 3 and is resumed for round 4: first with a
 changed `learner.beta` (alters training: exit 2 before Ray starts, naming the key and both
 values), then with a changed `loop.max_policy_lag` and --allow-config-change (also a training key,
 though sync mode does not read it, so the figures stay comparable), which resumes and records the
@@ -23,7 +23,10 @@ from tests.integration.runs import TINY, finish, metrics, start_run
 pytestmark = pytest.mark.integration
 
 BASE = ["loop.checkpoint_every=1"]  # sync_run's config, with a checkpoint every round
-FAULT = "faults.events=[{kind: learner, action: raise, after_steps: 1, round: 2}]"
+# Round 2: the learner raises after a step; round 3: a step leaves a NaN in the weights. Both are
+# redone from the round's start, and the NaN weights are never published.
+FAULT = ("faults.events=[{kind: learner, action: raise, after_steps: 1, round: 2}, "
+         "{kind: learner, action: nan_weights, round: 3}]")
 
 
 def resume(out, *overrides, allow=False):
@@ -55,7 +58,10 @@ def test_a_learner_that_raises_mid_round_leaves_no_trace(faulted, sync_run):
     assert faulted["allowed"].returncode == 0, faulted["allowed"].stderr[-3000:]
     plain, redone = metrics(sync_run["dir"]), metrics(run_dir)
     assert [m["round"] for m in redone] == [0, 1, 2, 3, 4]  # each round once
-    assert redone[3]["restarts"]["round_retries"] == 1 and redone[3]["restarts"]["learner"] == 0
+    assert redone[2]["restarts"]["round_retries"] == 1 and redone[2]["restarts"]["learner"] == 0
+    assert redone[2]["restarts"]["nonfinite_updates"] == 0
+    assert redone[3]["restarts"]["round_retries"] == 2 and redone[3]["restarts"]["nonfinite_updates"] == 1
+    assert redone[3]["generator_versions"] == [redone[3]["policy_version"]]  # the generators serve the redo's weights
     assert plain[-1]["restarts"]["round_retries"] == 0
     assert "injected learner fault after 1 optimizer steps" in (faulted["out"] / "faulted.log").read_text()
     assert redone[2]["pairs"] > 0  # round 2 did train, so the failed attempt had stepped

@@ -68,7 +68,7 @@ def test_reference_documents_every_field_of_every_section():
     assert "| `learner.beta.target_kl` | float, > 0 | required |" in ref
     for section in RunConfig.model_fields:
         assert f"### `{section}`" in ref
-    assert ('| `learner.strategy` | "ddp" / "fsdp" | `"ddp"` | Data parallelism: DDP, or FSDP2 (`fully_shard`)'
+    assert ('| `learner.strategy` | "ddp" / "fsdp" | `"fsdp"` | Data parallelism over the workers: `fsdp`'
             in ref)
     assert "| `generator.top_p` | float, > 0, ≤ 1 | `1.0` |" in ref
     # Every field has a docstring: no empty "meaning" cell.
