@@ -282,6 +282,7 @@ class Loop:
             "grad_norm": report.get("grad_norm"),
             "skipped_steps": report.get("skipped_steps", 0),
             "overflow_steps": report.get("overflow_steps", 0),
+            "pad_share": report.get("pad_share"),
             "loss_scale": report.get("loss_scale"),
             "gen_tokens": gen_tokens,
             "gen_tokens_per_s": gen_tokens / gen_s if gen_s > 0 else None,

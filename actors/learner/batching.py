@@ -1,7 +1,9 @@
-"""Preference pairs to token ids, padded batches, and each rank's share of every step.
+"""Preference pairs to token ids, padded or packed batches, and each rank's share of every step.
 
 A pair becomes two sequences, prompt+chosen and prompt+rejected, laid out in one batch as
-``[all chosen; all rejected]`` so that one forward scores both. The sequences are the token ids
+``[all chosen; all rejected]`` so that one forward scores both: right-padded rows of
+``micro_batch_size`` pairs (``collate``), or, with a token budget, pairs grouped by their real
+token counts and their sequences packed into rows (``pack``). The sequences are the token ids
 the generators' engines received and sampled, exactly (the on-policy contract): nothing is
 re-tokenized and no EOS is added to a sampled answer. Every worker builds the whole round the
 same way and derives the same schedule from (seed, round, epoch), so the ranks agree on which
@@ -126,6 +128,57 @@ def collate(pairs: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion}
 
 
+def pack(pairs: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    """The pairs' ``2B`` sequences packed into rows without padding between them (token-budget
+    micro-batches): ``input_ids``, ``position_ids`` (restarting at 0 with each sequence, which is
+    how transformers tells packed sequences apart and keeps them from attending to each other),
+    ``sequence_ids`` (sequence ``j`` is pair j's prompt+chosen, ``B + j`` its prompt+rejected; -1
+    on padding), ``completion_mask``, each ``[rows, width]``, and ``num_sequences``.
+
+    The width is the longest sequence; the others are placed longest first into the first row
+    with room (first-fit decreasing), so the only padding is what is left at the rows' ends. The
+    attention cost of a row stays that of one padded row of the same width.
+    """
+    b = len(pairs)
+    seqs = [(p.prompt_ids + getattr(p, side), len(p.prompt_ids), j + k * b)
+            for k, side in enumerate(("chosen_ids", "rejected_ids")) for j, p in enumerate(pairs)]
+    width = max(len(ids) for ids, _, _ in seqs)
+    rows: list[list[tuple[list[int], int, int]]] = []
+    room: list[int] = []
+    for seq in sorted(seqs, key=lambda s: (-len(s[0]), s[2])):
+        slot = next((r for r, free in enumerate(room) if free >= len(seq[0])), None)
+        if slot is None:
+            rows.append([])
+            room.append(width)
+            slot = len(rows) - 1
+        rows[slot].append(seq)
+        room[slot] -= len(seq[0])
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    sequence_ids = torch.full(shape, -1, dtype=torch.long)
+    completion = torch.zeros(shape, dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for ids, prompt_len, number in row:
+            n = len(ids)
+            input_ids[r, at : at + n] = torch.tensor(ids)
+            position_ids[r, at : at + n] = torch.arange(n)
+            sequence_ids[r, at : at + n] = number
+            completion[r, at + prompt_len : at + n] = 1
+            at += n
+        position_ids[r, at:] = torch.arange(width - at)  # the padding is a sequence of its own
+    return {"input_ids": input_ids, "position_ids": position_ids, "sequence_ids": sequence_ids,
+            "completion_mask": completion, "num_sequences": torch.tensor(2 * b)}
+
+
+def batch_tokens(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """``(tokens computed, of which padding)`` of a collated or packed batch."""
+    real = batch["sequence_ids"].ge(0) if "sequence_ids" in batch else batch["attention_mask"].bool()
+    total = real.numel()
+    return total, total - int(real.sum())
+
+
 @dataclass
 class MicroBatch:
     pairs: list[TokenizedPair]
@@ -156,28 +209,71 @@ def epoch_order(n: int, *, seed: int, round: int, epoch: int) -> list[int]:
     return order
 
 
+def split_by_tokens(items: list[TokenizedPair], parts: int) -> list[list[TokenizedPair]]:
+    """``parts`` shares of about equal tokens: longest first, each to the share with the fewest
+    tokens so far (the lowest index on a tie); every rank computes the same split."""
+    shares: list[list[TokenizedPair]] = [[] for _ in range(parts)]
+    load = [0] * parts
+    for item in sorted(items, key=lambda p: (-p.tokens, p.index)):
+        k = load.index(min(load))
+        shares[k].append(item)
+        load[k] += item.tokens
+    return shares
+
+
+def group_by_tokens(items: list[TokenizedPair], budget: int) -> list[list[TokenizedPair]]:
+    """Micro-batches of at most ``budget`` tokens each (a pair longer than that alone), longest
+    pairs first into the first micro-batch with room (first-fit decreasing)."""
+    groups: list[list[TokenizedPair]] = []
+    room: list[int] = []
+    for item in sorted(items, key=lambda p: (-p.tokens, p.index)):
+        slot = next((g for g, free in enumerate(room) if free >= item.tokens), None)
+        if slot is None:
+            groups.append([])
+            room.append(budget)
+            slot = len(groups) - 1
+        groups[slot].append(item)
+        room[slot] -= item.tokens
+    return groups
+
+
+def share_micro_batches(items: list[TokenizedPair], *, rank: int, world_size: int, micro_batch_size: int,
+                        max_tokens: int = 0) -> tuple[list[list[TokenizedPair]], int]:
+    """This rank's micro-batches of ``items`` and the count every rank runs (the largest share's).
+
+    By pair count (``max_tokens`` 0): ``items`` split evenly, then ``micro_batch_size`` at a time.
+    By token budget: split for equal tokens, then grouped up to ``max_tokens`` each."""
+    if max_tokens:
+        groups = [group_by_tokens(share, max_tokens) for share in split_by_tokens(items, world_size)]
+    else:
+        groups = [[share[k : k + micro_batch_size] for k in range(0, len(share), micro_batch_size)]
+                  for share in split_evenly(items, world_size)]
+    return groups[rank], max(1, max(map(len, groups)))
+
+
 def rank_schedule(
     pairs: list[TokenizedPair], *, batch_size: int, micro_batch_size: int, rank: int, world_size: int,
-    epochs: int, seed: int, round: int,
+    epochs: int, seed: int, round: int, max_tokens: int = 0,
 ) -> list[list[MicroBatch]]:
     """This rank's micro-batches for every optimizer step of the round.
 
     Each step's global batch (``batch_size`` pairs, the last one of an epoch smaller) is split
-    evenly across ranks; every rank runs the same number of micro-batches per step (FSDP needs
-    matching collectives), padding with zero-weight fillers where its share is shorter. The
-    weights make the DDP-averaged gradient equal to the gradient of the mean loss over the global
-    batch, whatever the world size.
+    across ranks (evenly by pairs, or by tokens with a token budget) and each share into
+    micro-batches (``micro_batch_size`` pairs, or up to ``max_tokens`` tokens); every rank runs the
+    same number of micro-batches per step (FSDP needs matching collectives), padding with
+    zero-weight fillers where its share is shorter. The weights make the DDP-averaged gradient
+    equal to the gradient of the mean loss over the global batch, whatever the world size and
+    however the step's pairs are grouped.
     """
     steps = []
     for epoch in range(epochs):
         order = [pairs[i] for i in epoch_order(len(pairs), seed=seed, round=round, epoch=epoch)]
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            shares = split_evenly(batch, world_size)
-            n_micro = max(1, -(-len(shares[0]) // micro_batch_size))
-            mine = shares[rank]
+            mine, n_micro = share_micro_batches(batch, rank=rank, world_size=world_size,
+                                                micro_batch_size=micro_batch_size, max_tokens=max_tokens)
             weight = world_size / len(batch)
-            micro = [MicroBatch(mine[k : k + micro_batch_size], weight) for k in range(0, len(mine), micro_batch_size)]
+            micro = [MicroBatch(group, weight) for group in mine]
             micro += [MicroBatch(batch[:1], 0.0) for _ in range(n_micro - len(micro))]
             steps.append(micro)
     return steps

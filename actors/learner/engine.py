@@ -23,7 +23,8 @@ import torch.distributed as dist
 
 from actors.learner import checkpoint, sharding
 from actors.learner.allocator import release_freed_blocks
-from actors.learner.batching import TokenizedPair, collate, rank_schedule, tokenize_pairs
+from actors.learner.batching import TokenizedPair, batch_tokens, collate, pack, rank_schedule, \
+    share_micro_batches, tokenize_pairs
 from actors.learner.lr_schedule import lr_factor
 from actors.learner.modeling import build_empty, completion_logp_sums, materialize
 from actors.learner.precision import LossScaler, NonFiniteWeights, all_finite, autocast, compute_dtype
@@ -128,6 +129,8 @@ class Learner:
         """fp16 steps skipped because the scaled gradients overflowed (the scale was halved)."""
         self._nan_pending = 0
         self._nan_weights_pending = 0
+        self._token_counts = torch.zeros(2, dtype=torch.float64)
+        """(computed, padding) tokens of this round's forwards, for ``pad_share``."""
         self.beta: float | None = None
         """The β the last ``train``/``evaluate`` call was given (a scheduled ``learner.beta``)."""
         self.on_step = None
@@ -154,9 +157,15 @@ class Learner:
 
     # -- forward math -------------------------------------------------------------------------
 
-    def _logps(self, model: torch.nn.Module, pairs: list[TokenizedPair], device: torch.device):
-        """Summed completion log-probs and lengths, each ``[B, 2]`` (chosen, rejected)."""
-        batch = {k: v.to(device) for k, v in collate(pairs, self.pad_id).items()}
+    def _logps(self, model: torch.nn.Module, pairs: list[TokenizedPair], device: torch.device, *, count: bool = True):
+        """Summed completion log-probs and lengths, each ``[B, 2]`` (chosen, rejected); ``count``
+        adds the batch's computed and padding tokens to the round's ``pad_share``."""
+        packed = self.cfg.max_tokens_per_micro_batch > 0
+        batch = (pack if packed else collate)(pairs, self.pad_id)
+        if count:
+            computed, padding = batch_tokens(batch)
+            self._token_counts += torch.tensor([computed, padding], dtype=torch.float64)
+        batch = {k: v.to(device) for k, v in batch.items()}
         hf_model = self.reference if model is self.reference else self.model
         with self._autocast():
             sums, lens = completion_logp_sums(model, hf_model, batch, chunk=self.cfg.logprob_chunk)
@@ -191,16 +200,24 @@ class Learner:
     def _all_logps(self, model: torch.nn.Module, pairs: list[TokenizedPair], device: torch.device):
         """``[N, 2]`` log-prob sums and lengths of every pair on every rank: each rank scores
         ``pairs[rank::world]`` in micro-batches, then the ranks all-gather."""
-        mbs, world = self.cfg.micro_batch_size, self.world_size
-        mine = pairs[self.rank :: world]
-        n_chunks = -(-len(pairs[0::world]) // mbs)  # rank 0's share is the largest: same count everywhere
-        out = torch.zeros(len(pairs[0::world]), 4, dtype=torch.float32)
+        world = self.world_size
+        # Each rank scores its share (by pairs, or by tokens with a budget) in micro-batches; every
+        # rank runs as many forwards as the rank with the most (a filler keeps FSDP in step).
+        mine, n_chunks = share_micro_batches(pairs, rank=self.rank, world_size=world,
+                                             micro_batch_size=self.cfg.micro_batch_size,
+                                             max_tokens=self.cfg.max_tokens_per_micro_batch)
+        # Results travel as rows of (pair position, sums, lengths); unused rows keep position -1.
+        out = torch.full((len(pairs), 5), -1.0, dtype=torch.float32)
+        at = 0
         model.eval()
         for k in range(n_chunks):
-            chunk = mine[k * mbs : (k + 1) * mbs]
-            sums, lens = self._logps(model, chunk or pairs[:1], device)  # a filler keeps FSDP in step
+            chunk = mine[k] if k < len(mine) else []
+            sums, lens = self._logps(model, chunk or pairs[:1], device, count=bool(chunk))
             if chunk:
-                out[k * mbs : k * mbs + len(chunk)] = torch.cat([sums, lens], 1).float().cpu()
+                rows = torch.cat([torch.tensor([[float(p.index)] for p in chunk]), sums.float().cpu(),
+                                  lens.float().cpu()], 1)
+                out[at : at + len(chunk)] = rows
+                at += len(chunk)
         if _distributed():
             nccl = dist.get_backend() == "nccl"
             coll = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
@@ -209,10 +226,11 @@ class Learner:
             parts = [p.cpu() for p in parts]
         else:
             parts = [out]
+        position = {p.index: i for i, p in enumerate(pairs)}
         full = torch.zeros(len(pairs), 4, dtype=torch.float32)
-        for r, part in enumerate(parts):
-            idx = list(range(r, len(pairs), world))
-            full[idx] = part[: len(idx)]
+        for part in parts:
+            for row in part[part[:, 0] >= 0]:
+                full[position[int(row[0])]] = row[1:]
         if self.fsdp:
             sharding.reshard(model)  # a root unit keeps its parameters gathered after a forward
         return full[:, :2], full[:, 2:]
@@ -253,7 +271,7 @@ class Learner:
         self._nan_pending -= int(inject)
         for k, mb in enumerate(micro_batches):
             with self._grad_sync(k == len(micro_batches) - 1):
-                logps, lens = self._logps(self.train_model, mb.pairs, self.device)
+                logps, lens = self._logps(self.train_model, mb.pairs, self.device, count=not mb.filler)
                 index = torch.tensor([p.index for p in mb.pairs])
                 terms = self._pair_terms(logps, lens, ref[index].to(logps))
                 loss = terms["total"].sum() * mb.weight
@@ -310,6 +328,7 @@ class Learner:
         start = time.perf_counter()
         self.beta = float(beta) if beta is not None else self.beta
         self._set_round_lr(round)
+        self._token_counts.zero_()
         kept, stats = self._tokenize(pairs)
         ref_start = time.perf_counter()
         ref = self._all_logps(self.reference, kept, self.ref_device)[0] if kept else torch.zeros(0, 2)
@@ -318,7 +337,8 @@ class Learner:
         ref_s = time.perf_counter() - ref_start
         schedule = rank_schedule(kept, batch_size=self.cfg.batch_size, micro_batch_size=self.cfg.micro_batch_size,
                                  rank=self.rank, world_size=self.world_size, epochs=self.cfg.epochs_per_round,
-                                 seed=self.seed, round=round) if kept else []
+                                 seed=self.seed, round=round,
+                                 max_tokens=self.cfg.max_tokens_per_micro_batch) if kept else []
         totals = torch.zeros(len(_FIELDS), dtype=torch.float64)
         applied, skipped, norms, tokens = 0, 0, [], 0
         overflows_before = self.overflow_steps
@@ -335,7 +355,8 @@ class Learner:
         refreshed = self.cfg.ref_refresh_every > 0 and round % self.cfg.ref_refresh_every == 0
         if refreshed:
             self.refresh_reference()
-        counts = self._all_reduce(torch.tensor([float(tokens)], dtype=torch.float64, device=self.device)).cpu()
+        counts = torch.cat([torch.tensor([float(tokens)], dtype=torch.float64), self._token_counts])
+        counts = self._all_reduce(counts.to(self.device)).cpu()
         report = self._report(self._all_reduce(totals.to(self.device)).cpu(), stats, len(pairs))
         learn_s = time.perf_counter() - start
         report.update(
@@ -345,6 +366,8 @@ class Learner:
             tokens=float(counts[0]), learn_s=learn_s, ref_s=ref_s, tokens_per_s=float(counts[0]) / learn_s,
             lr=self.last_step_lr if applied else self.optimizer.param_groups[0]["lr"],
             optimizer_steps=float(self.steps), ref_refreshed=refreshed,
+            # Padding tokens / all tokens the round's forwards computed (reference and training).
+            pad_share=float(counts[2] / counts[1]) if counts[1] else 0.0,
             beta=self._beta(),
         )
         return report

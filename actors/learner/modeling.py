@@ -108,8 +108,11 @@ def completion_logp_sums(model: nn.Module, hf_model: nn.Module, batch: dict[str,
 
     ``model`` is what runs the forward (the DDP wrapper, or the FSDP/plain model itself) and
     ``hf_model`` the Hugging Face model inside it. ``batch`` holds ``input_ids``,
-    ``attention_mask`` and ``completion_mask`` (``actors.learner.batching.collate``).
+    ``attention_mask`` and ``completion_mask`` (``actors.learner.batching.collate``), or packed
+    rows (``actors.learner.batching.pack``): then the results are per sequence, not per row.
     """
+    if "sequence_ids" in batch:
+        return _packed_logp_sums(model, hf_model, batch, chunk)
     ids, mask = batch["input_ids"], batch["completion_mask"]
     select, targets, _ = completion_targets(ids, mask)
     if not completion_head_ok(hf_model):
@@ -126,3 +129,29 @@ def completion_logp_sums(model: nn.Module, hf_model: nn.Module, batch: dict[str,
         # Laid out as [rows, T-1] and summed per row: the same additions as the full-logits path.
         sums = torch.zeros(select.shape, dtype=token.dtype, device=token.device).masked_scatter(select, token).sum(-1)
     return sums, select.sum(-1).to(sums.dtype)
+
+
+def _packed_logp_sums(model: nn.Module, hf_model: nn.Module, batch: dict[str, torch.Tensor],
+                      chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``completion_logp_sums`` of packed rows: the model sees ``position_ids`` that restart with
+    each sequence and no attention mask (transformers then masks attention across sequences); a
+    position is scored when the next token is a completion token of the same sequence."""
+    ids, mask, seq = batch["input_ids"], batch["completion_mask"], batch["sequence_ids"]
+    select = mask[:, 1:].bool() & (seq[:, 1:] == seq[:, :-1])
+    targets, owners = ids[:, 1:][select], seq[:, 1:][select]
+    inputs = dict(input_ids=ids, position_ids=batch["position_ids"], use_cache=False)
+    if not completion_head_ok(hf_model):
+        logits = model(**inputs).logits[:, :-1][select].float()
+        token = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+    else:
+        head = hf_model.get_output_embeddings()
+
+        def head_forward(hidden: torch.Tensor) -> torch.Tensor:
+            return linear_logps(hidden[:, :-1][select], head.weight, head.bias, targets, chunk)
+
+        with _head_computes(head, head_forward):
+            token = model(**inputs).logits
+    n = int(batch["num_sequences"])
+    sums = torch.zeros(n, dtype=token.dtype, device=token.device).index_add_(0, owners, token)
+    lens = torch.zeros(n, dtype=token.dtype, device=token.device).index_add_(0, owners, torch.ones_like(token))
+    return sums, lens

@@ -1,5 +1,6 @@
 """An untied-LM-head model (as every 7B recipe model is) through DDP and 2-rank FSDP2 over gloo:
-in fp32 their two rounds of steps equal one process's; under bf16 compute (DDP: autocast; FSDP:
+in fp32 their two rounds of steps equal one process's (FSDP also with token-budget micro-batches
+of packed rows); under bf16 compute (DDP: autocast; FSDP:
 bf16 parameters, fp32 gradient reduction) they stay within bf16 tolerance of it.
 
 Two spawned ranks run ``Learner`` as a ``LearnerWorker`` would (without Ray) and hand their
@@ -20,7 +21,8 @@ from tests.conftest import DEMO_MODEL
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 VOCAB = 512
-SETTINGS = [("ddp", "fp32"), ("fsdp", "fp32"), ("ddp", "bf16"), ("fsdp", "bf16")]
+# (strategy, precision, learner.max_tokens_per_micro_batch): 0 = micro-batches of 2 pairs.
+SETTINGS = [("ddp", "fp32", 0), ("fsdp", "fp32", 0), ("ddp", "bf16", 0), ("fsdp", "bf16", 0), ("fsdp", "fp32", 40)]
 
 
 def _pairs(n: int, offset: int = 0):
@@ -36,18 +38,19 @@ def _pairs(n: int, offset: int = 0):
     return out
 
 
-def _configs(world: int, strategy: str, precision: str, path: str):
+def _configs(world: int, strategy: str, precision: str, path: str, tokens: int = 0):
     from orchestrator.config import LearnerConfig, ModelConfig
 
     learner = LearnerConfig(num_workers=world, strategy=strategy, precision=precision, batch_size=8,
-                            micro_batch_size=2, lr=1e-3, beta=0.5, logprob_chunk=8, timeout_s=600)
+                            micro_batch_size=2, max_tokens_per_micro_batch=tokens, lr=1e-3, beta=0.5,
+                            logprob_chunk=8, timeout_s=600)
     return ModelConfig(path=path, tokenizer=str(DEMO_MODEL), max_model_len=64), learner
 
 
-def _two_rounds(world: int, strategy: str, precision: str, path: str) -> dict[str, torch.Tensor]:
+def _two_rounds(world: int, strategy: str, precision: str, path: str, tokens: int = 0) -> dict[str, torch.Tensor]:
     from actors.learner.engine import Learner
 
-    learner = Learner(*_configs(world, strategy, precision, path))
+    learner = Learner(*_configs(world, strategy, precision, path, tokens))
     assert learner.model.get_output_embeddings().weight is not learner.model.get_input_embeddings().weight
     learner.train(_pairs(8), round=1)
     learner.train(_pairs(8, offset=8), round=2)
@@ -60,7 +63,7 @@ def _ranks(rank: int, world: int, port: int, path: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TOKENIZERS_PARALLELISM="false")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    results = {f"{s}/{p}": _two_rounds(world, s, p, path) for s, p in SETTINGS}
+    results = {f"{s}/{p}" + (f"/{t}" if t else ""): _two_rounds(world, s, p, path, t) for s, p, t in SETTINGS}
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()
@@ -104,8 +107,8 @@ def _max_diff(a: dict, b: dict) -> float:
 
 def test_untied_head_ddp_and_fsdp_equal_one_process_in_fp32(results):
     assert "lm_head.weight" in results["single/fp32"]
-    for strategy in ("ddp", "fsdp"):
-        assert _max_diff(results[f"{strategy}/fp32"], results["single/fp32"]) < 1e-5, strategy
+    for run in ("ddp/fp32", "fsdp/fp32", "fsdp/fp32/40"):  # the last: packed token-budget micro-batches
+        assert _max_diff(results[run], results["single/fp32"]) < 1e-5, run
     assert _max_diff(results["single/fp32"], results["initial"]) > 1e-3  # the steps moved the weights
 
 
