@@ -69,3 +69,22 @@ def last3(lines: list[dict]) -> float:
 def mean(xs):
     xs = [x for x in xs if isinstance(x, (int, float))]
     return sum(xs) / len(xs) if xs else None
+
+
+def machine() -> dict:
+    """What a figure was measured on: CPU model, cores and the instruction sets that decide the
+    speed of bf16 and fp32 paths (every bench puts this in its JSON line)."""
+    import platform
+
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni", "f16c")
+    return {"cpu": model, "cores": os.cpu_count(), "cpu_flags": [f for f in wanted if f in flags]}
