@@ -240,7 +240,7 @@ class LearnerConfig(Section):
     ref_on_cpu: bool = False
     """Hold the reference model's shards in host RAM to save GPU memory; they are gathered to the GPU for each forward (needs ``strategy: fsdp`` with 2 or more workers on GPUs; on CPU learners it changes nothing)."""
     ref_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Dtype the reference is held and run in; ``auto`` = bfloat16 on GPU, float32 on CPU (where bf16 is slower)."""
+    """Dtype the reference is held and run in; ``auto`` = the compute dtype on GPU (bf16, or fp16 on GPUs without bf16), float32 on CPU (where bf16 is slower)."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward instead of keeping them: activation memory of one layer instead of all, about a third more compute."""
     logprob_chunk: int = Field(256, ge=1)

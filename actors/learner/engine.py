@@ -43,10 +43,11 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def ref_dtype(cfg: Any, on_gpu: bool) -> torch.dtype:
-    """``learner.ref_dtype``, with ``auto`` = bfloat16 on GPU, float32 on CPU (bf16 is slower there)."""
+def ref_dtype(cfg: Any, on_gpu: bool, compute: torch.dtype) -> torch.dtype:
+    """``learner.ref_dtype``, with ``auto`` = the compute dtype on GPU (bf16, or fp16 on GPUs
+    without bf16), float32 on CPU (bf16 is slower there)."""
     if cfg.ref_dtype == "auto":
-        return torch.bfloat16 if on_gpu else torch.float32
+        return compute if on_gpu else torch.float32
     return getattr(torch, cfg.ref_dtype)
 
 
@@ -85,9 +86,9 @@ class Learner:
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
         self.fsdp = cfg.strategy == "fsdp" and _distributed()
-        self.ref_dtype = ref_dtype(cfg, on_gpu)
         self.compute_dtype = compute_dtype(cfg.precision, self.device)
         """The forward's and backward's dtype (``actors.learner.precision``)."""
+        self.ref_dtype = ref_dtype(cfg, on_gpu, self.compute_dtype)
         self.model = build_empty(model_cfg.path, getattr(torch, model_cfg.dtype))
         """The HF model being trained (for FSDP: sharded in place, still the HF class)."""
         self.reference = build_empty(model_cfg.path, self.ref_dtype).requires_grad_(False).eval()

@@ -177,7 +177,7 @@ def test_validate_prints_the_resources_as_yaml_comments():
     lines = out.stdout.splitlines()
     assert "# resources: generator 4 x 1 GPU, judge 2 x 0 GPU, learner 4 x 1 GPU; total 8 GPU, 34 CPU" in lines
     assert "#   generator 4 x (1 GPU, 4 CPU) = 4 GPU, 16 CPU; tensor_parallel_size 1" in lines
-    assert "#   learner   4 x (1 GPU, 4 CPU) = 4 GPU, 16 CPU; strategy ddp" in lines
+    assert "#   learner   4 x (1 GPU, 4 CPU) = 4 GPU, 16 CPU; strategy fsdp" in lines
     # stdout is still one YAML document: the resolved config.
     assert yaml.safe_load(out.stdout) == load_config(GSM8K).model_dump(mode="json")
 
