@@ -2,7 +2,7 @@
 
 An actor asks Ray for CPUs, GPUs and the custom resources of its config section
 (``generator.resources`` etc., e.g. ``{node_b: 1}`` to pin it to nodes started with
-``ray start --resources='{"node_b": 1}'``; ``actors.pending.demand_of`` builds the dict). When a
+``ray start --resources='{"node_b": 1}'``; ``actors.waiting.demand_of`` builds the dict). When a
 start or restart outlasts its timeout, the pools ask ``why_unplaced``: if no alive node offers
 that demand (the node it was pinned to was lost and nothing that offers its resources is left),
 the wait ends in a ``PlacementError`` naming what is missing, rather than a bare timeout.

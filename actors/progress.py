@@ -2,7 +2,7 @@
 
 An actor busy in ``sample`` or ``train`` cannot answer questions, so it pushes instead: each
 report is a fire-and-forget call to one small ``ProgressBoard`` actor, named per Ray job, that
-the driver creates and reads (``orchestrator.progress``). A report is ``(kind, index, tag,
+the driver creates and reads (``orchestrator.observe.progress``). A report is ``(kind, index, tag,
 done, total)``: ``kind`` is ``sample`` or ``learn``, ``index`` the actor, ``tag`` names the call
 (the sampling seed, the learner's round) so that the driver never mistakes the end of the last
 call for the start of this one. Reports are throttled (at most ``MIN_INTERVAL_S`` apart, plus

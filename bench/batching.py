@@ -54,7 +54,7 @@ def make_model(folder: Path) -> None:
 def skewed_pairs(n: int, seed: int = 0):
     import random
 
-    from judges.pairs_types import PreferencePair
+    from common.types import PreferencePair
 
     rng = random.Random(seed)
     out = []
@@ -80,7 +80,7 @@ def one_mode(args) -> None:
 
     import torch
 
-    from actors.learner.engine import Learner
+    from actors.learner.rank import Learner
     from orchestrator.config import LearnerConfig, ModelConfig
 
     torch.set_num_threads(2)

@@ -42,7 +42,7 @@ def standalone(cfg, rows: list[dict], rounds: int) -> dict:
     import torch
     from vllm import LLM, SamplingParams
 
-    from actors.sampling import engine_kwargs, prompt_seed
+    from actors.generator.sampling import engine_kwargs, prompt_seed
 
     gen = cfg.generator
     llm = LLM(**engine_kwargs(cfg.model, gen, cfg.run.seed, on_gpu=torch.cuda.is_available()))
@@ -67,7 +67,7 @@ def in_actor(cfg, rows: list[dict], rounds: int, cpus: int) -> dict:
     """The same through ``GeneratorPool`` with one actor."""
     import ray
 
-    from actors.generator import GeneratorPool
+    from actors.generator.pool import GeneratorPool
 
     gen = cfg.generator.model_copy(update={"num_actors": 1, "num_cpus": cpus})
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)

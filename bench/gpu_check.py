@@ -45,7 +45,7 @@ def precision_errors(device: str) -> dict[str, float]:
     import torch
     import torch.nn.functional as F
 
-    from actors.loss import linear_logps
+    from actors.learner.loss import linear_logps
 
     g = torch.Generator().manual_seed(0)
     n, h, v = 64, 128, 8192
@@ -89,7 +89,7 @@ def make_model(folder: Path, shape: str) -> None:
 def pairs(n: int, vocab: int):
     import random
 
-    from judges.pairs_types import PreferencePair
+    from common.types import PreferencePair
 
     rng = random.Random(0)
     ids = lambda k: [rng.randrange(3, vocab) for _ in range(k)]  # noqa: E731
@@ -101,7 +101,7 @@ def pairs(n: int, vocab: int):
 def learner_run(model: Path, device: str, precision: str, args) -> dict:
     import torch
 
-    from actors.learner.engine import Learner
+    from actors.learner.rank import Learner
     from actors.learner.precision import all_finite
     from orchestrator.config import LearnerConfig, ModelConfig
 

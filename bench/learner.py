@@ -36,7 +36,7 @@ DEMO_TRAIN = REPO / "assets" / "demo" / "data" / "train.jsonl"
 
 
 def demo_pairs(n: int):
-    from judges.pairs_types import PreferencePair
+    from common.types import PreferencePair
 
     rows = [json.loads(line) for line in DEMO_TRAIN.read_text().splitlines()[:n]]
     deltas = [1, -1, 10, -10]

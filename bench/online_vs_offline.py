@@ -10,7 +10,7 @@ batch size, one pass over each round's pairs.
   round by round without regenerating (`loop.regenerate_every: rounds`).
 
 All three are the same `odpo run` (the same generator pool, judges and learner; see
-orchestrator/regenerate.py), each with DPO only (`rpo_alpha: 0`) and DPO + NLL (`rpo_alpha: 1`),
+orchestrator/loop/regenerate.py), each with DPO only (`rpo_alpha: 0`) and DPO + NLL (`rpo_alpha: 1`),
 at the learning rate bench/ablation.py found best for that loss. Round 1 of every variant samples
 the same policy with the same seeds, so its pairs are identical across variants (checked:
 `round1_identical`); every round draws the same prompts (checked: `same_prompts`). The pairs and

@@ -78,7 +78,7 @@ class Sampler:
 def make_pairs(vocab: int, seed: int = 0):
     import torch
 
-    from judges.pairs_types import PreferencePair
+    from common.types import PreferencePair
 
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -113,7 +113,7 @@ def _setup(rank: int, world: int, port: int, threads: int):
     import torch.distributed.fsdp  # noqa: F401
     import transformers.models.qwen2.modeling_qwen2  # noqa: F401
 
-    import actors.learner.engine  # noqa: F401
+    import actors.learner.rank  # noqa: F401
 
 
 def _tokenizer_vocab(model: str) -> int:
@@ -131,7 +131,7 @@ def worker(rank: int, world: int, port: int, phase: str, model: str, out_dir: st
     base = res["baseline_rss"] = rss()
     if phase == "load":
         from actors.learner import sharding
-        from actors.learner.engine import _weights_source
+        from actors.learner.rank import _weights_source
         from actors.learner.modeling import build_empty, materialize
         from actors.learner.weights import load_streamed
 
@@ -144,7 +144,7 @@ def worker(rank: int, world: int, port: int, phase: str, model: str, out_dir: st
         res["load_s"] = time.perf_counter() - t
         res["load_peak"] = max_rss() - base
     elif phase == "train":
-        from actors.learner.engine import Learner
+        from actors.learner.rank import Learner
 
         model_cfg, cfg = configs(model, world, "fsdp" if world > 1 else "ddp")
         t = time.perf_counter()
@@ -182,7 +182,7 @@ def _compare_logps(learner, pairs) -> dict:
     import torch
 
     from actors.learner.batching import collate
-    from actors.loss import completion_targets, linear_logps, token_logps
+    from actors.learner.loss import completion_targets, linear_logps, token_logps
 
     kept, _ = learner._tokenize(pairs)
     model = learner.model
@@ -208,7 +208,7 @@ def _logprob_stage(model: str, *, naive: bool, base: int) -> dict:
     import torch.nn.functional as F
     from transformers import AutoConfig
 
-    from actors.loss import completion_targets, linear_logps, token_logps
+    from actors.learner.loss import completion_targets, linear_logps, token_logps
 
     config = AutoConfig.from_pretrained(model)
     g = torch.Generator().manual_seed(0)
@@ -261,7 +261,7 @@ def main() -> None:
     model = args.model
     try:
         if model is None:
-            from orchestrator.rehearsal import make_rehearsal_model
+            from orchestrator.tools.rehearsal import make_rehearsal_model
 
             model = str(Path(out_dir) / "model")
             make_rehearsal_model(model)

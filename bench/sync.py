@@ -37,7 +37,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from actors.generator import GeneratorPool  # noqa: E402
+from actors.generator.pool import GeneratorPool  # noqa: E402
 from actors.weight_sync import reload_tensors, sync_weights  # noqa: E402
 from orchestrator.config import GeneratorConfig, ModelConfig, SyncConfig  # noqa: E402
 
@@ -145,7 +145,7 @@ def main() -> None:
     try:
         rehearsal = Path(args.rehearsal_model) if args.rehearsal_model else tmp / "rehearsal-0.5b"
         if not (rehearsal / "config.json").exists():
-            from orchestrator.rehearsal import make_rehearsal_model
+            from orchestrator.tools.rehearsal import make_rehearsal_model
 
             make_rehearsal_model(str(rehearsal))
         results = {"demo": bench_model("demo", DEMO, args.syncs, tmp),

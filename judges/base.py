@@ -28,42 +28,18 @@ Further optional hooks, all looked up by name (no base class needed):
   the policy's own generators (self-rewarding) is hosted in the driver and handed
   ``fn(prompts, n, temperature, max_tokens) -> list[list[str]]`` before ``setup``.
 
-Scores are validated by the judge actors, not here: NaN, inf and non-numbers become ``None``
+``Prompt``, ``Completion`` and ``JudgeItem`` live in ``common.types`` (the data every stage passes)
+and are importable from here, the plug-in API. Scores are validated by the judge actors, not here: NaN, inf and non-numbers become ``None``
 and are counted, so a buggy judge costs completions, never the loop.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
-Prompt = str | list[dict[str, str]]
+from common.types import Completion, JudgeItem, Prompt
 
-
-@dataclass
-class Completion:
-    """One sampled answer."""
-
-    text: str
-    finish_reason: Literal["stop", "length", "abort"] = "stop"
-    """``stop`` when the model ended it (EOS, a stop token or a stop string), ``length`` when the token
-    limit cut it off, ``abort`` when the engine gave up on it (never paired)."""
-    logprob: float | None = None
-    """Summed log-probability under the policy that sampled it (used for tie-breaks)."""
-    token_ids: list[int] | None = None
-    """The sampled token ids exactly as the engine returned them (a sampled EOS or stop token
-    included), when a generator produced them: what the learner trains."""
-    stop_reason: int | str | None = None
-    """For ``stop``: None for EOS, the stop token id, or the stop string that ended the answer."""
-
-
-@dataclass
-class JudgeItem:
-    """A prompt, its completions, and the rest of its dataset row (e.g. ``row["answer"]``)."""
-
-    prompt: Prompt
-    completions: list[Completion]
-    row: dict[str, Any] = field(default_factory=dict)
+__all__ = ["Completion", "JudgeItem", "Prompt", "Judge", "ScoringJudge", "PairwiseJudge", "prompt_text"]
 
 
 @runtime_checkable

@@ -5,7 +5,7 @@ over ``compare``. ``score_guarded`` adds the checks: a batch that raises or come
 wrong shape is retried item by item, an item that raises is retried completion by completion,
 and every returned value is validated (``None``, NaN, inf and non-numbers become ``None``).
 Lost completions are counted by kind. Pure Python: used inside the judge actors
-(``actors/judge_host.py``), in the driver for self-rewarding judges, and by the ensemble judge.
+(``actors/judging/host.py``), in the driver for self-rewarding judges, and by the ensemble judge.
 ``correct_guarded`` does the same for a corrector (``judges.correction``).
 """
 

@@ -29,7 +29,7 @@ def _custom_resources(v: dict[str, float]) -> dict[str, float]:
 CustomResources = Annotated[dict[str, float], AfterValidator(_custom_resources)]
 """Ray custom resources of one actor, as ``.options(resources=...)`` takes them."""
 
-from orchestrator.beta import BetaSpec
+from orchestrator.loop.beta import BetaSpec
 
 
 class Section(BaseModel):
@@ -542,7 +542,7 @@ def check_plugins(config: RunConfig) -> None:
             check_judge_spec(config.corrector.cls, config.corrector.kwargs, "corrector.cls", ("correct",))
     except JudgeSpecError as e:
         raise ConfigError([str(e)]) from None
-    from orchestrator.trackers import missing_tracker_packages
+    from orchestrator.observe.trackers import missing_tracker_packages
 
     problems = missing_tracker_packages(config.report.to)
     if problems:

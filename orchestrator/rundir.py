@@ -217,7 +217,7 @@ _PAIR_FIELDS = ("prompt", "chosen", "rejected", "chosen_score", "rejected_score"
 
 def pairs_from_records(records: list[dict]) -> list:
     """Pairs read back from a pairs file (the inverse of ``pair_records``)."""
-    from judges.pairs_types import PreferencePair
+    from common.types import PreferencePair
 
     pairs = []
     for rec in records:

@@ -1,7 +1,7 @@
 """The DPO learner: a group of Ray actors joined by torch.distributed (see ``group.py``).
 
 ``LearnerGroup`` is imported lazily so that ``actors.learner.batching`` and
-``actors.learner.engine`` can be used without Ray being imported (tests, benches).
+``actors.learner.rank`` can be used without Ray being imported (tests, benches).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def __getattr__(name: str):
 
         return LearnerWorker
     if name == "Learner":
-        from actors.learner.engine import Learner
+        from actors.learner.rank import Learner
 
         return Learner
     raise AttributeError(name)

@@ -17,7 +17,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.learner.worker import LearnerWorker
-from actors.pending import ActorWait, demand_of
+from actors.waiting import ActorWait, demand_of
 from actors.placement import PlacementError, why_unplaced
 
 

@@ -6,7 +6,7 @@
   buffers and the tied embedding/LM-head sharing. The values then come from
   ``actors.learner.weights.load_streamed``.
 - ``completion_logp_sums``: a forward whose LM head computes log-probs of the completion tokens
-  only, in chunks (``actors.loss.linear_logps``): the ``[batch, length, vocab]`` logits never
+  only, in chunks (``actors.learner.loss.linear_logps``): the ``[batch, length, vocab]`` logits never
   exist. The LM head still runs inside the model's own forward, so DDP and FSDP hooks see an
   ordinary forward.
 """
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from actors.loss import completion_targets, linear_logps, token_logps
+from actors.learner.loss import completion_targets, linear_logps, token_logps
 
 # Config fields that make a model post-process its logits (softcapping, scaling): for these the
 # completion-only head would be wrong, so they are scored from full logits.

@@ -38,7 +38,7 @@ class LearnerWorker:
         import torch
         import torch.distributed as dist
 
-        from actors.learner.engine import Learner
+        from actors.learner.rank import Learner
 
         gpu = self.cfg.num_gpus_per_worker > 0
         if gpu:

@@ -21,8 +21,8 @@ from typing import Any, Iterator
 
 import torch
 
-from actors.shm_buffer import map_buffer, marks, tensor_view
-from actors.weight_layout import ParamSpec, check_dtypes, check_params, dtype_name, dtype_of
+from actors.weight_sync.shm_buffer import map_buffer, marks, tensor_view
+from actors.weight_sync.layout import ParamSpec, check_dtypes, check_params, dtype_name, dtype_of
 from actors.weight_sync.names import checkpoint_spec, config_spec
 
 

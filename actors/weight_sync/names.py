@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from actors.weight_layout import ParamSpec, make_spec, safetensors_shapes
+from actors.weight_sync.layout import ParamSpec, make_spec, safetensors_shapes
 
 INDEX = "model.safetensors.index.json"
 _LAYER = re.compile(r"^(.*?\.layers\.\d+)\.")

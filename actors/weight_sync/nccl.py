@@ -24,7 +24,7 @@ import math
 import socket
 import time
 
-from actors.weight_layout import ParamSpec, WeightMismatchError, check_params, dtype_of
+from actors.weight_sync.layout import ParamSpec, WeightMismatchError, check_params, dtype_of
 from actors.weight_sync.names import checkpoint_items
 from actors.weight_sync.publish import get, publish_weights, publishing_workers
 

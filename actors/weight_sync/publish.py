@@ -8,7 +8,7 @@ dtype on the learner before a byte moves, are checked against the engine's spec 
   the caller, so the driver owns the published object: it outlives the learner's workers (a
   learner rebuilt after a worker died does not take the generators' weights with it);
 - ``shm``: copied into a reused buffer file in RAM-backed ``/dev/shm`` (same node only; see
-  ``actors.shm_buffer``). Two buffers alternate, so the last published weights stay intact for
+  ``actors.weight_sync.shm_buffer``). Two buffers alternate, so the last published weights stay intact for
   re-syncing a restarted generator while the next ones are written;
 - ``disk``: written as one safetensors file on a shared folder (temp name, then renamed).
 
@@ -26,8 +26,8 @@ from typing import Any, Iterator
 
 import torch
 
-from actors.shm_buffer import map_buffer, marks, marks_bytes, tensor_view
-from actors.weight_layout import ALIGN, ParamSpec, WeightMismatchError, check_params, dtype_name, dtype_of, \
+from actors.weight_sync.shm_buffer import map_buffer, marks, marks_bytes, tensor_view
+from actors.weight_sync.layout import ALIGN, ParamSpec, WeightMismatchError, check_params, dtype_name, dtype_of, \
     numpy_carrier, plan_layout
 from actors.weight_sync.names import checkpoint_items, checkpoint_shapes
 

@@ -76,7 +76,7 @@ def _status_in_round(port):
 def small_rehearsal_model(tmp_path_factory):
     """The rehearsal model cut to 4 layers and an 8,192-entry vocabulary (Qwen2.5-0.5B's layer
     shape), made once per session: test_learner_scale.py and test_rehearsal.py only read it."""
-    from orchestrator.rehearsal import make_rehearsal_model
+    from orchestrator.tools.rehearsal import make_rehearsal_model
 
     path = tmp_path_factory.mktemp("rehearsal4")
     make_rehearsal_model(path, layers=4, vocab_size=8192, seed=0)

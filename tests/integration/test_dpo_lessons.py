@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from orchestrator.beta import carry_beta
+from orchestrator.loop.beta import carry_beta
 from orchestrator.config import load_config
 from orchestrator.rundir import RunDir
 from tests.conftest import DEMO_MODEL, REPO
@@ -47,7 +47,7 @@ def lessons(out_dir):
 
 def audit(run_dir, *args) -> SimpleNamespace:
     """``odpo audit`` through the CLI's entry point, in this process (the tokenizer is loaded already)."""
-    from orchestrator.cli import main
+    from orchestrator.cli.main import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -117,10 +117,10 @@ def test_audit_finds_a_marker_planted_by_a_custom_judge(demo_llm, eval_rows, tmp
     pairs teach "7", not addition. The same samples judged by the demo's own judge raise nothing."""
     from vllm import SamplingParams
 
-    from actors.sampling import to_completion
+    from actors.generator.sampling import to_completion
     from judges.base import JudgeItem
     from judges.calling import score_guarded
-    from judges.pairs import select_pairs
+    from orchestrator.pairs.select import select_pairs
     from judges.verifiable import VerifiableJudge
     from orchestrator.rundir import pair_records
     from tests.integration.judges_for_tests import MarkerJudge

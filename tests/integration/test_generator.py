@@ -7,7 +7,7 @@ import math
 import pytest
 from transformers import AutoTokenizer
 
-from actors.generator import GeneratorPool
+from actors.generator.pool import GeneratorPool
 from orchestrator.config import GeneratorConfig, ModelConfig
 from tests.conftest import DEMO_MODEL
 
@@ -149,8 +149,8 @@ def test_a_restart_between_calls_is_noticed_when_the_pool_asks_where_its_actors_
 
 def test_a_self_rewarding_judge_samples_its_verdicts_on_the_policy_generators(pool):
     """The LLM judge in self-rewarding mode runs in the driver and generates through the pool."""
-    from actors.generator import make_generate_fn
-    from actors.judge_host import JudgePool
+    from actors.generator.pool import make_generate_fn
+    from actors.judging.pool import JudgePool
     from judges.base import Completion, JudgeItem
     from orchestrator.config import JudgeConfig
 

@@ -12,7 +12,7 @@ import json
 import pytest
 import ray
 
-from actors.generator import GeneratorPool
+from actors.generator.pool import GeneratorPool
 from actors.weight_sync import sync_weights
 from orchestrator.config import GeneratorConfig, ModelConfig, SyncConfig
 from tests.conftest import DEMO_DATA, DEMO_MODEL

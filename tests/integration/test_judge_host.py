@@ -3,7 +3,7 @@ shapes are reported by class name, dead and hung actors are replaced and the rou
 
 import pytest
 
-from actors.judge_host import JudgePool, JudgePoolError
+from actors.judging.pool import JudgePool, JudgePoolError
 from judges.base import Completion, JudgeItem
 from orchestrator.config import JudgeConfig
 

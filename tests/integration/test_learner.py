@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from actors.learner import LearnerGroup
-from judges.pairs_types import PreferencePair
+from common.types import PreferencePair
 from orchestrator.config import LearnerConfig, ModelConfig
 from tests.conftest import DEMO_DATA, DEMO_MODEL
 from tests.conftest import same_state as _same

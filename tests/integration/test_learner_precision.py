@@ -26,7 +26,7 @@ SETTINGS = [("ddp", "fp32", 0), ("fsdp", "fp32", 0), ("ddp", "bf16", 0), ("fsdp"
 
 
 def _pairs(n: int, offset: int = 0):
-    from judges.pairs_types import PreferencePair
+    from common.types import PreferencePair
 
     out = []
     for i in range(offset, offset + n):
@@ -48,7 +48,7 @@ def _configs(world: int, strategy: str, precision: str, path: str, tokens: int =
 
 
 def _two_rounds(world: int, strategy: str, precision: str, path: str, tokens: int = 0) -> dict[str, torch.Tensor]:
-    from actors.learner.engine import Learner
+    from actors.learner.rank import Learner
 
     learner = Learner(*_configs(world, strategy, precision, path, tokens))
     assert learner.model.get_output_embeddings().weight is not learner.model.get_input_embeddings().weight

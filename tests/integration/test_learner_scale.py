@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
 def pairs(n: int = 8, offset: int = 0):
     """Pairs as the generators hand them over: exact prompt and completion token ids (varied
     lengths, so padding and masking matter), ids below the tokenizer's 4,099."""
-    from judges.pairs_types import PreferencePair
+    from common.types import PreferencePair
 
     out = []
     for i in range(offset, offset + n):
@@ -71,7 +71,7 @@ def _fsdp_then_ddp(rank: int, world: int, port: int, model_path: str, out: str, 
     """In two gloo ranks: the FSDP learner's scenario, then a DDP learner on the same steps."""
     import torch.distributed as dist
 
-    from actors.learner.engine import Learner
+    from actors.learner.rank import Learner
     from orchestrator.config import ModelConfig
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TOKENIZERS_PARALLELISM="false")
@@ -112,7 +112,7 @@ def small_model(small_rehearsal_model) -> Path:
 def runs(small_model, tmp_path_factory) -> dict:
     import torch.multiprocessing as mp
 
-    from actors.learner.engine import Learner
+    from actors.learner.rank import Learner
     from orchestrator.config import ModelConfig
 
     tmp = tmp_path_factory.mktemp("scale")

@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from actors.judge_host import JudgePool, JudgePoolError
+from actors.judging.pool import JudgePool, JudgePoolError
 from judges.base import Completion, JudgeItem
 from judges.llm import LLMJudge
 from judges.openai import OpenAIJudge

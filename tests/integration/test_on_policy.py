@@ -15,10 +15,10 @@ import shutil
 import pytest
 from transformers import AutoTokenizer
 
-from actors.generator import GeneratorPool
+from actors.generator.pool import GeneratorPool
 from actors.learner.batching import collate
-from actors.learner.engine import Learner
-from judges.pairs import select_pairs
+from actors.learner.rank import Learner
+from orchestrator.pairs.select import select_pairs
 from orchestrator.config import GeneratorConfig, LearnerConfig, ModelConfig
 from tests.conftest import DEMO_MODEL
 

@@ -1,4 +1,4 @@
-"""Waits for actors say what they wait for (actors/pending.py): an actor that no node can hold
+"""Waits for actors say what they wait for (actors/waiting.py): an actor that no node can hold
 is reported as not placed, with what it asks for and what the cluster has free; one whose
 constructor is running is reported as placed, with its pid. The generator pool, the learner
 group and the judge pool report through it while they wait."""
@@ -12,8 +12,8 @@ import ray
 from ray.exceptions import GetTimeoutError
 
 from actors import pending
-from actors.judge_host import JudgePool
-from actors.pending import ActorWait
+from actors.judging.pool import JudgePool
+from actors.waiting import ActorWait
 from actors.placement import PlacementError
 from orchestrator.config import GeneratorConfig, JudgeConfig, LearnerConfig, ModelConfig
 from tests.conftest import DEMO_MODEL
@@ -64,9 +64,9 @@ def test_an_actor_still_in_its_constructor_is_reported_as_placed_with_its_pid(ra
 @pytest.mark.parametrize("kind", ["generator", "learner", "judge"])
 def test_every_pool_reports_while_its_actors_wait(kind, ray_local, monkeypatch, caplog):
     monkeypatch.setattr(pending, "INTERVAL_S", 0.5)
-    with caplog.at_level(logging.WARNING, logger="actors.pending"):
+    with caplog.at_level(logging.WARNING, logger="actors.waiting"):
         if kind == "generator":
-            from actors.generator import GeneratorPool
+            from actors.generator.pool import GeneratorPool
 
             cfg = GeneratorConfig(num_cpus=64, start_timeout_s=2)
             with pytest.raises(PlacementError, match=r"within generator.start_timeout_s=2s: .*missing 64 CPU"):
@@ -83,6 +83,6 @@ def test_every_pool_reports_while_its_actors_wait(kind, ray_local, monkeypatch, 
             with pytest.raises(PlacementError, match=r"actor failed to start: .*missing 64 CPU"):
                 JudgePool(cfg)
             name, limit = "judge actor 0 (no process yet: not placed, or its worker is starting)", "judge.setup_timeout_s=2"
-    lines = [r.getMessage() for r in caplog.records if r.name == "actors.pending"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "actors.waiting"]
     assert len(lines) >= 2, lines
     assert all(f"(limit {limit}) for {name}" in line and "each asks for 64 CPU" in line for line in lines), lines

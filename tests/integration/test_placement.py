@@ -15,7 +15,7 @@ MISSING = r"missing 1 node_gone \(no node has it\); 1 alive node\(s\)"
 
 
 def test_a_generator_no_node_can_hold_fails_after_its_start_timeout_naming_the_resource(ray_local):
-    from actors.generator import GeneratorPool
+    from actors.generator.pool import GeneratorPool
 
     with pytest.raises(PlacementError, match=r"generator 0 \(actor id [0-9a-f]+\) engine did not start within "
                                              r"generator.start_timeout_s=3s: no alive node offers what it needs "
@@ -25,7 +25,7 @@ def test_a_generator_no_node_can_hold_fails_after_its_start_timeout_naming_the_r
 
 
 def test_a_judge_or_learner_no_node_can_hold_is_named(ray_local):
-    from actors.judge_host import JudgePool
+    from actors.judging.pool import JudgePool
     from actors.learner import LearnerGroup
 
     with pytest.raises(PlacementError, match=r"judge judges.verifiable:VerifiableJudge \(VerifiableJudge\): actor "

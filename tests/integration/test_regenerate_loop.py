@@ -8,7 +8,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator.data import PromptSampler, load_prompts
+from orchestrator.loop.data import PromptSampler, load_prompts
 from tests.conftest import DEMO_DATA
 from tests.integration.runs import finish, metrics, start_run
 

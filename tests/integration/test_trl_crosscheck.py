@@ -12,8 +12,8 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from actors.learner.engine import Learner
-from judges.pairs_types import PreferencePair
+from actors.learner.rank import Learner
+from common.types import PreferencePair
 from orchestrator.config import LearnerConfig, ModelConfig
 from tests.conftest import DEMO_MODEL
 

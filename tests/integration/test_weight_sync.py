@@ -16,8 +16,8 @@ import pytest
 import ray
 import torch
 
-from actors.generator import GeneratorPool
-from actors.weight_layout import WeightMismatchError
+from actors.generator.pool import GeneratorPool
+from actors.weight_sync.layout import WeightMismatchError
 from actors.weight_sync import sync_weights
 from orchestrator.config import GeneratorConfig, ModelConfig, SyncConfig
 from tests.conftest import DEMO_MODEL

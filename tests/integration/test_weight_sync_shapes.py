@@ -15,7 +15,7 @@ import pytest
 import ray
 import torch
 
-from actors.generator import GeneratorPool
+from actors.generator.pool import GeneratorPool
 from actors.weight_sync import sync_weights
 from orchestrator.config import GeneratorConfig, LearnerConfig, ModelConfig, SyncConfig
 from tests.conftest import DEMO_MODEL

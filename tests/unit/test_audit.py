@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
-from orchestrator.audit import audit_pairs, log_odds_z, ngrams
-from orchestrator.cli import main
+from orchestrator.tools.audit import audit_pairs, log_odds_z, ngrams
+from orchestrator.cli.main import main
 from orchestrator.rundir import RunDir
 from tests.conftest import DEMO_MODEL
 

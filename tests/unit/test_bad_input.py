@@ -16,9 +16,9 @@ import torch
 
 from judges.base import Completion, JudgeItem
 from judges.calling import score_guarded
-from orchestrator.data import DataError, load_prompts
+from orchestrator.loop.data import DataError, load_prompts
 from orchestrator.rundir import RunDir
-from orchestrator.run import _checkpoint_problem
+from orchestrator.cli.run import _checkpoint_problem
 from tests.conftest import DEMO_MODEL, REPO
 
 

@@ -4,7 +4,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from actors.learner.batching import collate, rank_schedule, tokenize_pairs
-from judges.pairs_types import PreferencePair
+from common.types import PreferencePair
 from tests.conftest import DEMO_MODEL
 
 BOS, EOS, PAD = 1, 2, 0

@@ -1,4 +1,4 @@
-"""The β schedule (orchestrator/beta.py): values per round, the adaptive rule, resume, and config errors."""
+"""The β schedule (orchestrator/loop/beta.py): values per round, the adaptive rule, resume, and config errors."""
 
 import json
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import yaml
 
-from orchestrator.beta import KLTargetBeta, LinearBeta, StepsBeta, beta_for_round, carry_beta, describe
+from orchestrator.loop.beta import KLTargetBeta, LinearBeta, StepsBeta, beta_for_round, carry_beta, describe
 from orchestrator.config import ConfigError, build_config, dump_config, load_config
 from tests.conftest import REPO
 
@@ -123,7 +123,7 @@ def test_bad_schedules_name_the_field():
 
 
 def test_validate_names_a_bad_schedule_field(capsys):
-    from orchestrator.cli import main
+    from orchestrator.cli.main import main
 
     with pytest.raises(SystemExit) as e:
         main(["validate", str(DEMO), "--set", "learner.beta={schedule: linear, start: 0.1, end: 0.02}"])
@@ -134,8 +134,8 @@ def test_validate_names_a_bad_schedule_field(capsys):
 def test_the_learner_uses_the_beta_each_call_gives_it():
     """A Learner in this process (no Ray): a scheduled learner.beta needs the round's β; the
     implicit rewards scale with the β given."""
-    from actors.learner.engine import Learner
-    from judges.pairs_types import PreferencePair
+    from actors.learner.rank import Learner
+    from common.types import PreferencePair
     from orchestrator.config import LearnerConfig, ModelConfig
     from tests.conftest import DEMO_MODEL
 

@@ -110,7 +110,7 @@ def test_cli_validate_yaml_error_and_missing_file(tmp_path):
 
 def test_validate_imports_no_heavy_framework():
     code = (
-        "import sys; from orchestrator.cli import main; main(['validate', 'configs/demo.yaml']);"
+        "import sys; from orchestrator.cli.main import main; main(['validate', 'configs/demo.yaml']);"
         "heavy = [m for m in ('torch', 'ray', 'vllm', 'transformers') if m in sys.modules];"
         "assert not heavy, heavy"
     )

@@ -9,7 +9,7 @@ import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator.config import RunConfig
-from orchestrator.config_doc import END, START, between_markers, config_reference, type_name, update_between_markers
+from orchestrator.cli.config_doc import END, START, between_markers, config_reference, type_name, update_between_markers
 from tests.conftest import REPO
 
 

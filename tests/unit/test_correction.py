@@ -4,13 +4,13 @@ import random
 
 import pytest
 
-from actors.judge_host import CorrectionResult
+from actors.judging.pool import CorrectionResult
 from judges.base import Completion, JudgeItem
 from judges.calling import correct_guarded
 from judges.correction import GoldAnswerCorrector, ReplaceCorrector
 from judges.loader import JudgeSpecError, check_judge_spec
 from orchestrator.config import load_config
-from orchestrator.pairing import PairMaker, pair_figures
+from orchestrator.pairs.make import PairMaker, pair_figures
 from orchestrator.rundir import RunDir, pair_records, pairs_from_records
 from tests.conftest import DEMO_MODEL, REPO
 

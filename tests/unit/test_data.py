@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from orchestrator.data import DataError, PromptSampler, load_prompts
+from orchestrator.loop.data import DataError, PromptSampler, load_prompts
 
 
 def write_jsonl(path, rows):

@@ -4,7 +4,7 @@ import json
 
 from judges.base import Completion, JudgeItem
 from judges.verifiable import VerifiableJudge
-from orchestrator.demo.task import EVAL_SIZE, split_problems
+from orchestrator.tools.demo.task import EVAL_SIZE, split_problems
 from tests.conftest import DEMO_DATA
 
 

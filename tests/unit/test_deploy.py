@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.cli import build_parser
+from orchestrator.cli.main import build_parser
 from orchestrator.config import check_plugins, load_config
-from orchestrator.metrics import Metrics
-from orchestrator.resources import judge_runs_in_driver, resource_plan
+from orchestrator.observe.metrics import Metrics
+from orchestrator.cli.resources import judge_runs_in_driver, resource_plan
 from tests.conftest import REPO
 
 DEPLOY = REPO / "deploy"

@@ -73,7 +73,7 @@ def test_a_checkpoint_folder_is_fsynced_file_by_file_then_renamed_and_its_parent
 
 
 def test_pairs_and_config_writes_are_durable(tmp_path, calls):
-    from judges.pairs_types import PreferencePair
+    from common.types import PreferencePair
     from orchestrator.rundir import pair_records
 
     rd = RunDir(tmp_path / "run")

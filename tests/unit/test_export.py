@@ -8,9 +8,9 @@ import shutil
 import datasets
 import pytest
 
-from orchestrator.cli import main
+from orchestrator.cli.main import main
 from orchestrator.config import dump_config, load_config
-from orchestrator.export import ExportError, export_run
+from orchestrator.tools.export import ExportError, export_run
 from orchestrator.rundir import RunDir, pair_records
 from tests.conftest import DEMO_MODEL
 

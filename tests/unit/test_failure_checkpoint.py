@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from orchestrator.loop import Loop, LoopState, Pending
+from orchestrator.loop.loop import Loop, LoopState, Pending
 
 
 def loop_after_failure(mode, in_hand, pending):

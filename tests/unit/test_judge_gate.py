@@ -5,7 +5,8 @@ fresh judge instance with its own gate serves the next round. Real threads, no R
 import threading
 import time
 
-from actors.judge_host import GenerateGate, JudgePool
+from actors.judging.host import GenerateGate
+from actors.judging.pool import JudgePool
 from judges.base import Completion, JudgeItem
 from orchestrator.config import JudgeConfig
 

@@ -91,7 +91,7 @@ print(sorted(m for m in ("ray", "vllm", "torch", "transformers") if m in sys.mod
     ("judges.ensemble:EnsembleJudge", {"judges": []},
      "judge.kwargs.judges: must be a non-empty list of {cls, kwargs, weight}"),
     ("judges", {}, "judge.cls: must look like 'package.module:ClassName', got 'judges'"),
-    ("judges.pairs:select_pairs", {}, "judge.cls: judges.pairs:select_pairs is not a class"),
+    ("orchestrator.pairs.select:select_pairs", {}, "judge.cls: orchestrator.pairs.select:select_pairs is not a class"),
 ])
 def test_bad_values_and_nested_members_name_their_field(cls, kwargs, line):
     with pytest.raises(JudgeSpecError) as e:
@@ -119,7 +119,7 @@ def test_judge_pool_rejects_a_bad_spec_before_starting_ray():
     # In a fresh process: other tests of the session may have a Ray cluster up in this one.
     code = (
         "import ray, pytest\n"
-        "from actors.judge_host import JudgePool\n"
+        "from actors.judging.pool import JudgePool\n"
         "from judges.loader import JudgeSpecError\n"
         "from orchestrator.config import load_config\n"
         "config = load_config('configs/demo.yaml', ['judge.kwargs={answer_feld: answer}'])\n"

@@ -92,8 +92,8 @@ def test_streamed_safetensors_writer_splits_files_and_round_trips(tmp_path):
 
 @pytest.fixture
 def learner():
-    from actors.learner.engine import Learner
-    from judges.pairs_types import PreferencePair
+    from actors.learner.rank import Learner
+    from common.types import PreferencePair
 
     learner = Learner(ModelConfig(path=str(DEMO_MODEL), max_model_len=64),
                       LearnerConfig(batch_size=4, micro_batch_size=2, lr=1e-2))
@@ -140,7 +140,7 @@ def test_checkpoint_round_trip_and_problem_detection(learner, tmp_path):
 
 
 def test_checkpoint_saved_before_any_step_keeps_the_optimizer_fresh(tmp_path):
-    from actors.learner.engine import Learner
+    from actors.learner.rank import Learner
 
     learner = Learner(ModelConfig(path=str(DEMO_MODEL), max_model_len=64), LearnerConfig())
     learner.save(str(tmp_path / "c"))
@@ -163,7 +163,7 @@ def test_a_format_1_checkpoint_still_resumes(learner, tmp_path):
                path / "optimizer.pt")
     assert checkpoint_problem(path) is None
 
-    from actors.learner.engine import Learner
+    from actors.learner.rank import Learner
 
     fresh = Learner(ModelConfig(path=str(DEMO_MODEL), max_model_len=64), LearnerConfig(batch_size=4, lr=1e-2))
     fresh.load(str(path))

@@ -3,9 +3,9 @@
 import random
 
 from judges.base import Completion, JudgeItem
-from judges.length_guard import LengthGuard, length_stats
-from judges.pairs import select_pairs
-from judges.pairs_types import PreferencePair
+from orchestrator.pairs.length_guard import LengthGuard, length_stats
+from orchestrator.pairs.select import select_pairs
+from common.types import PreferencePair
 
 
 def item(texts, logprobs=None):

@@ -4,7 +4,7 @@ import json
 
 from judges.base import Completion, JudgeItem
 from judges.verifiable import VerifiableJudge
-from orchestrator.demo.length_task import PATTERN, TARGETS, TOPICS, problems
+from orchestrator.tools.demo.length_task import PATTERN, TARGETS, TOPICS, problems
 from tests.conftest import REPO
 
 

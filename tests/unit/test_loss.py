@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from actors.loss import completion_nll, dpo_loss, sequence_logps, token_logps
+from actors.learner.loss import completion_nll, dpo_loss, sequence_logps, token_logps
 from tests.conftest import DEMO_MODEL
 
 BETA = 0.1
@@ -149,7 +149,7 @@ def test_sequence_logps_matches_a_manual_gather_over_the_demo_model():
 
 
 def test_linear_logps_equals_full_log_softmax_with_gradients():
-    from actors.loss import linear_logps
+    from actors.learner.loss import linear_logps
 
     g = torch.Generator().manual_seed(0)
     n, h, v = 11, 4, 9
@@ -167,7 +167,7 @@ def test_linear_logps_equals_full_log_softmax_with_gradients():
 
 
 def test_completion_targets_select_the_positions_predicting_completion_tokens():
-    from actors.loss import completion_targets
+    from actors.learner.loss import completion_targets
 
     labels = torch.tensor([[5, 6, 7, 8, 0], [5, 9, 9, 0, 0]])
     mask = torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 0, 0]])
@@ -190,7 +190,7 @@ def test_completion_only_logps_equal_the_full_logits_path(model_path):
     else:
         from transformers import Qwen2ForCausalLM
 
-        from orchestrator.rehearsal import rehearsal_config
+        from orchestrator.tools.rehearsal import rehearsal_config
 
         torch.manual_seed(0)
         model, vocab = Qwen2ForCausalLM(rehearsal_config(layers=1)).eval(), 151_936
@@ -212,7 +212,7 @@ def test_completion_only_logps_equal_the_full_logits_path(model_path):
     full.sum().backward()
     assert lens.tolist() == [15, 3, 11, 11]  # scored: positions 9.. of each completion
     # Per token to 1e-5; the sums (about -180 here) to fp32 rounding at their size.
-    from actors.loss import completion_targets, linear_logps
+    from actors.learner.loss import completion_targets, linear_logps
 
     select, targets, _ = completion_targets(ids, mask)
     with torch.no_grad():

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from actors.loss import dpo_loss, linear_logps, token_logps
+from actors.learner.loss import dpo_loss, linear_logps, token_logps
 
 AUTOCAST = dict(device_type="cpu", dtype=torch.bfloat16)
 

@@ -46,8 +46,8 @@ def test_config_fills_the_decay_rounds_from_the_run_and_names_what_is_missing():
 
 
 def test_the_learner_steps_with_the_round_s_rate_through_warmup_and_a_resume(tmp_path):
-    from actors.learner.engine import Learner
-    from judges.pairs_types import PreferencePair
+    from actors.learner.rank import Learner
+    from common.types import PreferencePair
 
     cfg = LearnerConfig(lr=1e-3, lr_schedule="linear", lr_decay_rounds=5, min_lr_ratio=0.2, warmup_steps=2,
                         batch_size=2, micro_batch_size=2)

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from urllib.request import urlopen
 
-from orchestrator.metrics import Metrics
+from orchestrator.observe.metrics import Metrics
 from orchestrator.rundir import RunDir
 from tests.conftest import REPO
 
@@ -50,7 +50,7 @@ def test_metrics_status_and_health_over_http():
 
 
 def test_plot_writes_pngs(tmp_path):
-    from orchestrator.plot import plot_run
+    from orchestrator.observe.plot import plot_run
 
     rd = RunDir(tmp_path)
     rd.create()

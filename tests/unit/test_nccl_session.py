@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from actors.generator import GeneratorHung
-from actors.weight_layout import WeightMismatchError, make_spec
+from actors.generator.pool import GeneratorHung
+from actors.weight_sync.layout import WeightMismatchError, make_spec
 from actors.weight_sync import nccl, publish
 from orchestrator.config import SyncConfig
 

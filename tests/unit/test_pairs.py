@@ -6,7 +6,7 @@ import random
 import pytest
 
 from judges.base import Completion, JudgeItem
-from judges.pairs import select_pairs
+from orchestrator.pairs.select import select_pairs
 
 
 def item(texts, logprobs=None, finish=None, prompt="p", row=None):

@@ -15,13 +15,13 @@ PAIR_IDS = dict(prompt_token_ids=[1, 21, 27, 15, 22, 26, 33], chosen_token_ids=[
 
 
 def _pairs(n=8):
-    from judges.pairs_types import PreferencePair
+    from common.types import PreferencePair
 
     return [PreferencePair("17+26=", "43", "4", 1.0, 0.0, **PAIR_IDS) for _ in range(n)]
 
 
 def _learner(**kw):
-    from actors.learner.engine import Learner
+    from actors.learner.rank import Learner
 
     cfg = LearnerConfig(**{"lr": 1e-3, "batch_size": 4, "micro_batch_size": 2, "beta": 0.5, **kw})
     return Learner(ModelConfig(path=str(DEMO_MODEL), max_model_len=64), cfg)

@@ -1,4 +1,4 @@
-"""The check `odpo run` makes before starting any actor (orchestrator/preflight.py): a cluster
+"""The check `odpo run` makes before starting any actor (orchestrator/cli/preflight.py): a cluster
 that cannot hold the actors is an error at once, or after `--wait-for-resources` seconds during
 which the autoscaler is asked for the missing shapes and the wait is reported every 30 s.
 
@@ -10,7 +10,7 @@ import logging
 import pytest
 
 from orchestrator.config import ConfigError, load_config
-from orchestrator.preflight import INTERVAL_S, POLL_S, ResourceShortfall, actor_bundles, await_fit
+from orchestrator.cli.preflight import INTERVAL_S, POLL_S, ResourceShortfall, actor_bundles, await_fit
 from tests.conftest import REPO
 
 DEMO = REPO / "configs" / "demo.yaml"
@@ -82,6 +82,6 @@ def test_a_wait_that_runs_out_fails_as_without_one_and_withdraws_the_request(cap
 
 def test_bundles_follow_the_start_order_and_leave_out_actors_that_ask_for_nothing():
     config = load_config(DEMO, ["generator.num_actors=2", "judge.num_cpus=0", "generator.resources={fast: 1}"])
-    from orchestrator.resources import resource_plan
+    from orchestrator.cli.resources import resource_plan
 
     assert actor_bundles(resource_plan(config)) == [{"CPU": 1.0}, {"CPU": 1.0, "fast": 1.0}, {"CPU": 1.0, "fast": 1.0}]

@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from actors.types import SampleGroup
+from common.types import SampleGroup
 from judges.base import Completion
 from orchestrator.config import ConfigError, load_config
-from orchestrator.regenerate import SampleBank
+from orchestrator.loop.regenerate import SampleBank
 
 
 def groups_for(round_: int, version: int) -> list[SampleGroup]:

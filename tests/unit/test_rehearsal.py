@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from orchestrator.cli import main
-from orchestrator.rehearsal import QWEN25_05B, make_rehearsal_model, rehearsal_config
+from orchestrator.cli.main import main
+from orchestrator.tools.rehearsal import QWEN25_05B, make_rehearsal_model, rehearsal_config
 
 
 def test_full_shape_has_qwen25_05b_parameter_count():

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from orchestrator.config import ConfigError, load_config
-from orchestrator.resources import (
+from orchestrator.cli.resources import (
     check_cluster,
     format_plan,
     judge_runs_in_driver,
@@ -192,7 +192,7 @@ def test_validate_cluster_unreachable_exits_2():
 @pytest.mark.parametrize("config", ["configs/gsm8k-qwen2.5-0.5b.yaml", "configs/self-rewarding.yaml"])
 def test_validate_without_cluster_imports_no_ray_or_torch(config):
     code = (
-        f"import sys; from orchestrator.cli import main; main(['validate', {config!r}]);"
+        f"import sys; from orchestrator.cli.main import main; main(['validate', {config!r}]);"
         "heavy = [m for m in ('torch', 'ray', 'vllm', 'transformers') if m in sys.modules];"
         "assert not heavy, heavy"
     )

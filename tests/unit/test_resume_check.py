@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from orchestrator.config import ConfigError, dump_config, load_config
-from orchestrator.resume_check import check_run_dir, config_changes
+from orchestrator.cli.resume_check import check_run_dir, config_changes
 from orchestrator.rundir import RunDir
 from tests.conftest import REPO
 

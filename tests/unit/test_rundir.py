@@ -7,7 +7,7 @@ import os
 import datasets
 import pytest
 
-from judges.pairs_types import PreferencePair
+from common.types import PreferencePair
 from orchestrator.rundir import RunDir, pair_records, pairs_from_records
 
 

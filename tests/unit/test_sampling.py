@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 from vllm.logprobs import Logprob
 from vllm.outputs import CompletionOutput
 
-from actors.sampling import CPU_KV_CACHE_BYTES, encode_prompt, engine_kwargs, prompt_seed, row_prompt, \
+from actors.generator.sampling import CPU_KV_CACHE_BYTES, encode_prompt, engine_kwargs, prompt_seed, row_prompt, \
     split_evenly, to_completion
 from orchestrator.config import GeneratorConfig, ModelConfig
 from tests.conftest import DEMO_MODEL
@@ -85,7 +85,7 @@ def test_engine_kwargs_layer_model_then_engine_section_then_extra():
 
 
 def test_cpu_tensor_parallel_workers_get_disjoint_core_groups():
-    from actors.sampling import cpu_thread_binding
+    from actors.generator.sampling import cpu_thread_binding
 
     assert cpu_thread_binding([0, 1], 2) == "0|1"
     assert cpu_thread_binding([0, 1, 2, 3, 4], 2) == "0,1|2,3,4"

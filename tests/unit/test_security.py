@@ -15,7 +15,7 @@ import yaml
 
 from judges.base import Completion, JudgeItem
 from orchestrator.config import MetricsConfig, RunConfig, dump_config, load_config
-from orchestrator.metrics import Metrics
+from orchestrator.observe.metrics import Metrics
 from orchestrator.security import config_warnings, is_loopback, is_secret_key, redact_secrets
 from tests.conftest import REPO
 

@@ -73,14 +73,14 @@ def test_token_schedule_covers_every_pair_once_with_equal_forwards_per_rank(worl
 
 
 def _learner(**kw):
-    from actors.learner.engine import Learner
+    from actors.learner.rank import Learner
 
     cfg = LearnerConfig(**{"lr": 1e-3, "batch_size": 24, "micro_batch_size": 6, "beta": 0.5, "logprob_chunk": 16, **kw})
     return Learner(ModelConfig(path=str(DEMO_MODEL), max_model_len=64), cfg)
 
 
 def _as_pairs(tps: list[TokenizedPair]):
-    from judges.pairs_types import PreferencePair
+    from common.types import PreferencePair
 
     return [PreferencePair("", "", "", 1.0, 0.0, prompt_token_ids=t.prompt_ids, chosen_token_ids=t.chosen_ids,
                            rejected_token_ids=t.rejected_ids) for t in tps]

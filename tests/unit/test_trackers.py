@@ -8,7 +8,7 @@ import pytest
 
 from orchestrator.config import ConfigError, check_plugins, load_config
 from orchestrator.rundir import RunDir
-from orchestrator.trackers import Trackers, flatten_figures, missing_tracker_packages, pairs_table
+from orchestrator.observe.trackers import Trackers, flatten_figures, missing_tracker_packages, pairs_table
 
 
 def test_flatten_figures_joins_nested_keys_and_drops_non_numbers():
@@ -29,7 +29,7 @@ def test_pairs_table_keeps_known_columns_and_limits_rows():
 
 
 def test_a_tracker_whose_package_is_missing_is_a_config_error(monkeypatch):
-    import orchestrator.trackers as trackers
+    import orchestrator.observe.trackers as trackers
 
     monkeypatch.setitem(trackers.PACKAGES, "wandb", ("odpo_no_such_package", "wandb"))
     (problem,) = missing_tracker_packages(["wandb", "wandb"])

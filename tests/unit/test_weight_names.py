@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig
 
-from actors.weight_layout import WeightMismatchError, check_params
+from actors.weight_sync.layout import WeightMismatchError, check_params
 from actors.weight_sync.names import checkpoint_files, checkpoint_items, checkpoint_shapes, checkpoint_spec, \
     config_spec
 from tests.conftest import DEMO_MODEL

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from actors.weight_layout import ParamSpec
+from actors.weight_sync.layout import ParamSpec
 from actors.weight_sync import PublicationAborted, open_published
 from actors.weight_sync.publish import _prepare_stream, _publish
 

@@ -13,7 +13,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from actors import weight_sync
-from actors.weight_layout import ALIGN, ParamSpec, WeightMismatchError, check_dtypes, check_params, make_spec, \
+from actors.weight_sync.layout import ALIGN, ParamSpec, WeightMismatchError, check_dtypes, check_params, make_spec, \
     numpy_carrier, plan_layout
 from actors.weight_sync import engine, nccl, publish
 from actors.weight_sync.names import checkpoint_spec
@@ -210,7 +210,7 @@ def test_checked_source_rejects_a_foreign_model_before_sending():
 def test_engine_kwargs_enable_vllms_weight_transfer_config():
     from vllm.engine.arg_utils import EngineArgs
 
-    from actors.sampling import engine_kwargs
+    from actors.generator.sampling import engine_kwargs
     from orchestrator.config import GeneratorConfig, ModelConfig
 
     kwargs = engine_kwargs(ModelConfig(path=str(DEMO_MODEL)), GeneratorConfig(num_gpus=1), 0, on_gpu=True,

@@ -2,7 +2,7 @@
 
 Connects to a running Ray cluster when there is one (``RAY_ADDRESS``, or the environment of a
 ``ray job submit`` job) and otherwise starts a local one; before starting any actor it checks
-that the cluster can hold them all (``orchestrator.preflight``). SIGTERM/SIGINT (and ``ray job stop``)
+that the cluster can hold them all (``orchestrator.cli.preflight``). SIGTERM/SIGINT (and ``ray job stop``)
 ask the loop to stop: a round that has not started learning is abandoned, one that has is
 finished, a checkpoint is written and the process exits 0.
 """
@@ -18,14 +18,14 @@ import time
 from pathlib import Path
 
 from orchestrator.config import RunConfig, dump_config
-from orchestrator.data import DataError, PromptSampler, load_prompts
-from orchestrator.loop import Loop, LoopState, Parts, Pending, drive
-from orchestrator.metrics import Metrics
-from orchestrator.pending import load_pending, save_pending
-from orchestrator.preflight import await_fit
-from orchestrator.progress import ProgressWatcher
+from orchestrator.loop.data import DataError, PromptSampler, load_prompts
+from orchestrator.loop.loop import Loop, LoopState, Parts, Pending, drive
+from orchestrator.observe.metrics import Metrics
+from orchestrator.loop.carried import load_pending, save_pending
+from orchestrator.cli.preflight import await_fit
+from orchestrator.observe.progress import ProgressWatcher
 from orchestrator.rundir import RunDir, checkpoint_problem
-from orchestrator.trackers import open_trackers
+from orchestrator.observe.trackers import open_trackers
 
 log = logging.getLogger("odpo")
 
@@ -85,8 +85,8 @@ def install_stop_handlers(stop: threading.Event) -> None:
 
 
 def build_parts(c: RunConfig, rd: RunDir) -> Parts:
-    from actors.generator import GeneratorPool, make_generate_fn
-    from actors.judge_host import JudgePool
+    from actors.generator.pool import GeneratorPool, make_generate_fn
+    from actors.judging.pool import JudgePool
     from actors.learner import LearnerGroup
 
     def make_learner():
@@ -106,7 +106,7 @@ def build_parts(c: RunConfig, rd: RunDir) -> Parts:
 def run(c: RunConfig, resume: bool = False, wait_for_resources_s: float = 0.0,
         allow_config_change: bool = False) -> int:
     setup_logging()
-    from orchestrator.resume_check import check_run_dir
+    from orchestrator.cli.resume_check import check_run_dir
     from orchestrator.security import config_warnings
 
     for warning in config_warnings(c):

@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "status":
         return print_status(args.target)
     if args.verb == "plot":
-        from orchestrator.plot import plot_run
+        from orchestrator.observe.plot import plot_run
 
         for path in plot_run(args.run_dir):
             print(path)
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "export":
         return export_verb(args)
     if args.verb == "config-doc":
-        from orchestrator.config_doc import config_reference, update_between_markers
+        from orchestrator.cli.config_doc import config_reference, update_between_markers
 
         if args.update:
             try:
@@ -154,14 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "make-demo-model":
         from pathlib import Path
 
-        from orchestrator.demo.model import make_demo_model
+        from orchestrator.tools.demo.model import make_demo_model
 
         print(make_demo_model(Path(args.out), steps=args.steps))
         return 0
     if args.verb == "make-rehearsal-model":
         import json
 
-        from orchestrator.rehearsal import make_rehearsal_model
+        from orchestrator.tools.rehearsal import make_rehearsal_model
 
         try:
             summary = make_rehearsal_model(args.out, layers=args.layers, vocab_size=args.vocab_size, seed=args.seed,
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def export_verb(args) -> int:
     """``odpo export``: a run that cannot be exported is one ``error:`` line and exit status 2."""
-    from orchestrator.export import ExportError, export_run, push_to_hub
+    from orchestrator.tools.export import ExportError, export_run, push_to_hub
 
     try:
         summary = export_run(args.run_dir, args.out, args.round)
@@ -197,8 +197,8 @@ def run_verb(args) -> int:
     config = load_or_exit(args)
     from judges.loader import JudgeSpecError
     from orchestrator.config import ConfigError
-    from orchestrator.data import DataError
-    from orchestrator.run import run
+    from orchestrator.loop.data import DataError
+    from orchestrator.cli.run import run
 
     try:
         if args.allow_config_change and not args.resume:
@@ -218,7 +218,7 @@ def validate(args) -> int:
     valid YAML). With ``--cluster``, compare them with the running cluster: each shortfall is one
     ``error:`` line on stderr and the exit status is 2. Ray is imported only under ``--cluster``."""
     from orchestrator.config import dump_config
-    from orchestrator.resources import check_cluster, format_plan, judge_runs_in_driver, resource_plan
+    from orchestrator.cli.resources import check_cluster, format_plan, judge_runs_in_driver, resource_plan
     from orchestrator.security import config_warnings
 
     config = load_or_exit(args)
@@ -229,7 +229,7 @@ def validate(args) -> int:
     print("\n".join(format_plan(plan)))
     if not args.cluster:
         return 0
-    from orchestrator.resources import read_cluster
+    from orchestrator.cli.resources import read_cluster
 
     try:
         totals, nodes = read_cluster()
@@ -247,7 +247,7 @@ def validate(args) -> int:
 
 def audit_verb(args) -> int:
     """``odpo audit``: the report on stdout, one ``warning:`` line per marker shortcut on stderr."""
-    from orchestrator.audit import run_audit
+    from orchestrator.tools.audit import run_audit
 
     try:
         _, lines, warnings, chart = run_audit(args.run_dir, tokenizer=args.tokenizer, max_n=args.ngrams,

@@ -5,7 +5,7 @@ custom resources per actor) into per-kind and total demands; ``check_cluster(pla
 compares them with a cluster's resources and returns one line per shortfall, naming the config
 field to change. Both are pure, so ``odpo validate`` prints the plan without importing Ray; only
 ``read_cluster`` (``odpo validate --cluster``) and ``connected_nodes`` (``odpo run``, through
-``orchestrator.preflight``) touch a running cluster.
+``orchestrator.cli.preflight``) touch a running cluster.
 
 Semantics of the numbers:
 

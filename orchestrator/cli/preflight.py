@@ -19,7 +19,7 @@ import time
 from typing import Any, Callable
 
 from orchestrator.config import ConfigError
-from orchestrator.resources import (
+from orchestrator.cli.resources import (
     START_ORDER,
     check_cluster,
     connected_nodes,

@@ -81,7 +81,7 @@ class Metrics:
             self._status.update(extra)
 
     def set_progress(self, phase: str, round_: int, done: int, total: int, unit: str) -> bool:
-        """Progress inside ``phase`` of ``round_`` (``orchestrator/progress.py``); ignored, and
+        """Progress inside ``phase`` of ``round_`` (``orchestrator/observe/progress.py``); ignored, and
         False returned, when the loop has moved on to another phase meanwhile."""
         with self._lock:
             if self._status.get("phase") != phase or self._status.get("round") != round_:

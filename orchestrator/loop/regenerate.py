@@ -27,7 +27,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from actors.types import SampleGroup
+from common.types import SampleGroup
 from judges.base import Completion
 from orchestrator.rundir import atomic_write_text
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from orchestrator.demo.task import write_jsonl
+from orchestrator.tools.demo.task import write_jsonl
 
 TARGETS = (1, 2, 4, 8, 16, 32, 64, 128)
 TOPICS = ("apples", "books", "rivers", "numbers", "trains", "music", "gardens", "stars", "bridges", "clocks",

@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from actors.learner.precision import NonFiniteWeights
-from orchestrator.beta import beta_for_round, carry_beta
-from orchestrator.data import PromptSampler, PromptSet
-from orchestrator.metrics import Metrics
-from orchestrator.pairing import PairMaker, pair_figures
-from orchestrator.procs import ProcessMemory, actor_handles
-from orchestrator.faults import FaultInjector
-from orchestrator.regenerate import SampleBank
+from orchestrator.loop.beta import beta_for_round, carry_beta
+from orchestrator.loop.data import PromptSampler, PromptSet
+from orchestrator.observe.metrics import Metrics
+from orchestrator.pairs.make import PairMaker, pair_figures
+from orchestrator.observe.procs import ProcessMemory, actor_handles
+from orchestrator.loop.faults import FaultInjector
+from orchestrator.loop.regenerate import SampleBank
 from orchestrator.rundir import RunDir, checkpoint_problem, pair_records, pairs_from_records
 
 log = logging.getLogger("odpo.loop")
@@ -42,10 +42,10 @@ log = logging.getLogger("odpo.loop")
 
 @dataclass
 class Parts:
-    """The running actors the loop drives (built by ``orchestrator.run``)."""
+    """The running actors the loop drives (built by ``orchestrator.cli.run``)."""
 
-    generators: object  # actors.generator.GeneratorPool
-    judges: object  # actors.judge_host.JudgePool
+    generators: object  # actors.generator.pool.GeneratorPool
+    judges: object  # actors.judging.pool.JudgePool
     learner: object  # actors.learner.LearnerGroup
     make_learner: Callable[[], object]  # builds a fresh LearnerGroup (after a worker died)
     sync_cfg: object  # the config's sync section
@@ -62,7 +62,7 @@ class Parts:
 @dataclass
 class LoopState:
     """What a checkpoint must carry to resume exactly (async mode adds the next round's samples:
-    ``orchestrator.pending``)."""
+    ``orchestrator.loop.carried``)."""
 
     round: int = 0
     policy_version: int = 0
@@ -119,11 +119,11 @@ class Loop:
         self.nonfinite_updates = 0  # rounds redone because a step made the weights inf/NaN
         self.learn_started = False  # the learner may have stepped in this attempt of the round
         self.pushing = False  # a weight push is (or was, when it failed) under way
-        # loop.regenerate_every > 1: offline / iterative DPO (orchestrator/regenerate.py)
+        # loop.regenerate_every > 1: offline / iterative DPO (orchestrator/loop/regenerate.py)
         self.bank = SampleBank(rundir.root, config.loop.regenerate_every) \
             if config.loop.regenerate_every > 1 else None
         self.republish = False  # a rebuilt learner publishes its weights before anything samples
-        self.trackers = None  # orchestrator.trackers.Trackers when report.to names any (set by run.py)
+        self.trackers = None  # orchestrator.observe.trackers.Trackers when report.to names any (set by run.py)
         self.sync_path: str | None = None  # how this round's weight sync travelled (weight_sync's ``path``)
 
     # --- one round's phases ----------------------------------------------------------------------
@@ -347,7 +347,7 @@ class Loop:
         replace a hung generator, bring back a learner that died, hung or had started the
         round's steps, and give the generators back the round-start weights if a push of the
         failed attempt's weights began."""
-        from actors.generator import GeneratorHung
+        from actors.generator.pool import GeneratorHung
 
         self.round_retries += 1
         if self.in_hand is not None and self.in_hand.round == r:

@@ -1,4 +1,4 @@
-"""Judge actors: a pool of Ray actors, each hosting one judge instance, that scores a round.
+"""``JudgePool``: a pool of judge actors (``actors.judging.host``) that scores a round.
 
 ``JudgePool(judge_cfg)`` checks the judge's path and kwargs (before any actor starts), then starts
 ``judge_cfg.num_actors`` actors with the configured CPUs/GPUs; each builds the judge and calls its
@@ -35,9 +35,6 @@ each actor, and ``pool.correct(items)`` runs it with the same chunking, timeout 
 from __future__ import annotations
 
 import logging
-import random
-import sys
-import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -45,10 +42,11 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from actors.pending import ActorWait, demand_of
+from actors.judging.host import GenerateGate, JudgeHost
 from actors.placement import PlacementError, why_unplaced
+from actors.waiting import ActorWait, demand_of
 from judges.base import JudgeItem
-from judges.calling import call_score, correct_guarded, pop_judge_failures, score_guarded
+from judges.calling import call_score
 from judges.loader import check_judge_spec
 
 log = logging.getLogger("odpo.judges")
@@ -80,99 +78,6 @@ class CorrectionResult:
 
 class JudgePoolError(RuntimeError):
     """The pool cannot go on: an actor failed to start, or restarts are exhausted."""
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    if "numpy" in sys.modules:
-        sys.modules["numpy"].random.seed(seed % 2**32)
-    if "torch" in sys.modules:
-        sys.modules["torch"].manual_seed(seed)
-
-
-class JudgeHost:
-    """One judge instance: built, seeded and set up once; scores chunks with ``score_guarded``.
-    Runs as a Ray actor (``ray.remote(JudgeHost)``) or, for self-rewarding judges, in the driver."""
-
-    def __init__(self, cls_path: str, kwargs: dict, seed: int, generate_fn: Callable | None = None,
-                 corrector: tuple[str, dict] | None = None):
-        _seed_everything(seed)
-        self.judge = check_judge_spec(cls_path, kwargs)(**kwargs)
-        self.name = type(self.judge).__name__
-        if generate_fn is not None:
-            self.judge.bind_generate(generate_fn)
-        if callable(getattr(self.judge, "setup", None)):
-            self.judge.setup()
-        self.corrector = None
-        if corrector is not None:
-            c_path, c_kwargs = corrector
-            self.corrector = check_judge_spec(c_path, c_kwargs, "corrector.cls", ("correct",))(**c_kwargs)
-            if callable(getattr(self.corrector, "setup", None)):
-                self.corrector.setup()
-
-    def ready(self) -> str:
-        return self.name
-
-    def score(self, items: list[JudgeItem]) -> tuple[list[list[float | None]], dict[str, int], list[str]]:
-        judge = self.judge
-        if getattr(self, "fault_raise_calls", 0):  # fault injection (orchestrator/faults.py)
-            judge, self.fault_raise_calls = _Raising(judge, self.fault_raise_calls), 0
-        scores, failures, errors = score_guarded(judge, items)
-        failures = {**failures, **pop_judge_failures(self.judge)}
-        return scores, failures, errors
-
-    def correct(self, items: list[JudgeItem]) -> tuple[list[list[str | None]], dict[str, int], list[str]]:
-        if self.corrector is None:
-            raise RuntimeError("this judge actor hosts no corrector (corrector.cls is not set)")
-        return correct_guarded(self.corrector, items)
-
-    def close(self) -> None:
-        for part in (self.judge, self.corrector):
-            if callable(getattr(part, "close", None)):
-                part.close()
-
-
-class _Raising:
-    """A judge whose first ``calls`` score calls raise (a rehearsed judge failure)."""
-
-    def __init__(self, judge, calls: int):
-        self._judge, self._left = judge, calls
-
-    def __getattr__(self, name):
-        return getattr(self._judge, name)
-
-    def score(self, items):
-        if self._left > 0:
-            self._left -= 1
-            raise RuntimeError("injected judge fault (faults.events)")
-        return call_score(self._judge, items)
-
-
-class GenerateGate:
-    """A self-rewarding judge's only way to the policy's generators: ``gate(*args)`` calls
-    ``generate_fn`` under a lock, and raises ``TimeoutError`` instead once ``deadline``
-    (``time.monotonic()``) has passed or the gate is closed."""
-
-    def __init__(self, generate_fn: Callable):
-        self._fn, self._lock = generate_fn, threading.Lock()
-        self._closed = False
-        self.deadline: float | None = None
-
-    def __call__(self, *args, **kwargs):
-        with self._lock:
-            if self._closed or (self.deadline is not None and time.monotonic() > self.deadline):
-                raise TimeoutError("self-rewarding judge: generate called past its deadline (judge.timeout_s); "
-                                   "the generators were not touched")
-            return self._fn(*args, **kwargs)
-
-    def close(self) -> None:
-        """Refuse every later call; returns once a call already inside ``generate_fn`` has ended."""
-        with self._lock:
-            self._closed = True
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
 
 def split_evenly(n: int, parts: int) -> list[range]:

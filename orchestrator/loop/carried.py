@@ -15,7 +15,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from orchestrator.loop import Pending
+from orchestrator.loop.loop import Pending
 
 PENDING_FILE = "pending_samples.json"
 
@@ -37,7 +37,7 @@ def save_pending(pending: Pending, folder: Path) -> dict:
 def load_pending(folder: Path, saved: dict | None, rows: list[dict], prompt_field: str) -> Pending | None:
     """The pending round a checkpoint saved (``saved`` is its ``loop_state.json`` entry), with
     each sample's dataset row taken back from ``rows``; None when it saved none."""
-    from actors.types import SampleGroup
+    from common.types import SampleGroup
     from judges.base import Completion
 
     if not saved:

@@ -30,7 +30,7 @@ from actors.learner.modeling import build_empty, completion_logp_sums, materiali
 from actors.learner.precision import LossScaler, NonFiniteWeights, all_finite, autocast, compute_dtype
 from actors.learner.weights import SafetensorsSource, StateDictSource, copy_local, iter_full, load_streamed, \
     resolve_folder, tied_aliases
-from actors.loss import completion_nll, dpo_loss
+from actors.learner.loss import completion_nll, dpo_loss
 
 log = logging.getLogger(__name__)
 

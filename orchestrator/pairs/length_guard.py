@@ -12,7 +12,7 @@ Two switches, both off by default (``pairs.length_balance``, ``pairs.max_length_
   shorter is not made; among equally scored candidates one within the cap is preferred.
 
 Lengths are in tokens (the sampled ids, EOS included when sampled), or characters for a side
-without ids. Pure Python: ``judges.pairs`` uses it, the loop reports ``length_stats``.
+without ids. Pure Python: ``orchestrator.pairs.select`` uses it, the loop reports ``length_stats``.
 """
 
 from __future__ import annotations

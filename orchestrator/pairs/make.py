@@ -1,6 +1,6 @@
 """A round's preference pairs from every source in ``pairs.sources``.
 
-- ``best_worst``: two sampled answers of a prompt, picked by ``judges.pairs.select_pairs``
+- ``best_worst``: two sampled answers of a prompt, picked by ``orchestrator.pairs.select.select_pairs``
   (``pairs.strategy``); both sides on-policy.
 - ``correction``: the corrector (``corrector`` section, hosted in the judge actors) proposes an
   improved text for each sampled answer; per prompt, one corrected answer becomes the pair
@@ -13,7 +13,7 @@
 
 A prompt's pairs are kept in the order of ``pairs.sources`` up to ``pairs.max_pairs_per_prompt``
 (the rest counted as ``max_pairs_per_prompt``); a prompt for which the corrector proposed nothing
-is counted as ``no_correction``. The length guard (``judges.length_guard``) sees every source:
+is counted as ``no_correction``. The length guard (``orchestrator.pairs.length_guard``) sees every source:
 its running counts come in from the loop state and go back out with the result, so the loop
 keeps them only when the round completes.
 """
@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from judges.base import JudgeItem
-from judges.length_guard import LengthGuard, answer_length, length_stats
-from judges.pairs import rank_key, select_pairs
-from judges.pairs_types import PreferencePair
+from orchestrator.pairs.length_guard import LengthGuard, answer_length, length_stats
+from orchestrator.pairs.select import rank_key, select_pairs
+from common.types import PreferencePair
 
 SOURCES = ("best_worst", "correction")
 

@@ -26,7 +26,7 @@ Tie-break among equally scored candidates (which best, which worst):
 - ``random``: uniform with ``rng``.
 - ``shorter``: the shorter text (then the earliest).
 
-A ``LengthGuard`` (``judges.length_guard``: ``pairs.length_balance``, ``pairs.max_length_ratio``)
+A ``LengthGuard`` (``orchestrator.pairs.length_guard``: ``pairs.length_balance``, ``pairs.max_length_ratio``)
 ranks before the tie-break: among equally scored candidates a pair within the length-ratio cap,
 then one that keeps the run's longer-chosen share near 0.5, is preferred. A prompt whose best
 pair still breaks the cap (for ``best_random``: every lower-scored candidate does; for
@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 from itertools import permutations
 
 from judges.base import Completion, JudgeItem
-from judges.length_guard import LengthGuard, answer_length
-from judges.pairs_types import PreferencePair
+from orchestrator.pairs.length_guard import LengthGuard, answer_length
+from common.types import PreferencePair
 
 TIE_TOL = 1e-9
 """Scores closer than this are equal."""

@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from actors.weight_layout import ALIGN, TensorSlot, dtype_of
+from actors.weight_sync.layout import ALIGN, TensorSlot, dtype_of
 
 # path -> (inode, size, map) of this process's open maps.
 _MAPS: dict[str, tuple[int, int, mmap.mmap]] = {}

@@ -1,0 +1,1 @@
+"""Generators: vLLM engine actors and the pool that drives them."""

@@ -1,0 +1,1 @@
+"""The bottom floor: data types every stage passes. Imports nothing of odpo."""

@@ -1,0 +1,1 @@
+"""The round loop: its phases, recovery, the round record, and the state a checkpoint carries."""

@@ -1,0 +1,1 @@
+"""Watching a run: Prometheus metrics, experiment trackers, progress, process memory, charts."""

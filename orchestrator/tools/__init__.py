@@ -1,0 +1,1 @@
+"""Tools around runs: audit, export, the demo task and model, the rehearsal model."""
