@@ -3,7 +3,7 @@ and its directory fsync'd, so after a crash (or a power loss) a reader finds eit
 or the whole new one, never a half or an empty one.
 
 Used by the run directory (``orchestrator.rundir``) and the learner's checkpoint writer
-(``actors.learner.checkpoint``); no Ray or torch import here.
+(``actors.learner.weights.checkpoint``); no Ray or torch import here.
 """
 
 from __future__ import annotations

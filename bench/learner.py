@@ -81,11 +81,11 @@ def main() -> None:
 
     import ray
     import torch
-
-    from actors.learner import LearnerGroup
-    from actors.learner.batching import tokenize_pairs
-    from orchestrator.config import LearnerConfig, ModelConfig
     from transformers import AutoTokenizer
+
+    from actors.learner.batching import tokenize_pairs
+    from actors.learner.group import LearnerGroup
+    from orchestrator.config import LearnerConfig, ModelConfig
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)

@@ -131,9 +131,9 @@ def worker(rank: int, world: int, port: int, phase: str, model: str, out_dir: st
     base = res["baseline_rss"] = rss()
     if phase == "load":
         from actors.learner import sharding
-        from actors.learner.rank import _weights_source
         from actors.learner.modeling import build_empty, materialize
-        from actors.learner.weights import load_streamed
+        from actors.learner.rank import _weights_source
+        from actors.learner.weights.stream import load_streamed
 
         t = time.perf_counter()
         policy = build_empty(model, torch.float32)

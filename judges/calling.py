@@ -11,55 +11,22 @@ Lost completions are counted by kind. Pure Python: used inside the judge actors
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import math
-import threading
 from collections import Counter
 from typing import Any
 
+from judges.awaiting import run_sync
 from judges.base import JudgeItem
+from judges.tournament import tournament_scores
 
 MAX_ERRORS = 20
 """Distinct error messages kept per call: enough to diagnose, bounded for a flood."""
-
-
-async def _await(value):
-    return await value
-
-
-def run_sync(value: Any) -> Any:
-    """``value``, awaited first if it is awaitable (an ``async def score``)."""
-    if not inspect.isawaitable(value):
-        return value
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(_await(value))
-    # Called from inside a running loop (an async caller): asyncio.run would refuse, so the
-    # coroutine gets its own loop on a helper thread.
-    box: dict[str, Any] = {}
-
-    def target():
-        try:
-            box["value"] = asyncio.run(_await(value))
-        except BaseException as e:  # re-raised in the caller's thread
-            box["error"] = e
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 def call_score(judge: Any, items: list[JudgeItem]) -> Any:
     """The judge's raw answer for ``items``: ``score`` if it has one, else a ``compare`` tournament."""
     if callable(getattr(judge, "score", None)):
         return run_sync(judge.score(items))
-    from judges.tournament import tournament_scores
-
     return [tournament_scores(judge, item) for item in items]
 
 

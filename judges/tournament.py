@@ -13,6 +13,7 @@ from __future__ import annotations
 from itertools import combinations
 from typing import Any
 
+from judges.awaiting import run_sync
 from judges.base import JudgeItem
 
 
@@ -31,8 +32,6 @@ def win_rates(n: int, outcomes: list[tuple[int, int, int | None]]) -> list[float
 
 def tournament_scores(judge: Any, item: JudgeItem) -> list[float | None]:
     """Round-robin scores of ``item``'s completions under ``judge.compare`` (sync or async)."""
-    from judges.calling import run_sync
-
     name = type(judge).__name__
     n = len(item.completions)
     orders = []

@@ -29,7 +29,10 @@ def _custom_resources(v: dict[str, float]) -> dict[str, float]:
 CustomResources = Annotated[dict[str, float], AfterValidator(_custom_resources)]
 """Ray custom resources of one actor, as ``.options(resources=...)`` takes them."""
 
+from judges.loader import JudgeSpecError, check_judge_spec
 from orchestrator.loop.beta import BetaSpec
+from orchestrator.observe.trackers import missing_tracker_packages
+from orchestrator.security import redact_secrets
 
 
 class Section(BaseModel):
@@ -527,14 +530,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 def dump_config(config: RunConfig) -> str:
     """The config as YAML, secrets redacted (see ``redact_secrets``): used for the run directory's
     ``config.yaml`` and ``odpo validate``. Every other field loads back to the same value."""
-    from orchestrator.security import redact_secrets
 
     return yaml.safe_dump(redact_secrets(config.model_dump(mode="json")), sort_keys=False)
 
 
 def check_plugins(config: RunConfig) -> None:
     """Check that user code named in the config imports and fits its kwargs, before any actor starts."""
-    from judges.loader import JudgeSpecError, check_judge_spec
 
     try:
         check_judge_spec(config.judge.cls, config.judge.kwargs)
@@ -542,7 +543,6 @@ def check_plugins(config: RunConfig) -> None:
             check_judge_spec(config.corrector.cls, config.corrector.kwargs, "corrector.cls", ("correct",))
     except JudgeSpecError as e:
         raise ConfigError([str(e)]) from None
-    from orchestrator.observe.trackers import missing_tracker_packages
 
     problems = missing_tracker_packages(config.report.to)
     if problems:

@@ -5,7 +5,7 @@ Layout (see DESIGN.md)::
     runs/<name>/config.yaml            resolved config
     runs/<name>/metrics.jsonl          one JSON object per round
     runs/<name>/pairs/round_NNNNNN.parquet   every pair, with the exact token ids the learner trained
-    runs/<name>/checkpoints/round_NNNNNN/{policy/, state/, trainer.json, loop_state.json}  (actors/learner/checkpoint.py)
+    runs/<name>/checkpoints/round_NNNNNN/{policy/, state/, trainer.json, loop_state.json}  (actors/learner/weights/checkpoint.py)
     runs/<name>/status.json            the live /status document
     runs/<name>/plots/
 
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from actors.durable import fsync_dir, replace_durably, write_atomic, write_text_atomic
+from common.types import PreferencePair
 
 CHECKPOINT_STATE = "loop_state.json"
 
@@ -217,7 +218,6 @@ _PAIR_FIELDS = ("prompt", "chosen", "rejected", "chosen_score", "rejected_score"
 
 def pairs_from_records(records: list[dict]) -> list:
     """Pairs read back from a pairs file (the inverse of ``pair_records``)."""
-    from common.types import PreferencePair
 
     pairs = []
     for rec in records:
@@ -233,7 +233,7 @@ def checkpoint_problem(path: Path) -> str | None:
     from safetensors import safe_open
 
     if (path / "trainer.json").exists() or (path / "state").exists():  # the sharded learner format
-        from actors.learner.checkpoint import checkpoint_problem as learner_problem
+        from actors.learner.weights.checkpoint import checkpoint_problem as learner_problem
 
         problem = learner_problem(path)
         if problem:

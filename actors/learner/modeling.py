@@ -4,7 +4,7 @@
   device (no memory, no random init); buffers (rotary tables) are real. Dropout is off.
 - ``materialize``: allocate the (possibly already sharded) parameters on a device, keeping the
   buffers and the tied embedding/LM-head sharing. The values then come from
-  ``actors.learner.weights.load_streamed``.
+  ``actors.learner.weights.stream.load_streamed``.
 - ``completion_logp_sums``: a forward whose LM head computes log-probs of the completion tokens
   only, in chunks (``actors.learner.loss.linear_logps``): the ``[batch, length, vocab]`` logits never
   exist. The LM head still runs inside the model's own forward, so DDP and FSDP hooks see an

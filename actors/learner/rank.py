@@ -4,7 +4,7 @@
 initialized (DDP or FSDP2 across the workers); in a plain process (tests, benches) it runs alone.
 Start-up never holds a full copy on any rank but rank 0, and there one tensor at a time: both
 models are built on the meta device, sharded (``sharding``), materialized, and filled from the
-checkpoint that rank 0 streams (``weights``); the reference is a local copy of the policy.
+checkpoint that rank 0 streams (``weights.stream``); the reference is a local copy of the policy.
 Per round: tokenize the pairs, compute the reference log-probs of every pair once (no grad,
 shared across ranks), then take optimizer steps with gradient accumulation; a step whose loss or
 gradient is not finite on any rank is skipped on all of them. Log-probs are computed at
@@ -21,16 +21,31 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from actors.learner import checkpoint, sharding
+from actors.learner import sharding
 from actors.learner.allocator import release_freed_blocks
-from actors.learner.batching import TokenizedPair, batch_tokens, collate, pack, rank_schedule, \
-    share_micro_batches, tokenize_pairs
+from actors.learner.batching import (
+    TokenizedPair,
+    batch_tokens,
+    collate,
+    pack,
+    rank_schedule,
+    share_micro_batches,
+    tokenize_pairs,
+)
+from actors.learner.loss import completion_nll, dpo_loss
 from actors.learner.lr_schedule import lr_factor
 from actors.learner.modeling import build_empty, completion_logp_sums, materialize
 from actors.learner.precision import LossScaler, NonFiniteWeights, all_finite, autocast, compute_dtype
-from actors.learner.weights import SafetensorsSource, StateDictSource, copy_local, iter_full, load_streamed, \
-    resolve_folder, tied_aliases
-from actors.learner.loss import completion_nll, dpo_loss
+from actors.learner.weights import checkpoint
+from actors.learner.weights.stream import (
+    SafetensorsSource,
+    StateDictSource,
+    copy_local,
+    iter_full,
+    load_streamed,
+    resolve_folder,
+    tied_aliases,
+)
 
 log = logging.getLogger(__name__)
 
@@ -444,7 +459,7 @@ class Learner:
         return state
 
     def save(self, path: str) -> None:
-        """Checkpoint to ``path`` (see ``actors.learner.checkpoint``); every rank calls."""
+        """Checkpoint to ``path`` (see ``actors.learner.weights.checkpoint``); every rank calls."""
         checkpoint.save(self, path)
 
     def load(self, path: str) -> None:

@@ -15,6 +15,9 @@ from typing import Any, Callable
 
 import ray
 
+from actors.learner.fault_hooks import raise_after_steps
+from actors.progress import Reporter
+
 
 @ray.remote(max_restarts=0, max_task_retries=0)
 class LearnerWorker:
@@ -56,7 +59,6 @@ class LearnerWorker:
     # The round API (each a collective: the group calls every worker at once).
 
     def train(self, pairs: list, round: int, beta: float | None = None) -> dict:
-        from actors.learner.fault_hooks import raise_after_steps
 
         armed, self.fault_raise_after = getattr(self, "fault_raise_after", None), None
         with raise_after_steps(self.engine.optimizer, armed):
@@ -111,7 +113,6 @@ _step_reporter = None
 def _report_steps(round_: int, done: int, total: int) -> None:
     """Rank 0's optimizer steps of a round, as progress reports (actors/progress.py)."""
     global _step_reporter
-    from actors.progress import Reporter
 
     if done == 0 or _step_reporter is None or _step_reporter.tag != round_:
         _step_reporter = Reporter("learn", 0, round_, total)

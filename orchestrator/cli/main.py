@@ -10,6 +10,18 @@ import argparse
 import os
 import sys
 
+from judges.loader import JudgeSpecError
+from orchestrator.cli.config_doc import config_reference, update_between_markers
+from orchestrator.cli.resources import check_cluster, format_plan, judge_runs_in_driver, read_cluster, resource_plan
+from orchestrator.config import ConfigError, check_plugins, dump_config, load_config
+from orchestrator.loop.data import DataError
+from orchestrator.observe.plot import plot_run
+from orchestrator.rundir import RunDir
+from orchestrator.security import config_warnings
+from orchestrator.tools.audit import run_audit
+from orchestrator.tools.export import ExportError, export_run, push_to_hub
+from orchestrator.tools.rehearsal import make_rehearsal_model
+
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config file")
@@ -97,7 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_or_exit(args) -> "RunConfig":  # noqa: F821
-    from orchestrator.config import ConfigError, load_config, check_plugins
 
     try:
         config = load_config(args.config, args.overrides)
@@ -129,7 +140,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "status":
         return print_status(args.target)
     if args.verb == "plot":
-        from orchestrator.observe.plot import plot_run
 
         for path in plot_run(args.run_dir):
             print(path)
@@ -139,7 +149,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "export":
         return export_verb(args)
     if args.verb == "config-doc":
-        from orchestrator.cli.config_doc import config_reference, update_between_markers
 
         if args.update:
             try:
@@ -161,8 +170,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb == "make-rehearsal-model":
         import json
 
-        from orchestrator.tools.rehearsal import make_rehearsal_model
-
         try:
             summary = make_rehearsal_model(args.out, layers=args.layers, vocab_size=args.vocab_size, seed=args.seed,
                                            dtype=args.dtype, tokenizer_vocab=args.tokenizer_vocab)
@@ -176,7 +183,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def export_verb(args) -> int:
     """``odpo export``: a run that cannot be exported is one ``error:`` line and exit status 2."""
-    from orchestrator.tools.export import ExportError, export_run, push_to_hub
 
     try:
         summary = export_run(args.run_dir, args.out, args.round)
@@ -195,9 +201,6 @@ def run_verb(args) -> int:
     """``odpo run``: a config, data, judge or run-directory problem found before the loop starts
     is one ``error:`` line on stderr and exit status 2, not a traceback."""
     config = load_or_exit(args)
-    from judges.loader import JudgeSpecError
-    from orchestrator.config import ConfigError
-    from orchestrator.loop.data import DataError
     from orchestrator.cli.run import run
 
     try:
@@ -217,9 +220,6 @@ def validate(args) -> int:
     """Print the resolved config, then the resources it asks for as YAML comments (stdout stays
     valid YAML). With ``--cluster``, compare them with the running cluster: each shortfall is one
     ``error:`` line on stderr and the exit status is 2. Ray is imported only under ``--cluster``."""
-    from orchestrator.config import dump_config
-    from orchestrator.cli.resources import check_cluster, format_plan, judge_runs_in_driver, resource_plan
-    from orchestrator.security import config_warnings
 
     config = load_or_exit(args)
     for line in config_warnings(config):
@@ -229,7 +229,6 @@ def validate(args) -> int:
     print("\n".join(format_plan(plan)))
     if not args.cluster:
         return 0
-    from orchestrator.cli.resources import read_cluster
 
     try:
         totals, nodes = read_cluster()
@@ -247,7 +246,6 @@ def validate(args) -> int:
 
 def audit_verb(args) -> int:
     """``odpo audit``: the report on stdout, one ``warning:`` line per marker shortcut on stderr."""
-    from orchestrator.tools.audit import run_audit
 
     try:
         _, lines, warnings, chart = run_audit(args.run_dir, tokenizer=args.tokenizer, max_n=args.ngrams,
@@ -277,7 +275,6 @@ def print_status(target: str) -> int:
             print(f"error: {target}: {e}", file=sys.stderr)
             return 2
     else:
-        from orchestrator.rundir import RunDir
 
         rd = RunDir(target)
         if not rd.root.is_dir():

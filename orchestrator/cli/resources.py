@@ -26,6 +26,7 @@ import socket
 from typing import Any
 
 from actors.placement import alive_nodes, fits
+from judges.loader import import_object
 
 # Ray's resource names.
 GPU, CPU = "GPU", "CPU"
@@ -59,7 +60,6 @@ def _num(x: float) -> str:
 def judge_runs_in_driver(config: Any) -> bool:
     """Whether the configured judge is hosted in the driver (a self-rewarding judge that samples
     through the policy's generators) rather than in judge actors. Imports the judge's module."""
-    from judges.loader import import_object
 
     hook = getattr(import_object(config.judge.cls), "runs_in_driver", None)
     return bool(callable(hook) and hook(dict(config.judge.kwargs)))

@@ -17,15 +17,21 @@ import threading
 import time
 from pathlib import Path
 
+from actors import rng_state
+from actors.generator.pool import GeneratorPool, make_generate_fn
+from actors.judging.pool import JudgePool
+from actors.learner.group import LearnerGroup
+from orchestrator.cli.preflight import await_fit
+from orchestrator.cli.resume_check import check_run_dir
 from orchestrator.config import RunConfig, dump_config
+from orchestrator.loop.carried import load_pending, save_pending
 from orchestrator.loop.data import DataError, PromptSampler, load_prompts
 from orchestrator.loop.loop import Loop, LoopState, Parts, Pending, drive
 from orchestrator.observe.metrics import Metrics
-from orchestrator.loop.carried import load_pending, save_pending
-from orchestrator.cli.preflight import await_fit
 from orchestrator.observe.progress import ProgressWatcher
-from orchestrator.rundir import RunDir, checkpoint_problem
 from orchestrator.observe.trackers import open_trackers
+from orchestrator.rundir import RunDir, checkpoint_problem
+from orchestrator.security import config_warnings
 
 log = logging.getLogger("odpo")
 
@@ -85,9 +91,6 @@ def install_stop_handlers(stop: threading.Event) -> None:
 
 
 def build_parts(c: RunConfig, rd: RunDir) -> Parts:
-    from actors.generator.pool import GeneratorPool, make_generate_fn
-    from actors.judging.pool import JudgePool
-    from actors.learner import LearnerGroup
 
     def make_learner():
         return LearnerGroup(c.model, c.learner, seed=c.run.seed)
@@ -106,8 +109,6 @@ def build_parts(c: RunConfig, rd: RunDir) -> Parts:
 def run(c: RunConfig, resume: bool = False, wait_for_resources_s: float = 0.0,
         allow_config_change: bool = False) -> int:
     setup_logging()
-    from orchestrator.cli.resume_check import check_run_dir
-    from orchestrator.security import config_warnings
 
     for warning in config_warnings(c):
         log.warning(warning)
@@ -154,7 +155,6 @@ def run(c: RunConfig, resume: bool = False, wait_for_resources_s: float = 0.0,
         loop.trackers = trackers = open_trackers(c, rd)
 
         def save_checkpoint(st: LoopState) -> None:
-            from actors import rng_state
 
             t0 = time.perf_counter()
             staging = rd.staging_checkpoint_path(st.round)
@@ -191,7 +191,6 @@ def run(c: RunConfig, resume: bool = False, wait_for_resources_s: float = 0.0,
 def restore(rd: RunDir, parts: Parts, rows: list[dict], prompt_field: str) -> tuple[LoopState, Pending | None]:
     """Load the newest good checkpoint into the learner and generators, put back the driver's
     RNG states, trim later outputs; also returns the async round it had in flight, if any."""
-    from actors import rng_state
 
     path, passed_over = rd.latest_good_checkpoint(checkpoint_problem)
     for reason in passed_over:

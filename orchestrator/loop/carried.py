@@ -15,7 +15,10 @@ import dataclasses
 import json
 from pathlib import Path
 
+from common.types import SampleGroup
+from judges.base import Completion
 from orchestrator.loop.loop import Pending
+from orchestrator.rundir import atomic_write_text
 
 PENDING_FILE = "pending_samples.json"
 
@@ -23,7 +26,6 @@ PENDING_FILE = "pending_samples.json"
 def save_pending(pending: Pending, folder: Path) -> dict:
     """Write ``pending``'s collected samples into a checkpoint folder; returns what the loop
     state records about it."""
-    from orchestrator.rundir import atomic_write_text
 
     groups = []
     for index, group in zip(pending.indices, pending.groups):
@@ -37,8 +39,6 @@ def save_pending(pending: Pending, folder: Path) -> dict:
 def load_pending(folder: Path, saved: dict | None, rows: list[dict], prompt_field: str) -> Pending | None:
     """The pending round a checkpoint saved (``saved`` is its ``loop_state.json`` entry), with
     each sample's dataset row taken back from ``rows``; None when it saved none."""
-    from common.types import SampleGroup
-    from judges.base import Completion
 
     if not saved:
         return None

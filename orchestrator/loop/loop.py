@@ -27,14 +27,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
+from actors.generator.pool import GeneratorHung
 from actors.learner.precision import NonFiniteWeights
+from actors.placement import PlacementError
 from orchestrator.loop.beta import beta_for_round, carry_beta
 from orchestrator.loop.data import PromptSampler, PromptSet
-from orchestrator.observe.metrics import Metrics
-from orchestrator.pairs.make import PairMaker, pair_figures
-from orchestrator.observe.procs import ProcessMemory, actor_handles
 from orchestrator.loop.faults import FaultInjector
 from orchestrator.loop.regenerate import SampleBank
+from orchestrator.observe.metrics import Metrics
+from orchestrator.observe.procs import ProcessMemory, actor_handles
+from orchestrator.pairs.make import PairMaker, pair_figures
 from orchestrator.rundir import RunDir, checkpoint_problem, pair_records, pairs_from_records
 
 log = logging.getLogger("odpo.loop")
@@ -347,7 +349,6 @@ class Loop:
         replace a hung generator, bring back a learner that died, hung or had started the
         round's steps, and give the generators back the round-start weights if a push of the
         failed attempt's weights began."""
-        from actors.generator.pool import GeneratorHung
 
         self.round_retries += 1
         if self.in_hand is not None and self.in_hand.round == r:
@@ -528,7 +529,6 @@ def checkpoint_before_failing(loop: Loop, save_checkpoint) -> None:
 def run_with_retries(loop: Loop, r: int) -> dict | None:
     """Run round ``r``; a failure is recovered from and the round redone, up to
     ``loop.max_round_retries`` times, then the run stops with the round's last error."""
-    from actors.placement import PlacementError
 
     failures = 0
     while True:

@@ -23,6 +23,9 @@ import sys
 import threading
 import time
 
+from actors.generator.actor import progress_tag
+from actors.progress import BOARD_NAME, ProgressBoard
+
 log = logging.getLogger("odpo.progress")
 
 UNITS = {"sample": "prompts", "eval": "prompts", "judge": "prompts", "learn": "steps"}
@@ -31,8 +34,6 @@ UNITS = {"sample": "prompts", "eval": "prompts", "judge": "prompts", "learn": "s
 class ProgressWatcher:
     def __init__(self, metrics, judges, seed: int, every_s: float, tty: bool | None = None):
         import ray
-
-        from actors.progress import BOARD_NAME, ProgressBoard
 
         self.metrics, self.judges, self.seed, self.every_s = metrics, judges, seed, every_s
         self.tty = sys.stderr.isatty() if tty is None else tty
@@ -78,7 +79,6 @@ class ProgressWatcher:
         return sum(d for d, _ in mine), sum(t for _, t in mine)
 
     def _wanted(self, phase: str, round_: int):
-        from actors.generator.actor import progress_tag
         from orchestrator.loop.loop import round_seed
 
         if phase == "sample":

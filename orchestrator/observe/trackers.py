@@ -37,6 +37,9 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
+from orchestrator.rundir import atomic_write_text
+from orchestrator.security import redact_secrets
+
 log = logging.getLogger("odpo.trackers")
 
 # tracker -> (module that must import, pip extra)
@@ -121,7 +124,6 @@ class Trackers:
     """The trackers a run reports to; every call guarded (timeout, errors counted)."""
 
     def __init__(self, config, rundir):
-        from orchestrator.security import redact_secrets
 
         self.c, self.rd, self.cfg = config, rundir, config.report
         self.errors: Counter = Counter()
@@ -181,7 +183,6 @@ class Trackers:
     def _guarded(self, name: str, what: str, fn, *args, ok=None):
         """``fn(*args)`` on this tracker's own thread, at most ``report.timeout_s``; a failure is
         a warning and an error count. Returns fn's result (or ``ok``), None on failure."""
-        from orchestrator.security import redact_secrets
 
         previous = self._running.get(name)
         if previous is not None and not previous.done():
@@ -211,7 +212,6 @@ class Trackers:
             return {}
 
     def _write_ledger(self) -> None:
-        from orchestrator.rundir import atomic_write_text
 
         atomic_write_text(self.rd.root / LEDGER, json.dumps(self.ledger, indent=1) + "\n")
 

@@ -5,15 +5,15 @@ state once, and tests that need a fresh policy load it back.
 """
 
 import copy
-import math
 import json
+import math
 
 import pytest
 import ray
 import torch
 from safetensors.torch import load_file
 
-from actors.learner import LearnerGroup
+from actors.learner.group import LearnerGroup
 from common.types import PreferencePair
 from orchestrator.config import LearnerConfig, ModelConfig
 from tests.conftest import DEMO_DATA, DEMO_MODEL

@@ -50,7 +50,7 @@ def _snapshot(learner) -> dict:
     """Whole policy, reference and optimizer state on rank 0 (collectives on every rank)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    from actors.learner.weights import iter_full
+    from actors.learner.weights.stream import iter_full
 
     learner.reshard()
     policy = {k: v.clone() for k, v in learner.iter_full_state() if v is not None}

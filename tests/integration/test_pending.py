@@ -13,8 +13,8 @@ from ray.exceptions import GetTimeoutError
 
 from actors import pending
 from actors.judging.pool import JudgePool
-from actors.waiting import ActorWait
 from actors.placement import PlacementError
+from actors.waiting import ActorWait
 from orchestrator.config import GeneratorConfig, JudgeConfig, LearnerConfig, ModelConfig
 from tests.conftest import DEMO_MODEL
 
@@ -73,7 +73,7 @@ def test_every_pool_reports_while_its_actors_wait(kind, ray_local, monkeypatch, 
                 GeneratorPool(ModelConfig(path=str(DEMO_MODEL), max_model_len=64), cfg, max_restarts=0)
             name, limit = "generator 0 (actor id ", "generator.start_timeout_s=2"
         elif kind == "learner":
-            from actors.learner import LearnerGroup
+            from actors.learner.group import LearnerGroup
 
             with pytest.raises(PlacementError, match=r"was not placed within learner.timeout_s=2s .*missing 64 CPU"):
                 LearnerGroup(ModelConfig(path=str(DEMO_MODEL)), LearnerConfig(num_cpus_per_worker=64, timeout_s=2))

@@ -26,7 +26,7 @@ def test_a_generator_no_node_can_hold_fails_after_its_start_timeout_naming_the_r
 
 def test_a_judge_or_learner_no_node_can_hold_is_named(ray_local):
     from actors.judging.pool import JudgePool
-    from actors.learner import LearnerGroup
+    from actors.learner.group import LearnerGroup
 
     with pytest.raises(PlacementError, match=r"judge judges.verifiable:VerifiableJudge \(VerifiableJudge\): actor "
                                              r"failed to start: no alive node offers what it needs "

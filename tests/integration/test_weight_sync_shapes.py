@@ -125,7 +125,7 @@ def _perturb(worker, seed: int, scale: float) -> None:
 
 
 def test_moe_experts_reach_the_engine_under_checkpoint_names(ray_local, moe_model):
-    from actors.learner import LearnerGroup
+    from actors.learner.group import LearnerGroup
 
     model_cfg = ModelConfig(path=str(moe_model), max_model_len=64)
     pool = GeneratorPool(model_cfg, GeneratorConfig(num_actors=1, n=3, max_new_tokens=6, engine=ENGINE), seed=0)

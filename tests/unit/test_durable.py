@@ -89,7 +89,7 @@ def test_pairs_and_config_writes_are_durable(tmp_path, calls):
 
 
 def test_learner_checkpoint_parts_are_written_durably(tmp_path, calls):
-    from actors.learner import checkpoint
+    from actors.learner.weights import checkpoint
 
     staged = tmp_path / ".state.partial"
     staged.mkdir()

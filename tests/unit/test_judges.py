@@ -8,8 +8,9 @@ from fractions import Fraction
 import pytest
 import torch
 
+from judges.awaiting import run_sync
 from judges.base import Completion, JudgeItem
-from judges.calling import run_sync, score_guarded
+from judges.calling import score_guarded
 from judges.ensemble import EnsembleJudge
 from judges.llm import LLMJudge
 from judges.openai import OpenAIJudge

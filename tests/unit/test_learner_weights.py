@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from actors.learner import checkpoint
-from actors.learner.hf_export import plan_files, write_safetensors
 from actors.learner.modeling import build_empty, materialize
-from actors.learner.weights import SafetensorsSource, StateDictSource, iter_full, load_streamed, planned_entries
+from actors.learner.weights import checkpoint
+from actors.learner.weights.hf_folder import plan_files, write_safetensors
+from actors.learner.weights.stream import SafetensorsSource, StateDictSource, iter_full, load_streamed, planned_entries
 from orchestrator.config import LearnerConfig, ModelConfig
 from orchestrator.rundir import checkpoint_problem
 from tests.conftest import DEMO_MODEL

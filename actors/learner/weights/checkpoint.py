@@ -7,7 +7,7 @@ Layout under ``path`` (format 2)::
                     ``.metadata``. Loading reads only the byte ranges of a rank's own shards, and
                     reshards when the world size or strategy changed.
     policy/         the policy in Hugging Face format (config, safetensors, tokenizer) for serving
-                    and for other tools; streamed out tensor by tensor (``hf_export``).
+                    and for other tools; streamed out tensor by tensor (``hf_folder``).
     trainer.json    format, strategy, world size, scheduler, step counters and the fp16 loss
                     scale; written last.
 
@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from actors import rng_state
 from actors.durable import replace_durably, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def _sharded_state(learner: Any, *, optimizer: bool) -> dict[str, Any]:
     """Each rank's shards of policy, reference (tied aliases left out) and optimizer state."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    from actors.learner.weights import tied_aliases
+    from actors.learner.weights.stream import tied_aliases
 
     state: dict[str, Any] = {}
     for key, model in (("policy", learner.model), ("reference", learner.reference)):
@@ -90,7 +91,7 @@ def save(learner: Any, path: str) -> None:
     """Write the learner's state under ``path``; a collective (every rank calls it)."""
     import torch.distributed.checkpoint as dcp
 
-    from actors.learner.hf_export import write_hf_folder
+    from actors.learner.weights.hf_folder import write_hf_folder
 
     root, rank = Path(path), learner.rank
     staged_state, staged_policy = root / f".{STATE_DIR}.partial", root / f".{POLICY_DIR}.partial"
@@ -167,7 +168,7 @@ def _load_sharded(learner: Any, root: Path) -> None:
 def _load_legacy(learner: Any, root: Path) -> None:
     """Format 1: weights streamed from rank 0's reads; the optimizer file is read by every rank
     (demo-sized checkpoints only ever had this format)."""
-    from actors.learner.weights import SafetensorsSource, load_streamed
+    from actors.learner.weights.stream import SafetensorsSource, load_streamed
 
     state = torch.load(root / "optimizer.pt", map_location="cpu", weights_only=True)
     if state.get("format") != 1:
@@ -222,13 +223,11 @@ def checkpoint_problem(path: Path) -> str | None:
 # -- RNG states (one file per rank) -------------------------------------------------------------
 
 def _save_rng(learner: Any, root: Path) -> None:
-    from actors import rng_state
 
     write_text_atomic(root / f"rng_rank_{learner.rank}.json", json.dumps(rng_state.capture()))
 
 
 def _load_rng(learner: Any, root: Path) -> None:
-    from actors import rng_state
 
     path = root / f"rng_rank_{learner.rank}.json"
     if not path.exists():  # older checkpoints, or more ranks than when it was saved

@@ -91,7 +91,7 @@ def write_hf_folder(folder: Path, model: torch.nn.Module, tensors, *, source_pat
                     dtype: torch.dtype | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
     """The policy folder: config and generation config as in ``source_path`` (the model the run
     started from), weights from ``tensors`` (``iter_full_state`` order), the tokenizer."""
-    from actors.learner.weights import planned_entries
+    from actors.learner.weights.stream import planned_entries
 
     entries = planned_entries(model, dtype)
     if write:
