@@ -35,7 +35,7 @@ class GeneratorHung(GeneratorLost, TimeoutError):
 
 
 @dataclass(eq=False)
-class PendingSample:
+class SampleCall:
     """A submitted ``sample`` call; hand it to ``GeneratorPool.collect``."""
 
     rows: list[dict]
@@ -76,7 +76,7 @@ class GeneratorPool:
                        for i in range(gen_cfg.num_actors)]
         self._served = [0] * gen_cfg.num_actors
         self._info: list[dict] = [{} for _ in self.actors]
-        self._submitted: weakref.WeakSet[PendingSample] = weakref.WeakSet()
+        self._submitted: weakref.WeakSet[SampleCall] = weakref.WeakSet()
         try:
             for i in range(len(self.actors)):
                 self._info[i] = self._await_ready(i, count_restart=False)
@@ -93,20 +93,20 @@ class GeneratorPool:
         return self.collect(self.submit(rows, seed, greedy, overrides))
 
     def submit(self, rows: list[dict], seed: int, greedy: bool = False,
-               overrides: dict | None = None) -> PendingSample:
+               overrides: dict | None = None) -> SampleCall:
         """Start sampling without waiting (async mode overlaps this with training)."""
         if self.mode == "sync" and len(set(self._served)) > 1:
             raise RuntimeError(f"refusing to sample in sync mode: generators serve a mix of policy versions "
                                f"{self._served} (the last weight sync did not reach every generator)")
         rows = list(rows)
         shares = {i: b for i, b in enumerate(split_evenly(len(rows), len(self.actors))) if b[1] > b[0]}
-        pending = PendingSample(rows, seed, greedy, self.version, shares, {}, {}, overrides=overrides)
+        pending = SampleCall(rows, seed, greedy, self.version, shares, {}, {}, overrides=overrides)
         self._submitted.add(pending)
         for i in shares:
             self._dispatch(pending, i)
         return pending
 
-    def collect(self, pending: PendingSample) -> list[SampleGroup]:
+    def collect(self, pending: SampleCall) -> list[SampleGroup]:
         """Wait for a submitted call; an actor that died, or whose engine raised, is restarted,
         re-synced and its share re-sampled."""
         import ray
@@ -163,7 +163,7 @@ class GeneratorPool:
                                   "tokens_per_s": tokens / max(engine_s or seconds, 1e-9)}
         return groups
 
-    def _dispatch(self, pending: PendingSample, i: int) -> None:
+    def _dispatch(self, pending: SampleCall, i: int) -> None:
         start, end = pending.shares[i]
         pending.refs[i] = self.actors[i].sample.remote(pending.rows[start:end], pending.seed, pending.greedy, start,
                                                        pending.overrides)
@@ -233,7 +233,6 @@ class GeneratorPool:
             self._served[i] = self.publication.version
 
     def _await_ready(self, i: int, count_restart: bool, old_pid: int | None = None) -> dict:
-        import ray
         from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError
 
         timeout = self.gen_cfg.start_timeout_s

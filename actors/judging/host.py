@@ -14,7 +14,7 @@ import time
 from typing import Callable
 
 from judges.base import JudgeItem
-from judges.calling import correct_guarded, pop_judge_failures, score_guarded
+from judges.calling import call_score, correct_guarded, pop_judge_failures, score_guarded
 from judges.loader import check_judge_spec
 
 

@@ -46,7 +46,6 @@ from actors.judging.host import GenerateGate, JudgeHost
 from actors.placement import PlacementError, why_unplaced
 from actors.waiting import ActorWait, demand_of
 from judges.base import JudgeItem
-from judges.calling import call_score
 from judges.loader import check_judge_spec
 
 log = logging.getLogger("odpo.judges")

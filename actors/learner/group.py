@@ -17,8 +17,8 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.learner.worker import LearnerWorker
-from actors.waiting import ActorWait, demand_of
 from actors.placement import PlacementError, why_unplaced
+from actors.waiting import ActorWait, demand_of
 
 
 class LearnerGroup:
@@ -95,6 +95,14 @@ class LearnerGroup:
         """Restore the policy, reference, optimizer and scheduler saved by ``save`` on every worker."""
         self._all("load", path, what=f"load({path})")
 
+    def alive(self, timeout: float = 30.0) -> bool:
+        """Whether every worker answers within ``timeout`` (False if one is dead, or busy in a hung step)."""
+        try:
+            ray.get([w.apply.remote(_rank_of) for w in self.workers], timeout=timeout)
+            return True
+        except Exception:  # dead, or hung: either way the group must be replaced
+            return False
+
     def inject_nan(self, steps: int = 1) -> None:
         """Fault injection: rank 0's loss is NaN for the next ``steps`` steps (all ranks then skip them)."""
         self._get(self.rank0.inject_nan_next_step.remote(steps), "inject_nan")
@@ -121,3 +129,7 @@ class LearnerGroup:
             except Exception:
                 pass
             self._pg = None
+
+
+def _rank_of(worker) -> int:
+    return worker.rank

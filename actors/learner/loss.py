@@ -10,6 +10,8 @@ The learner adds ``rpo_alpha`` times ``completion_nll`` of the chosen answer (RP
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -217,3 +219,49 @@ def dpo_loss(
     chosen_rewards = beta * chosen_logratios.detach()
     rejected_rewards = beta * rejected_logratios.detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+REPORT_FIELDS = ("pairs", "loss", "dpo_loss", "nll", "accuracy", "margin", "reward_chosen", "reward_rejected",
+                 "logp_chosen", "logp_rejected", "kl")
+"""Sums a learner keeps per round (all-reduced at its end); every report figure is one of them
+over ``pairs``."""
+
+
+def pair_terms(logps: torch.Tensor, lens: torch.Tensor, ref: torch.Tensor, cfg: Any, beta: float) -> dict[str, torch.Tensor]:
+    """Per-pair total loss (with grad: ``dpo_weight`` × DPO loss + ``rpo_alpha`` × NLL) and the
+    detached figures of the round report, from ``[B, 2]`` (chosen, rejected) summed log-probs,
+    lengths and reference log-probs; ``cfg`` is the ``learner`` config section."""
+    pol, rf = (logps / lens.clamp(min=1), ref / lens.clamp(min=1)) if cfg.length_normalize else (logps, ref)
+    losses, r_w, r_l = dpo_loss(pol[:, 0], pol[:, 1], rf[:, 0], rf[:, 1], beta=beta,
+                                loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing)
+    nll = completion_nll(logps[:, 0], lens[:, 0])
+    total = cfg.dpo_weight * losses + cfg.rpo_alpha * nll
+    sums = logps.detach()
+    return {
+        "total": total, "loss": total.detach(), "dpo_loss": losses.detach(), "nll": nll.detach(),
+        "accuracy": (r_w > r_l).to(sums.dtype), "margin": r_w - r_l,
+        "reward_chosen": r_w, "reward_rejected": r_l,
+        "logp_chosen": sums[:, 0], "logp_rejected": sums[:, 1],
+        # Per-sequence log-ratio on the chosen answer: a one-sample estimate of KL(π‖π_ref)
+        # when the chosen answers were sampled from π (on-policy pairs).
+        "kl": sums[:, 0] - ref[:, 0],
+    }
+
+
+def term_sums(terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[len(REPORT_FIELDS)]`` fp64: the pair count, then the sum of each figure over the pairs."""
+    n = torch.tensor([terms["loss"].numel()], dtype=torch.float64)
+    return torch.cat([n, torch.stack([terms[f].double().sum() for f in REPORT_FIELDS[1:]]).cpu()])
+
+
+def mean_report(totals: torch.Tensor, stats: dict, n_in: int) -> dict[str, Any]:
+    """The round report's pair figures: each sum of ``totals`` over the pair count, and the
+    tokenizer's counts of pairs cut or dropped (``stats``) out of ``n_in``."""
+    n = float(totals[0])
+    report = {f: (float(totals[i]) / n if n else float("nan")) for i, f in enumerate(REPORT_FIELDS) if i}
+    report["reward_accuracy"] = report.pop("accuracy")
+    report["reward_margin"] = report.pop("margin")
+    report.update(pairs=float(n_in), pairs_trained=n, pairs_too_long=float(stats["too_long"]),
+                  pairs_truncated=float(stats["truncated"]), pairs_empty=float(stats["empty"]),
+                  pairs_retokenized=float(stats["retokenized"]))
+    return report

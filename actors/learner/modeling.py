@@ -1,5 +1,7 @@
 """The learner's models: built without weights, materialized in place, scored at completions only.
 
+- ``weights_source``: where rank 0 streams the initial weights from; ``ref_dtype``: the
+  reference's dtype.
 - ``build_empty``: a Hugging Face causal LM from its config with every parameter on the meta
   device (no memory, no random init); buffers (rotary tables) are real. Dropout is off.
 - ``materialize``: allocate the (possibly already sharded) parameters on a device, keeping the
@@ -14,12 +16,16 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any
 
 import torch
 from torch import nn
 
 from actors.learner.loss import completion_targets, linear_logps, token_logps
+from actors.learner.weights.stream import SafetensorsSource, StateDictSource, resolve_folder
+
+log = logging.getLogger(__name__)
 
 # Config fields that make a model post-process its logits (softcapping, scaling): for these the
 # completion-only head would be wrong, so they are scored from full logits.
@@ -51,6 +57,31 @@ def no_dropout(config: Any) -> Any:
         elif hasattr(value, "to_dict") and hasattr(value, "model_type"):
             no_dropout(value)
     return config
+
+
+def ref_dtype(cfg: Any, on_gpu: bool, compute: torch.dtype) -> torch.dtype:
+    """``learner.ref_dtype``, with ``auto`` = the compute dtype on GPU (bf16, or fp16 on GPUs
+    without bf16), float32 on CPU (bf16 is slower there)."""
+    if cfg.ref_dtype == "auto":
+        return compute if on_gpu else torch.float32
+    return getattr(torch, cfg.ref_dtype)
+
+
+def weights_source(path: str, model_names: set[str]):
+    """What rank 0 streams the initial weights from: the safetensors files when they hold the
+    model's own tensor names; else (``.bin`` checkpoints, or checkpoints whose names transformers
+    converts on load, e.g. MoE experts that transformers 5 fuses) the state dict transformers
+    loads (one full copy on rank 0)."""
+    folder = resolve_folder(path)
+    if list(folder.glob("*.safetensors")):
+        source = SafetensorsSource(folder)
+        if all(name in model_names for name, _, _ in source.entries()):
+            return source
+        log.info("model.path %s: its tensor names differ from the model's (converted on load): "
+                 "rank 0 loads it through transformers", path)
+    from transformers import AutoModelForCausalLM
+
+    return StateDictSource(AutoModelForCausalLM.from_pretrained(path).state_dict())
 
 
 def build_empty(path: str, dtype: torch.dtype) -> nn.Module:

@@ -32,55 +32,17 @@ from actors.learner.batching import (
     share_micro_batches,
     tokenize_pairs,
 )
-from actors.learner.loss import completion_nll, dpo_loss
+from actors.learner.loss import REPORT_FIELDS, mean_report, pair_terms, term_sums
 from actors.learner.lr_schedule import lr_factor
-from actors.learner.modeling import build_empty, completion_logp_sums, materialize
+from actors.learner.modeling import build_empty, completion_logp_sums, materialize, ref_dtype, weights_source
 from actors.learner.precision import LossScaler, NonFiniteWeights, all_finite, autocast, compute_dtype
 from actors.learner.weights import checkpoint
-from actors.learner.weights.stream import (
-    SafetensorsSource,
-    StateDictSource,
-    copy_local,
-    iter_full,
-    load_streamed,
-    resolve_folder,
-    tied_aliases,
-)
+from actors.learner.weights.stream import copy_local, iter_full, load_streamed, tied_aliases
 
 log = logging.getLogger(__name__)
 
-# Sums kept per round, all-reduced at its end; every report mean is one of these over "pairs".
-_FIELDS = ("pairs", "loss", "dpo_loss", "nll", "accuracy", "margin", "reward_chosen", "reward_rejected",
-           "logp_chosen", "logp_rejected", "kl")
-
-
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def ref_dtype(cfg: Any, on_gpu: bool, compute: torch.dtype) -> torch.dtype:
-    """``learner.ref_dtype``, with ``auto`` = the compute dtype on GPU (bf16, or fp16 on GPUs
-    without bf16), float32 on CPU (bf16 is slower there)."""
-    if cfg.ref_dtype == "auto":
-        return compute if on_gpu else torch.float32
-    return getattr(torch, cfg.ref_dtype)
-
-
-def _weights_source(path: str, model_names: set[str]):
-    """What rank 0 streams the initial weights from: the safetensors files when they hold the
-    model's own tensor names; else (``.bin`` checkpoints, or checkpoints whose names transformers
-    converts on load, e.g. MoE experts that transformers 5 fuses) the state dict transformers
-    loads (one full copy on rank 0)."""
-    folder = resolve_folder(path)
-    if list(folder.glob("*.safetensors")):
-        source = SafetensorsSource(folder)
-        if all(name in model_names for name, _, _ in source.entries()):
-            return source
-        log.info("model.path %s: its tensor names differ from the model's (converted on load): "
-                 "rank 0 loads it through transformers", path)
-    from transformers import AutoModelForCausalLM
-
-    return StateDictSource(AutoModelForCausalLM.from_pretrained(path).state_dict())
 
 
 class Learner:
@@ -119,7 +81,7 @@ class Learner:
             sharding.fsdp_shard(self.reference, param_dtype=mixed, cpu_offload=cfg.ref_on_cpu and on_gpu)
         materialize(self.model, self.device)
         materialize(self.reference, ref_store)
-        source = _weights_source(model_cfg.path, set(self.model.state_dict())) if self.rank == 0 else None
+        source = weights_source(model_cfg.path, set(self.model.state_dict())) if self.rank == 0 else None
         load_streamed(self.model, source, where=f"model.path {model_cfg.path}")
         del source
         copy_local(self.reference, self.model)
@@ -187,30 +149,6 @@ class Learner:
             sums, lens = completion_logp_sums(model, hf_model, batch, chunk=self.cfg.logprob_chunk)
         b = len(pairs)
         return torch.stack([sums[:b], sums[b:]], 1), torch.stack([lens[:b], lens[b:]], 1)
-
-    def _pair_terms(self, logps: torch.Tensor, lens: torch.Tensor, ref: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-pair total loss (with grad) and detached figures for the report."""
-        cfg = self.cfg
-        pol, rf = (logps / lens.clamp(min=1), ref / lens.clamp(min=1)) if cfg.length_normalize else (logps, ref)
-        losses, r_w, r_l = dpo_loss(pol[:, 0], pol[:, 1], rf[:, 0], rf[:, 1], beta=self._beta(),
-                                    loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing)
-        nll = completion_nll(logps[:, 0], lens[:, 0])
-        total = cfg.dpo_weight * losses + cfg.rpo_alpha * nll
-        sums = logps.detach()
-        return {
-            "total": total, "loss": total.detach(), "dpo_loss": losses.detach(), "nll": nll.detach(),
-            "accuracy": (r_w > r_l).to(sums.dtype), "margin": r_w - r_l,
-            "reward_chosen": r_w, "reward_rejected": r_l,
-            "logp_chosen": sums[:, 0], "logp_rejected": sums[:, 1],
-            # Per-sequence log-ratio on the chosen answer: a one-sample estimate of KL(π‖π_ref)
-            # when the chosen answers were sampled from π (on-policy pairs).
-            "kl": sums[:, 0] - ref[:, 0],
-        }
-
-    @staticmethod
-    def _sums(terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        n = torch.tensor([terms["loss"].numel()], dtype=torch.float64)
-        return torch.cat([n, torch.stack([terms[f].double().sum() for f in _FIELDS[1:]]).cpu()])
 
     @torch.no_grad()
     def _all_logps(self, model: torch.nn.Module, pairs: list[TokenizedPair], device: torch.device):
@@ -281,7 +219,7 @@ class Learner:
     def _step(self, micro_batches, ref: torch.Tensor, totals: torch.Tensor, round_: int) -> tuple[bool, float, int]:
         """One optimizer step over this rank's micro-batches; returns (applied, grad norm, tokens)."""
         self.train_model.train()
-        step_sums = torch.zeros(len(_FIELDS), dtype=torch.float64)
+        step_sums = torch.zeros(len(REPORT_FIELDS), dtype=torch.float64)
         local_bad, tokens = False, 0
         inject = self._nan_pending > 0
         self._nan_pending -= int(inject)
@@ -289,14 +227,14 @@ class Learner:
             with self._grad_sync(k == len(micro_batches) - 1):
                 logps, lens = self._logps(self.train_model, mb.pairs, self.device, count=not mb.filler)
                 index = torch.tensor([p.index for p in mb.pairs])
-                terms = self._pair_terms(logps, lens, ref[index].to(logps))
+                terms = pair_terms(logps, lens, ref[index].to(logps), self.cfg, self._beta())
                 loss = terms["total"].sum() * mb.weight
                 if inject and k == 0:
                     loss = loss * float("nan")
                 self.scaler.scale_loss(loss).backward()
             local_bad |= not bool(torch.isfinite(loss.detach()))
             if not mb.filler:
-                step_sums += self._sums(terms)
+                step_sums += term_sums(terms)
                 tokens += sum(p.tokens for p in mb.pairs)
         self.scaler.unscale_(self.model.parameters())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
@@ -355,7 +293,7 @@ class Learner:
                                  rank=self.rank, world_size=self.world_size, epochs=self.cfg.epochs_per_round,
                                  seed=self.seed, round=round,
                                  max_tokens=self.cfg.max_tokens_per_micro_batch) if kept else []
-        totals = torch.zeros(len(_FIELDS), dtype=torch.float64)
+        totals = torch.zeros(len(REPORT_FIELDS), dtype=torch.float64)
         applied, skipped, norms, tokens = 0, 0, [], 0
         overflows_before = self.overflow_steps
         for k, micro_batches in enumerate(schedule):
@@ -373,7 +311,7 @@ class Learner:
             self.refresh_reference()
         counts = torch.cat([torch.tensor([float(tokens)], dtype=torch.float64), self._token_counts])
         counts = self._all_reduce(counts.to(self.device)).cpu()
-        report = self._report(self._all_reduce(totals.to(self.device)).cpu(), stats, len(pairs))
+        report = mean_report(self._all_reduce(totals.to(self.device)).cpu(), stats, len(pairs))
         learn_s = time.perf_counter() - start
         report.update(
             steps=float(applied), skipped_steps=float(skipped - overflowed), overflow_steps=float(overflowed),
@@ -406,23 +344,12 @@ class Learner:
         self.beta = float(beta) if beta is not None else self.beta
         kept, stats = self._tokenize(pairs)
         if not kept:
-            return self._report(torch.zeros(len(_FIELDS), dtype=torch.float64), stats, len(pairs))
+            return mean_report(torch.zeros(len(REPORT_FIELDS), dtype=torch.float64), stats, len(pairs))
         ref, _ = self._all_logps(self.reference, kept, self.ref_device)
         logps, lens = self._all_logps(self.model, kept, self.device)
         with torch.no_grad():
-            terms = self._pair_terms(logps, lens, ref)
-        return self._report(self._sums(terms), stats, len(pairs))
-
-    @staticmethod
-    def _report(totals: torch.Tensor, stats: dict, n_in: int) -> dict[str, Any]:
-        n = float(totals[0])
-        report = {f: (float(totals[i]) / n if n else float("nan")) for i, f in enumerate(_FIELDS) if i}
-        report["reward_accuracy"] = report.pop("accuracy")
-        report["reward_margin"] = report.pop("margin")
-        report.update(pairs=float(n_in), pairs_trained=n, pairs_too_long=float(stats["too_long"]),
-                      pairs_truncated=float(stats["truncated"]), pairs_empty=float(stats["empty"]),
-                      pairs_retokenized=float(stats["retokenized"]))
-        return report
+            terms = pair_terms(logps, lens, ref, self.cfg, self._beta())
+        return mean_report(term_sums(terms), stats, len(pairs))
 
     # -- weights -------------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 from pathlib import Path
 
 from actors.weight_sync.engine import PublicationAborted, engine_param_spec, engine_transfer_step, load_into_engine, \

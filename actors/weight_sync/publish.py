@@ -27,7 +27,7 @@ from typing import Any, Iterator
 import torch
 
 from actors.weight_sync.shm_buffer import map_buffer, marks, marks_bytes, tensor_view
-from actors.weight_sync.layout import ALIGN, ParamSpec, WeightMismatchError, check_params, dtype_name, dtype_of, \
+from actors.weight_sync.layout import ALIGN, ParamSpec, WeightMismatchError, check_params, dtype_of, \
     numpy_carrier, plan_layout
 from actors.weight_sync.names import checkpoint_items, checkpoint_shapes
 

@@ -263,7 +263,6 @@ def audit_verb(args) -> int:
 def print_status(target: str) -> int:
     """Print the /status JSON of a live run (URL) or the last state a run directory recorded."""
     import json
-    from pathlib import Path
 
     if target.startswith(("http://", "https://")):
         from urllib.request import urlopen

@@ -24,9 +24,10 @@ from actors.learner.group import LearnerGroup
 from orchestrator.cli.preflight import await_fit
 from orchestrator.cli.resume_check import check_run_dir
 from orchestrator.config import RunConfig, dump_config
-from orchestrator.loop.carried import load_pending, save_pending
+from orchestrator.loop.carried import load_carried, save_carried
 from orchestrator.loop.data import DataError, PromptSampler, load_prompts
-from orchestrator.loop.loop import Loop, LoopState, Parts, Pending, drive
+from orchestrator.loop.loop import Loop, drive
+from orchestrator.loop.state import DrawnRound, LoopState, Parts
 from orchestrator.observe.metrics import Metrics
 from orchestrator.observe.progress import ProgressWatcher
 from orchestrator.observe.trackers import open_trackers
@@ -163,7 +164,7 @@ def run(c: RunConfig, resume: bool = False, wait_for_resources_s: float = 0.0,
             saved_pending = None
             if loop.pending is not None:
                 loop.collect(loop.pending)
-                saved_pending = save_pending(loop.pending, staging)
+                saved_pending = save_carried(loop.pending, staging)
             payload = {"round": st.round, "policy_version": loop.learner_version, "sampler": st.sampler,
                        "pairs_total": st.pairs_total, "rounds_without_pairs": st.rounds_without_pairs,
                        "beta": st.beta, "length_counts": st.length_counts,
@@ -188,7 +189,7 @@ def run(c: RunConfig, resume: bool = False, wait_for_resources_s: float = 0.0,
     return 0
 
 
-def restore(rd: RunDir, parts: Parts, rows: list[dict], prompt_field: str) -> tuple[LoopState, Pending | None]:
+def restore(rd: RunDir, parts: Parts, rows: list[dict], prompt_field: str) -> tuple[LoopState, DrawnRound | None]:
     """Load the newest good checkpoint into the learner and generators, put back the driver's
     RNG states, trim later outputs; also returns the async round it had in flight, if any."""
 
@@ -201,7 +202,7 @@ def restore(rd: RunDir, parts: Parts, rows: list[dict], prompt_field: str) -> tu
         rd.remove_pairs_after(0)
         return LoopState(), None
     saved = rd.read_checkpoint_state(path)
-    pending = load_pending(path, saved.get("pending"), rows, prompt_field)
+    pending = load_carried(path, saved.get("pending"), rows, prompt_field)
     parts.learner.load(str(path))
     version = int(saved["policy_version"])
     parts.sync(version)

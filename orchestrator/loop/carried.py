@@ -17,13 +17,13 @@ from pathlib import Path
 
 from common.types import SampleGroup
 from judges.base import Completion
-from orchestrator.loop.loop import Pending
+from orchestrator.loop.state import DrawnRound
 from orchestrator.rundir import atomic_write_text
 
 PENDING_FILE = "pending_samples.json"
 
 
-def save_pending(pending: Pending, folder: Path) -> dict:
+def save_carried(pending: DrawnRound, folder: Path) -> dict:
     """Write ``pending``'s collected samples into a checkpoint folder; returns what the loop
     state records about it."""
 
@@ -36,7 +36,7 @@ def save_pending(pending: Pending, folder: Path) -> dict:
     return {"round": pending.round, "sampler": pending.sampler_after, "file": PENDING_FILE}
 
 
-def load_pending(folder: Path, saved: dict | None, rows: list[dict], prompt_field: str) -> Pending | None:
+def load_carried(folder: Path, saved: dict | None, rows: list[dict], prompt_field: str) -> DrawnRound | None:
     """The pending round a checkpoint saved (``saved`` is its ``loop_state.json`` entry), with
     each sample's dataset row taken back from ``rows``; None when it saved none."""
 
@@ -52,4 +52,4 @@ def load_pending(folder: Path, saved: dict | None, rows: list[dict], prompt_fiel
         completions = [Completion(**c) for c in g.pop("completions")]
         groups.append(SampleGroup(row=rows[index], completions=completions, **g))
         indices.append(index)
-    return Pending(int(data["round"]), indices, saved["sampler"], groups=groups)
+    return DrawnRound(int(data["round"]), indices, saved["sampler"], groups=groups)

@@ -79,7 +79,7 @@ class ProgressWatcher:
         return sum(d for d, _ in mine), sum(t for _, t in mine)
 
     def _wanted(self, phase: str, round_: int):
-        from orchestrator.loop.loop import round_seed
+        from orchestrator.loop.state import round_seed
 
         if phase == "sample":
             return "sample", progress_tag(round_seed(self.seed, round_), False)

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from orchestrator.loop.loop import Loop, LoopState, Pending
+from orchestrator.loop.recovery import rewind_to_last_round
+from orchestrator.loop.state import DrawnRound, LoopState
 
 
 def loop_after_failure(mode, in_hand, pending):
@@ -17,18 +18,18 @@ def loop_after_failure(mode, in_hand, pending):
 
 
 def collected(round_):
-    return Pending(round_, [0, 1], {"cursor": 2}, groups=[])
+    return DrawnRound(round_, [0, 1], {"cursor": 2}, groups=[])
 
 
 @pytest.mark.parametrize("mode, in_hand, pending, kept", [
-    ("async", collected(4), Pending(5, [2], {}, handle="in flight"), 4),  # round 4 collected, 5 in flight
-    ("async", None, Pending(4, [2], {}, handle="in flight"), None),  # failed while sampling round 4
-    ("async", Pending(4, [0], {}, handle="h"), None, None),  # not collected
+    ("async", collected(4), DrawnRound(5, [2], {}, call="in flight"), 4),  # round 4 collected, 5 in flight
+    ("async", None, DrawnRound(4, [2], {}, call="in flight"), None),  # failed while sampling round 4
+    ("async", DrawnRound(4, [0], {}, call="h"), None, None),  # not collected
     ("sync", collected(4), None, None),  # sync resumes sample afresh, with the same weights
-    ("sync", None, Pending(4, [2], {}, handle="on a lost node"), None),
+    ("sync", None, DrawnRound(4, [2], {}, call="on a lost node"), None),
 ])
 def test_rewind_keeps_only_collected_async_samples_of_the_next_round(mode, in_hand, pending, kept):
     loop = loop_after_failure(mode, in_hand, pending)
-    Loop.rewind_to_last_round(loop)
+    rewind_to_last_round(loop)
     assert loop.learner_version == 3 and loop.in_hand is None
     assert (loop.pending.round if loop.pending else None) == kept
