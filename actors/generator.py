@@ -1,4 +1,4 @@
-"""Generators: ``GeneratorActor`` owns one vLLM engine (in-process, see DESIGN.md) and samples
+"""Generators: ``GeneratorActor`` owns one vLLM engine (in-process, see docs/weight-sync.md) and samples
 ``n`` completions per prompt, tagged with the policy version it serves; ``GeneratorPool`` runs
 ``generator.num_actors`` of them, splits a batch evenly, returns results in row order, restarts
 and re-syncs an actor that dies, and times out an actor that hangs.
