@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 REHEARSAL_MODEL ?= runs/models/rehearsal-0.5b
 ARGS ?=
 
-.PHONY: install demo test test-unit bench clean rehearse
+.PHONY: install demo test test-unit bench clean rehearse docs
 
 install: $(STAMP)
 
@@ -41,6 +41,11 @@ test: $(STAMP)
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -ra tests/unit
+
+# The manual (docs/, mkdocs.yml) as a site in site/; --strict fails on a broken link or anchor and on
+# a page missing from the nav, as tests/unit/test_docs.py does.
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,6 +1,6 @@
 """The run directory: resolved config, metrics, pairs, checkpoints, status — written atomically.
 
-Layout (see DESIGN.md)::
+Layout (see docs/run-directory.md)::
 
     runs/<name>/config.yaml            resolved config
     runs/<name>/metrics.jsonl          one JSON object per round

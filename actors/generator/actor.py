@@ -1,4 +1,4 @@
-"""``GeneratorActor``: one vLLM engine (in-process, see docs/architecture.md) that samples ``n``
+"""``GeneratorActor``: one vLLM engine (in-process, see docs/weight-sync.md) that samples ``n``
 completions per prompt, tagged with the policy version it serves. ``actors.generator.pool`` runs
 several of them. Weights change only through ``actors.weight_sync``.
 """

@@ -13,7 +13,7 @@ from typing import Any
 from judges.base import Completion, Prompt
 
 # Room reserved by default for the KV cache of a CPU engine: vLLM's share-of-memory default
-# goes negative in big processes (see DESIGN.md).
+# goes negative in big processes (see docs/weight-sync.md).
 CPU_KV_CACHE_BYTES = 64 << 20
 
 
@@ -25,7 +25,7 @@ def engine_kwargs(model_cfg, gen_cfg, seed: int, *, on_gpu: bool, extra: dict | 
         dtype=gen_cfg.dtype or model_cfg.dtype,
         max_model_len=model_cfg.max_model_len,
         seed=seed,
-        # In-process engine (see DESIGN.md); tensor parallelism needs worker processes.
+        # In-process engine (see docs/weight-sync.md); tensor parallelism needs worker processes.
         distributed_executor_backend="uni" if gen_cfg.tensor_parallel_size == 1 else "mp",
         tensor_parallel_size=gen_cfg.tensor_parallel_size,
     )

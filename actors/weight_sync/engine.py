@@ -169,7 +169,7 @@ def _after_reload(worker) -> None:
 
 def _reload(worker, payload: dict | list) -> None:
     # Runs on each vLLM worker: a publication to open (``desc``) or tensors handed over by the
-    # engine's process. Checkpoint-format reload repacks CPU linear layers (DESIGN.md).
+    # engine's process. Checkpoint-format reload repacks CPU linear layers (docs/weight-sync.md).
     named = open_published(payload) if isinstance(payload, dict) else payload
     worker.reload_weights(weights_iterator=iter(named), is_checkpoint_format=True)
     _after_reload(worker)

@@ -1,9 +1,10 @@
 """The configuration reference, generated from the config models' field docstrings.
 
 ``odpo config-doc`` prints it as Markdown: one table per section of ``RunConfig`` (field, type,
-default, doc). The README holds a copy between two marker lines; ``update_between_markers``
-rewrites that copy and a unit test checks that it is current, so each option is documented once,
-in ``orchestrator/config.py``.
+default, doc). ``docs/configuration.md`` holds a copy between two marker lines;
+``update_between_markers`` rewrites that copy (``odpo config-doc --update docs/configuration.md``)
+and a unit test checks that it is current, so each option is documented once, in
+``orchestrator/config.py``.
 """
 
 from __future__ import annotations

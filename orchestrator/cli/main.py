@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("config-doc", help="print the configuration reference (Markdown) from the config docstrings")
     p.add_argument("--update", metavar="FILE",
-                   help="instead, rewrite the text between the config-doc marker lines of FILE (e.g. README.md)")
+                   help="instead, rewrite the text between the config-doc marker lines of FILE (e.g. docs/configuration.md)")
 
     p = verbs.add_parser("make-demo-model", help="rebuild the demo model and data (assets/demo)")
     p.add_argument("--out", default="assets/demo", help="output folder (default: assets/demo)")

@@ -1,5 +1,5 @@
 """``odpo config-doc``: the configuration reference generated from the config docstrings, and the
-README's copy of it kept current."""
+copy of it in docs/configuration.md kept current."""
 
 import subprocess
 import sys
@@ -76,7 +76,7 @@ def test_reference_documents_every_field_of_every_section():
 
 
 def test_update_between_markers(tmp_path):
-    doc = tmp_path / "README.md"
+    doc = tmp_path / "configuration.md"
     doc.write_text(f"# Title\n\nintro\n{START}\nold text\n{END}\n\nafter\n")
     assert update_between_markers(doc, "new\nreference") is True
     assert doc.read_text() == f"# Title\n\nintro\n{START}\nnew\nreference\n{END}\n\nafter\n"
@@ -97,7 +97,7 @@ def test_cli_prints_the_reference_and_updates_a_file(tmp_path):
     out = cli("config-doc")
     assert out.returncode == 0, out.stderr
     assert out.stdout == config_reference() + "\n"
-    doc = tmp_path / "README.md"
+    doc = tmp_path / "configuration.md"
     doc.write_text(f"{START}\n{END}\n")
     out = cli("config-doc", "--update", str(doc))
     assert out.returncode == 0, out.stderr
@@ -106,9 +106,9 @@ def test_cli_prints_the_reference_and_updates_a_file(tmp_path):
     assert out.returncode == 2 and "missing.md" in out.stderr
 
 
-def test_readme_configuration_reference_is_up_to_date():
-    readme = (REPO / "README.md").read_text()
-    current = between_markers(readme)
-    assert current is not None, f"README.md needs a 'Configuration reference' between {START} and {END}"
+def test_docs_configuration_reference_is_up_to_date():
+    page = (REPO / "docs" / "configuration.md").read_text()
+    current = between_markers(page)
+    assert current is not None, f"docs/configuration.md needs the reference between {START} and {END}"
     assert current == config_reference(), (
-        "README.md's configuration reference is out of date: run `odpo config-doc --update README.md`")
+        "docs/configuration.md is out of date: run `odpo config-doc --update docs/configuration.md`")
