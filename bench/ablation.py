@@ -14,7 +14,7 @@ hundredths). Each variant's best lr is the one with the highest mean of the last
 
 `--out DIR` keeps every run there and reuses the cells already finished (an interrupted sweep
 picks up where it stopped). The full sweep is 9 demo runs one after another: about 20 min on an
-idle 2-core machine (see README, "Benchmarks", for the measured time).
+idle 2-core machine (see bench/README.md for the measured time).
 """
 
 import argparse

@@ -22,7 +22,7 @@ the mean of its 3 evals ending at its last eval round within that many steps), a
 
     .venv/bin/python bench/online_vs_offline.py [--lr-dpo 3e-5] [--lr-dpo-nll 1e-4] [--out DIR]
     .venv/bin/python bench/online_vs_offline.py --quick     # CI-sized: DPO only, 4 rounds of 32 prompts
-    # pure DPO tuned as configs/demo-dpo.yaml (the README's "tuned" row; about 15 min):
+    # pure DPO tuned as configs/demo-dpo.yaml (docs/experiments.md's "tuned" row; about 15 min):
     .venv/bin/python bench/online_vs_offline.py --losses dpo --lr-dpo 5e-5 --batch-size 256 \
         --set loop.prompts_per_round=1024 --set learner.micro_batch_size=64 --set learner.ref_refresh_every=1 \
         --set learner.lr_schedule=cosine --set learner.min_lr_ratio=0.1 --chart /tmp/ovo-tuned.png

@@ -10,7 +10,7 @@
 #   RAY_SUBMIT_ARGS='--runtime-env-json={"py_modules": ["/path/to/my_judges"]}' deploy/submit.sh cfg.yaml
 # Extra `ray job submit` flags (e.g. --no-wait, --submission-id) go in RAY_SUBMIT_ARGS too.
 #
-# Token authentication (a cluster started with RAY_AUTH_MODE=token, see README "Security"): put
+# Token authentication (a cluster started with RAY_AUTH_MODE=token, see docs/security.md): put
 # the cluster's token in RAY_AUTH_TOKEN (or a file named by RAY_AUTH_TOKEN_PATH) before calling
 # this script; `ray job submit` reads it from the environment and sends it as a request header.
 # The token never goes on a command line, into the job's entrypoint or runtime env, or into any

@@ -205,7 +205,7 @@ class LearnerConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Compute precision of the learner's forward and backward; master weights, gradients and AdamW state stay in ``model.dtype`` (fp32). ``bf16``: bf16 autocast (FSDP with several workers: bf16 parameters, fp32 gradient reduction); ``fp16``: the same in float16 with dynamic loss scaling (GPUs without bf16); ``fp32``: none. ``auto`` = bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
     beta: BetaSpec = 0.1
-    """DPO temperature β: rewards are β·(log π − log π_ref). A number, or a schedule (see "β schedule" in the README): ``{schedule: linear, start, end, rounds}``, ``{schedule: steps, values: {round: β}}``, ``{schedule: kl_target, start, target_kl, rate, min_beta, max_beta}``."""
+    """DPO temperature β: rewards are β·(log π − log π_ref). A number, or a schedule (see docs/learner.md, "β schedule"): ``{schedule: linear, start, end, rounds}``, ``{schedule: steps, values: {round: β}}``, ``{schedule: kl_target, start, target_kl, rate, min_beta, max_beta}``."""
     loss_type: Literal["sigmoid", "robust", "hinge", "ipo"] = "sigmoid"
     """DPO loss variant."""
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)

@@ -1,5 +1,5 @@
 """The bad-input catalogue: each bad input is a clear error before the loop starts (naming the
-file, line, row or field) or a counted skip. Cases covered elsewhere are named in the README's
+file, line, row or field) or a counted skip. Cases covered elsewhere are named in docs/reliability.md's
 "Bad input" table; these are the rest: null prompts, bytes that are not UTF-8, broken JSON
 lines, judges returning the wrong shape, truncated checkpoints, and `odpo run` turning a data or
 run-directory problem into one `error:` line and exit status 2 before Ray starts."""
