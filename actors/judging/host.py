@@ -49,18 +49,24 @@ class JudgeHost:
     def ready(self) -> str:
         return self.name
 
-    def score(self, items: list[JudgeItem]) -> tuple[list[list[float | None]], dict[str, int], list[str]]:
+    def score(self, items: list[JudgeItem], correct: bool = False) -> tuple[list[list], dict[str, int], list[str]]:
+        """Scores for every completion of ``items``, each paired with the corrector's text when
+        ``correct``: rows of ``(score, correction)``; failures by kind (the corrector's prefixed
+        ``corrector.``) and messages. The judge phase's one call per chunk."""
         judge = self.judge
         if getattr(self, "fault_raise_calls", 0):  # fault injection (orchestrator/loop/faults.py)
             judge, self.fault_raise_calls = _Raising(judge, self.fault_raise_calls), 0
         scores, failures, errors = score_guarded(judge, items)
         failures = {**failures, **pop_judge_failures(self.judge)}
-        return scores, failures, errors
-
-    def correct(self, items: list[JudgeItem]) -> tuple[list[list[str | None]], dict[str, int], list[str]]:
-        if self.corrector is None:
-            raise RuntimeError("this judge actor hosts no corrector (corrector.cls is not set)")
-        return correct_guarded(self.corrector, items)
+        fixes = [[None] * len(item.completions) for item in items]
+        if correct:
+            if self.corrector is None:
+                raise RuntimeError("this judge actor hosts no corrector (corrector.cls is not set)")
+            fixes, c_failures, c_errors = correct_guarded(self.corrector, items)
+            failures.update({f"corrector.{k}": v for k, v in c_failures.items()})
+            errors = errors + c_errors
+        rows = [list(zip(s_row, f_row)) for s_row, f_row in zip(scores, fixes)]
+        return rows, failures, errors
 
     def close(self) -> None:
         for part in (self.judge, self.corrector):

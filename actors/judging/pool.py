@@ -28,8 +28,8 @@ pass ``generate_fn``: judges that do not ask for it never see it.
 
 A corrector (``corrector`` section, for correction pairs; see ``judges.correction``) is hosted in
 the same actors: ``JudgePool(judge_cfg, corrector=(cls, kwargs))`` builds it next to the judge in
-each actor, and ``pool.correct(items)`` runs it with the same chunking, timeout and restarts
-(``judges.calling.correct_guarded`` inside the actor).
+each actor, and ``pool.score(items, correct=True)`` returns its texts with the scores, in the same
+call per chunk (``judges.calling.correct_guarded`` inside the actor): pair making needs no actor.
 """
 
 from __future__ import annotations
@@ -60,19 +60,17 @@ class ScoreResult:
     judge_s: float = 0.0
     """Wall time of the call."""
     errors: list[str] = field(default_factory=list)
-    """Distinct one-line messages (each names the judge class), for the log."""
+    """Distinct one-line messages (each names the judge or corrector class), for the log."""
     restarts: int = 0
     """Actors replaced during this call."""
+    corrections: list[list[str | None]] | None = None
+    """With ``correct``: one list per item, the corrector's improved text (or None) per completion."""
+    corrector_failures: dict[str, int] = field(default_factory=dict)
+    """With ``correct``: completions left uncorrected by a failure, by kind."""
 
 
-@dataclass
-class CorrectionResult:
-    corrections: list[list[str | None]]
-    """One list per item, one improved text (or None) per completion."""
-    failures: dict[str, int] = field(default_factory=dict)
-    """Completions left uncorrected by a failure, by kind."""
-    errors: list[str] = field(default_factory=list)
-    """Distinct one-line messages (each names the corrector class), for the log."""
+_CHUNK_LOSSES = ("timeout", "actor_died")
+"""Failure kinds that lose a chunk's whole call: its corrections as well as its scores."""
 
 
 class JudgePoolError(RuntimeError):
@@ -176,24 +174,28 @@ class JudgePool:
             pass
         self._actors[slot] = self._start(slot)
 
-    def _dispatch(self, method: str, items: list[JudgeItem]) -> tuple[list[list[Any]], Counter, list[str]]:
-        """``method`` (``score`` or ``correct``) for every completion of ``items``, in the driver or
-        on the actors: one entry per completion (None where lost), losses by kind, messages."""
+    def _dispatch(self, method: str, items: list[JudgeItem], *args) -> tuple[list[list[Any]], Counter, list[str]]:
+        """``method(items, *args)`` for every completion of ``items``, in the driver or on the
+        actors: one entry per completion (None where lost), losses by kind, messages."""
         out: list[list[Any]] = [[None] * len(item.completions) for item in items]
         failures: Counter = Counter()
         errors: list[str] = []
         self.progress = (0, len(items))
         if items:
             call = self._call_in_driver if self._local is not None else self._call_on_actors
-            call(method, items, out, failures, errors)
+            call(method, items, args, out, failures, errors)
         self.progress = (len(items), len(items))
         return out, failures, errors
 
-    def score(self, items: list[JudgeItem]) -> ScoreResult:
-        """Score every completion of ``items``; never raises for judge misbehaviour."""
+    def score(self, items: list[JudgeItem], correct: bool = False) -> ScoreResult:
+        """Score every completion of ``items`` (and, with ``correct``, have the hosted corrector
+        propose a text for each, in the same call); never raises for judge or corrector misbehaviour."""
+        if correct and self.corrector is None:
+            raise JudgePoolError(f"judge {self.cfg.cls}: no corrector hosted (corrector.cls is not set)")
         t0 = time.perf_counter()
         restarts0 = self.restarts
-        scores, failures, errors = self._dispatch("score", items)
+        rows, failures, errors = self._dispatch("score", items, correct)
+        scores = [[cell[0] if cell is not None else None for cell in row] for row in rows]
         penalty = self.cfg.missing_eos_penalty
         if penalty:
             for item, row in zip(items, scores):
@@ -202,18 +204,15 @@ class JudgePool:
                         row[j] -= penalty
         for message in errors:
             log.warning("judge %s: %s", self.cfg.cls, message)
-        return ScoreResult(scores=scores, failures={k: v for k, v in failures.items() if v},
-                           judge_s=time.perf_counter() - t0, errors=errors, restarts=self.restarts - restarts0)
-
-    def correct(self, items: list[JudgeItem]) -> CorrectionResult:
-        """The corrector's text (or None) for every completion of ``items``; a failing or hung
-        corrector leaves completions uncorrected (counted), it never raises."""
-        if self.corrector is None:
-            raise JudgePoolError(f"judge {self.cfg.cls}: no corrector hosted (corrector.cls is not set)")
-        corrections, failures, errors = self._dispatch("correct", items)
-        for message in errors:
-            log.warning("corrector %s: %s", self.corrector[0], message)
-        return CorrectionResult(corrections, {k: v for k, v in failures.items() if v}, errors)
+        judged = {k: v for k, v in failures.items() if v and not k.startswith("corrector.")}
+        result = ScoreResult(scores=scores, failures=judged, judge_s=time.perf_counter() - t0, errors=errors,
+                             restarts=self.restarts - restarts0)
+        if correct:
+            result.corrections = [[cell[1] if cell is not None else None for cell in row] for row in rows]
+            # A chunk lost whole (timeout, a dead actor) lost its corrections with its scores.
+            result.corrector_failures = {k.removeprefix("corrector."): v for k, v in failures.items()
+                                         if v and (k.startswith("corrector.") or k in _CHUNK_LOSSES)}
+        return result
 
     @staticmethod
     def _merge(chunk: range, out: tuple, scores: list, failures: Counter, errors: list[str]) -> None:
@@ -223,11 +222,11 @@ class JudgePool:
         failures.update(chunk_failures)
         errors.extend(e for e in chunk_errors if e not in errors)
 
-    def _call_in_driver(self, method: str, items, scores, failures, errors) -> None:
-        """``method`` (``score`` or ``correct``) on the in-driver host, filling ``scores``."""
+    def _call_in_driver(self, method: str, items, args, scores, failures, errors) -> None:
+        """``method`` on the in-driver host, filling ``scores``."""
         executor = ThreadPoolExecutor(max_workers=1)
         self._gate.deadline = time.monotonic() + self.cfg.timeout_s
-        future = executor.submit(getattr(self._local, method), items)
+        future = executor.submit(getattr(self._local, method), items, *args)
         try:
             self._merge(range(len(items)), future.result(timeout=self.cfg.timeout_s), scores, failures, errors)
         except FutureTimeout:
@@ -250,14 +249,14 @@ class JudgePool:
                     self.max_restarts)
         self._start_local()
 
-    def _call_on_actors(self, method: str, items, scores, failures, errors) -> None:
-        """``method`` (``score`` or ``correct``) on the actors, one chunk each, filling ``scores``."""
+    def _call_on_actors(self, method: str, items, args, scores, failures, errors) -> None:
+        """``method`` on the actors, one chunk each, filling ``scores``."""
         ray = self._ray
         chunks = [c for c in split_evenly(len(items), len(self._actors)) if len(c)]
         pending: dict[Any, tuple[int, range, float, int]] = {}  # ref -> (slot, chunk, deadline, attempt)
 
         def submit(slot: int, chunk: range, attempt: int, extra_s: float = 0.0) -> None:
-            ref = getattr(self._actors[slot], method).remote([items[i] for i in chunk])
+            ref = getattr(self._actors[slot], method).remote([items[i] for i in chunk], *args)
             pending[ref] = (slot, chunk, time.monotonic() + self.cfg.timeout_s + extra_s, attempt)
 
         def lose(chunk: range, kind: str) -> None:

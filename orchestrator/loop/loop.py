@@ -142,11 +142,13 @@ class Loop:
         live = [g for g in sampled.groups if not g.skipped]
         items = [g.to_item() for g in live]
         self.faults.fire("judge", r, self.parts)
-        scored = self.parts.judges.score(items) if items else None
+        scored = self.parts.judges.score(items, correct="correction" in c.pairs.sources) if items else None
         scores = scored.scores if scored else []
         sel = self.pair_maker.make(
             items, scores, versions=[g.policy_version for g in live], prompt_token_ids=[g.prompt_token_ids for g in live],
-            rng=random.Random(round_seed(c.run.seed, r)), length_counts=self.state.length_counts, judges=self.parts.judges,
+            rng=random.Random(round_seed(c.run.seed, r)), length_counts=self.state.length_counts,
+            corrections=scored.corrections if scored else None,
+            corrector_failures=scored.corrector_failures if scored else None,
         )
         dropped = Counter(sel.dropped)
         dropped["too_long"] += sum(1 for g in sampled.groups if g.skipped)

@@ -2,8 +2,9 @@
 
 - ``best_worst``: two sampled answers of a prompt, picked by ``orchestrator.pairs.select.select_pairs``
   (``pairs.strategy``); both sides on-policy.
-- ``correction``: the corrector (``corrector`` section, hosted in the judge actors) proposes an
-  improved text for each sampled answer; per prompt, one corrected answer becomes the pair
+- ``correction``: the corrector (``corrector`` section, hosted in the judge actors) has proposed an
+  improved text for each sampled answer, in the judge phase (``JudgePool.score(..., correct=True)``:
+  pair making itself calls no actor); per prompt, one corrected answer becomes the pair
   (corrected, original). The rejected side is the sampled answer, ids and all; the chosen side
   was written, not sampled, so it is tokenized here, from its text, plus EOS, and the pairs file
   holds exactly the ids the learner trains. These pairs are off-policy by design and say so in
@@ -104,9 +105,10 @@ class PairMaker:
 
     def make(self, items: list[JudgeItem], scores: list[list[float | None]], *, versions: list[int],
              prompt_token_ids: list[list[int] | None], rng: random.Random, length_counts: dict[str, int],
-             judges: Any = None) -> RoundPairs:
-        """The round's pairs; ``judges`` (the judge pool) hosts the corrector when ``correction``
-        is a source."""
+             corrections: list[list[str | None]] | None = None,
+             corrector_failures: dict[str, int] | None = None) -> RoundPairs:
+        """The round's pairs; ``corrections`` (one text or None per completion, from the judge
+        phase) are needed when ``correction`` is a source."""
         cfg = self.cfg
         guard = LengthGuard(cfg.length_balance, cfg.max_length_ratio, **length_counts)
         per_prompt: dict[int, list[PreferencePair]] = defaultdict(list)
@@ -121,10 +123,11 @@ class PairMaker:
                 per_prompt[i].append(pair)
         if "correction" in cfg.sources:
             dropped.update(dict.fromkeys(("no_correction", "max_pairs_per_prompt"), 0))
-            result = judges.correct(items) if items else None
-            failures = result.failures if result else {}
+            if items and corrections is None:
+                raise ValueError("pairs.sources includes correction: the judge phase must return corrections")
+            failures = dict(corrector_failures or {})
             found, counts = correction_pairs(
-                items, scores, result.corrections if result else [], encode=self.encode, versions=versions,
+                items, scores, corrections or [], encode=self.encode, versions=versions,
                 prompt_token_ids=prompt_token_ids, tie_break=cfg.tie_break, rng=rng, guard=guard)
             dropped.update(counts)
             for i, pair in found.items():

@@ -144,3 +144,21 @@ def test_too_many_scores_lose_the_items_and_the_actor_goes_on(ray_local):
     assert res.failures == {"wrong_shape": 6} and res.restarts == 0
     assert res.errors == ["OneTooMany.score: item 0: 4 scores for 3 completions (wrong_shape)"]
     assert again.failures == {"wrong_shape": 2} and pool.restarts == 0
+
+
+def test_scores_and_corrections_come_back_in_one_call_per_chunk(ray_local):
+    """With a corrector hosted next to the judge, ``score(items, correct=True)`` returns both: a
+    judge that fails on some completions loses their scores, the corrector's own failures are
+    counted apart, and pair making then needs no actor."""
+    pool = JudgePool(JudgeConfig(cls=f"{T}:RaisesEveryThird", num_actors=2, num_cpus=0.5, timeout_s=60), seed=0,
+                     max_restarts=2, corrector=("judges.correction:ReplaceCorrector", {"replace": {"c1": "C1"}}))
+    try:
+        res = pool.score(make_items(), correct=True)
+        plain = pool.score(make_items())
+    finally:
+        pool.shutdown()
+    assert flat(res.scores) == [None if k % 3 == 2 else float(k) for k in range(24)] == flat(plain.scores)
+    assert res.failures == {"raised": 8} and res.corrector_failures == {}
+    fixed = flat(res.corrections)
+    assert fixed[1] == "C1" and fixed[10] == "C10" and fixed[0] is None  # only texts with "c1" change
+    assert plain.corrections is None

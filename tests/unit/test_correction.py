@@ -4,7 +4,6 @@ import random
 
 import pytest
 
-from actors.judging.pool import CorrectionResult
 from judges.base import Completion, JudgeItem
 from judges.calling import correct_guarded
 from judges.correction import GoldAnswerCorrector, ReplaceCorrector
@@ -77,14 +76,11 @@ def test_correct_guarded_loses_only_the_failing_items():
     assert errors == ["Short.correct: item 0: 1 entries for 2 completions (wrong_shape)"]
 
 
-class LocalCorrector:
-    """The judge pool's ``correct`` for a corrector in this process (same guarded call as the actors)."""
-
-    def __init__(self, corrector):
-        self.corrector = corrector
-
-    def correct(self, items):
-        return CorrectionResult(*correct_guarded(self.corrector, items))
+def corrected(corrector, items):
+    """What the judge phase hands pair making: the corrector's texts and failures (the guarded
+    call the judge actors make)."""
+    texts, failures, _ = correct_guarded(corrector, items)
+    return {"corrections": texts, "corrector_failures": failures}
 
 
 def maker(*overrides):
@@ -101,7 +97,7 @@ def test_both_sources_give_a_pair_of_each_kind_with_the_trained_ids():
     items = [item(["43", "4", "48"]), item(["43", "43"]), item(["9", "8"], logprobs=[-2.0, -1.0])]
     scores = [[1.0, 0.0, 0.0], [1.0, 1.0], [0.0, 0.0]]
     out = pm.make(items, scores, versions=[3, 3, 3], prompt_token_ids=[[1, 5], [1, 6], [1, 7]],
-                  rng=random.Random(0), length_counts={}, judges=LocalCorrector(GoldAnswerCorrector()))
+                  rng=random.Random(0), length_counts={}, **corrected(GoldAnswerCorrector(), items))
     kinds = [(p.source, p.chosen, p.rejected) for p in out.pairs]
     # Item 0: best/worst ("43" vs the likelier wrong "4"), then a correction of the worst-scored
     # corrected answer picked by log-prob (also "4"). Item 1: all right: a tie, nothing to correct.
@@ -117,8 +113,9 @@ def test_both_sources_give_a_pair_of_each_kind_with_the_trained_ids():
 
 def test_max_pairs_per_prompt_caps_the_sources_together_in_their_order():
     pm, _ = maker("pairs.sources=[best_worst, correction]", "pairs.max_pairs_per_prompt=1")
-    out = pm.make([item(["43", "4"])], [[1.0, 0.0]], versions=[0], prompt_token_ids=[[1]], rng=random.Random(0),
-                  length_counts={}, judges=LocalCorrector(GoldAnswerCorrector()))
+    items = [item(["43", "4"])]
+    out = pm.make(items, [[1.0, 0.0]], versions=[0], prompt_token_ids=[[1]], rng=random.Random(0),
+                  length_counts={}, **corrected(GoldAnswerCorrector(), items))
     assert [p.source for p in out.pairs] == ["best_worst"] and out.dropped["max_pairs_per_prompt"] == 1
 
 
@@ -127,7 +124,7 @@ def test_correction_only_with_the_length_guard():
     # "431" has 2 ids, the gold "43" + EOS has 3: within the cap; "9" vs a 10-character gold is not.
     items = [item(["431", "43"]), item(["9"], answer="1234567890")]
     out = pm.make(items, [[0.0, 1.0], [0.0]], versions=[0, 0], prompt_token_ids=[[1], [1]], rng=random.Random(0),
-                  length_counts={"longer": 2, "shorter": 0}, judges=LocalCorrector(GoldAnswerCorrector()))
+                  length_counts={"longer": 2, "shorter": 0}, **corrected(GoldAnswerCorrector(), items))
     assert [(p.source, p.chosen, p.rejected) for p in out.pairs] == [("correction", "43", "431")]
     assert out.dropped == {"no_correction": 0, "max_pairs_per_prompt": 0, "length_ratio": 1}
     assert out.length_counts == {"longer": 3, "shorter": 0}  # the kept pair counted (3 ids > 2)
@@ -135,8 +132,9 @@ def test_correction_only_with_the_length_guard():
 
 def test_correction_pairs_round_trip_through_the_pairs_file(tmp_path):
     pm, _ = maker("pairs.sources=[correction]")
-    out = pm.make([item(["4"])], [[None]], versions=[1], prompt_token_ids=[[1, 9]], rng=random.Random(0),
-                  length_counts={}, judges=LocalCorrector(GoldAnswerCorrector()))
+    items = [item(["4"])]
+    out = pm.make(items, [[None]], versions=[1], prompt_token_ids=[[1, 9]], rng=random.Random(0),
+                  length_counts={}, **corrected(GoldAnswerCorrector(), items))
     rd = RunDir(tmp_path)
     rd.create()
     rd.write_pairs(1, pair_records(out.pairs, 1))
