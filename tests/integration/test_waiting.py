@@ -11,7 +11,7 @@ import pytest
 import ray
 from ray.exceptions import GetTimeoutError
 
-from actors import pending
+from actors import waiting
 from actors.judging.pool import JudgePool
 from actors.placement import PlacementError
 from actors.waiting import ActorWait
@@ -63,7 +63,7 @@ def test_an_actor_still_in_its_constructor_is_reported_as_placed_with_its_pid(ra
 
 @pytest.mark.parametrize("kind", ["generator", "learner", "judge"])
 def test_every_pool_reports_while_its_actors_wait(kind, ray_local, monkeypatch, caplog):
-    monkeypatch.setattr(pending, "INTERVAL_S", 0.5)
+    monkeypatch.setattr(waiting, "INTERVAL_S", 0.5)
     with caplog.at_level(logging.WARNING, logger="actors.waiting"):
         if kind == "generator":
             from actors.generator.pool import GeneratorPool
