@@ -220,6 +220,8 @@ class LearnerConfig(Section):
     """AdamW learning rate."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW's moment decay rates (β1, β2), each in [0, 1)."""
     warmup_steps: int = Field(0, ge=0)
     """Linear warmup steps (then constant)."""
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
@@ -252,6 +254,13 @@ class LearnerConfig(Section):
     """Longest a ``train`` call (or start-up, save, load) may take; also the torch.distributed collective timeout."""
     gpu_memory_gb: float | None = Field(None, gt=0)
     """Memory of one learner GPU in GB, for the memory check before start (none = what the cluster's GPUs report)."""
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_below_one(cls, v):
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"each must be in [0, 1), got {list(v)}")
+        return v
 
     @field_validator("beta")
     @classmethod

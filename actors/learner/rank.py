@@ -89,7 +89,8 @@ class Learner:
             self.train_model = self.model
         else:
             self.train_model = sharding.ddp_wrap(self.model, self.device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                           betas=tuple(cfg.betas))
         warmup = cfg.warmup_steps
         self.last_step_lr = cfg.lr
         """The learning rate of the last optimizer step taken (the round report's ``lr``)."""
@@ -111,6 +112,8 @@ class Learner:
         """(computed, padding) tokens of this round's forwards, for ``pad_share``."""
         self.beta: float | None = None
         """The β the last ``train``/``evaluate`` call was given (a scheduled ``learner.beta``)."""
+        self.refreshed_through: int | None = None
+        """The last round of the ``ref_refresh_every`` schedule whose refresh was done (checkpointed)."""
         self.on_step = None
         """``fn(round, steps_done, steps_total)`` before each step and after the last (progress reports)."""
 
@@ -306,7 +309,7 @@ class Learner:
         if self.on_step is not None:
             self.on_step(round, len(schedule), len(schedule))
         overflowed = self.overflow_steps - overflows_before
-        refreshed = self.cfg.ref_refresh_every > 0 and round % self.cfg.ref_refresh_every == 0
+        refreshed = self._refresh_due(round)
         if refreshed:
             self.refresh_reference()
         counts = torch.cat([torch.tensor([float(tokens)], dtype=torch.float64), self._token_counts])
@@ -325,6 +328,30 @@ class Learner:
             beta=self._beta(),
         )
         return report
+
+    def _refresh_due(self, round_: int) -> bool:
+        """Whether this round's training ends with a reference refresh: the first training on or
+        after each multiple of ``ref_refresh_every`` (a scheduled round without pairs, which trains
+        nothing, moves its refresh to the next round that trains, not a whole period later)."""
+        k = self.cfg.ref_refresh_every
+        if k <= 0:
+            return False
+        if self.refreshed_through is None:  # fresh, or a checkpoint that did not record it
+            self.refreshed_through = (round_ - 1) // k * k
+        due = round_ // k * k
+        if due > self.refreshed_through:
+            self.refreshed_through = due
+            return True
+        return False
+
+    def apply_optimizer_config(self) -> None:
+        """Make the optimizer follow ``learner.lr``, ``weight_decay`` and ``betas`` as configured now:
+        a checkpoint brings back its own in the param groups and the scheduler, and a resume
+        with ``--allow-config-change`` must train with the new ones from its first round."""
+        cfg = self.cfg
+        for group in self.optimizer.param_groups:
+            group.update(weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), initial_lr=cfg.lr)
+        self.scheduler.base_lrs = [cfg.lr] * len(self.optimizer.param_groups)
 
     def _set_round_lr(self, round_: int) -> None:
         """Apply ``lr_schedule``'s factor for this round to the next step's learning rate."""

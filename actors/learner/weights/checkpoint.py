@@ -119,7 +119,7 @@ def save(learner: Any, path: str) -> None:
         meta = {"format": FORMAT, "strategy": "fsdp" if learner.fsdp else "ddp", "world_size": learner.world_size,
                 "optimizer": has_optimizer, "scheduler": learner.scheduler.state_dict(), "steps": learner.steps,
                 "skipped_steps": learner.skipped_steps, "overflow_steps": learner.overflow_steps,
-                "loss_scale": learner.scaler.state_dict()}
+                "loss_scale": learner.scaler.state_dict(), "refreshed_through": learner.refreshed_through}
         write_text_atomic(root / TRAINER_FILE, json.dumps(meta, indent=1) + "\n")
     _barrier()
 
@@ -162,6 +162,8 @@ def _load_sharded(learner: Any, root: Path) -> None:
     learner.steps, learner.skipped_steps = int(meta["steps"]), int(meta["skipped_steps"])
     learner.overflow_steps = int(meta.get("overflow_steps", 0))
     learner.scaler.load_state_dict(meta.get("loss_scale"))
+    learner.refreshed_through = meta.get("refreshed_through")
+    learner.apply_optimizer_config()
     _load_rng(learner, root)
 
 
@@ -192,6 +194,7 @@ def _load_legacy(learner: Any, root: Path) -> None:
     learner.scheduler.load_state_dict(state["scheduler"])
     learner.optimizer.zero_grad(set_to_none=True)  # as in _load_sharded
     learner.steps, learner.skipped_steps = int(state["steps"]), int(state["skipped_steps"])
+    learner.apply_optimizer_config()
     _load_rng(learner, root)
 
 
