@@ -355,14 +355,15 @@ class LogConfig(Section):
 
 
 class FaultSpec(Section):
-    kind: Literal["generator", "judge", "learner", "sync"]
-    """What to hit: a generator actor, a judge actor, a learner worker, or a generator's next weight load."""
+    kind: Literal["generator", "judge", "learner", "sync", "rundir"]
+    """What to hit: a generator actor, a judge actor, a learner worker, a generator's next weight load, or the write of the round's outputs."""
     action: Literal["kill", "hang", "raise", "nan", "nan_weights"] = "kill"
     """``kill`` (generator/judge/learner): end the actor as a crash would; ``hang`` (sync): the
     generator's next weight load sleeps ``seconds``; ``raise`` (judge): its next ``count`` score calls
     raise; ``raise`` (learner): every rank's ``train`` raises after ``after_steps`` optimizer steps;
     ``nan`` (learner): its next ``count`` steps produce a NaN loss; ``nan_weights`` (learner): its
-    next optimizer step leaves a NaN in rank 0's weights (the round is redone, nothing published)."""
+    next optimizer step leaves a NaN in rank 0's weights (the round is redone, nothing published);
+    ``raise`` (rundir): writing the round's pairs fails as on a full disk (the round is redone)."""
     round: int = Field(1, ge=1)
     """Round in which the fault fires (once)."""
     index: int = Field(0, ge=0)
@@ -376,7 +377,8 @@ class FaultSpec(Section):
 
     @model_validator(mode="after")
     def _action_fits_kind(self) -> "FaultSpec":
-        allowed = {"generator": {"kill"}, "judge": {"kill", "raise"}, "learner": {"kill", "nan", "nan_weights", "raise"}, "sync": {"hang"}}
+        allowed = {"generator": {"kill"}, "judge": {"kill", "raise"}, "learner": {"kill", "nan", "nan_weights", "raise"}, "sync": {"hang"},
+                   "rundir": {"raise"}}
         if self.action not in allowed[self.kind]:
             raise ValueError(f"action {self.action!r} does not apply to kind {self.kind!r} (allowed: {sorted(allowed[self.kind])})")
         return self

@@ -160,11 +160,13 @@ class RunDir:
         for old in self.checkpoints()[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def latest_good_checkpoint(self, is_good=None) -> tuple[Path | None, list[str]]:
-        """The newest checkpoint whose state parses (and that ``is_good`` accepts); also the
-        reasons the newer ones were passed over."""
+    def latest_good_checkpoint(self, is_good=None, max_round: int | None = None) -> tuple[Path | None, list[str]]:
+        """The newest checkpoint (of a round up to ``max_round``, when given) whose state parses
+        (and that ``is_good`` accepts); also the reasons the newer ones were passed over."""
         skipped = []
         for path in reversed(self.checkpoints()):
+            if max_round is not None and int(path.name.rpartition("_")[2]) > max_round:
+                continue
             try:
                 json.loads((path / CHECKPOINT_STATE).read_text())
             except (OSError, json.JSONDecodeError) as e:

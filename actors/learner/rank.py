@@ -13,7 +13,6 @@ completion positions only (``modeling.completion_logp_sums``).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from typing import Any, Iterator
@@ -33,8 +32,8 @@ from actors.learner.batching import (
     tokenize_pairs,
 )
 from actors.learner.loss import REPORT_FIELDS, mean_report, pair_terms, term_sums
-from actors.learner.lr_schedule import lr_factor
 from actors.learner.modeling import build_empty, completion_logp_sums, materialize, ref_dtype, weights_source
+from actors.learner.optimizer import RoundSchedule
 from actors.learner.precision import LossScaler, NonFiniteWeights, all_finite, autocast, compute_dtype
 from actors.learner.weights import checkpoint
 from actors.learner.weights.stream import copy_local, iter_full, load_streamed, tied_aliases
@@ -89,15 +88,10 @@ class Learner:
             self.train_model = self.model
         else:
             self.train_model = sharding.ddp_wrap(self.model, self.device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                           betas=tuple(cfg.betas))
-        warmup = cfg.warmup_steps
+        self.schedule = RoundSchedule(self.model.parameters(), cfg)
+        self.optimizer, self.scheduler = self.schedule.optimizer, self.schedule.scheduler
         self.last_step_lr = cfg.lr
         """The learning rate of the last optimizer step taken (the round report's ``lr``)."""
-        self.round_lr_factor = 1.0
-        """The round's factor of ``learner.lr`` (``lr_schedule``), set by each ``train`` call."""
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: (min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0) * self.round_lr_factor)
         self.steps = 0
         """Optimizer steps taken (skipped steps excluded)."""
         self.skipped_steps = 0
@@ -122,14 +116,6 @@ class Learner:
     def _autocast(self):
         # FSDP computes in the compute dtype through its MixedPrecisionPolicy; DDP and one process through autocast.
         return autocast(self.device, self.compute_dtype, sharded=self.fsdp)
-
-    def _grad_sync(self, sync: bool):
-        """DDP: gradient all-reduce only on the last micro-batch of a step (the replicas' local
-        gradients are full-size anyway). FSDP reduce-scatters after every micro-batch, so no rank
-        ever holds an unsharded gradient between micro-batches."""
-        if sync or self.fsdp or self.train_model is self.model:
-            return contextlib.nullcontext()
-        return self.train_model.no_sync()
 
     def _all_reduce(self, t: torch.Tensor, op=None) -> torch.Tensor:
         if _distributed():
@@ -227,7 +213,7 @@ class Learner:
         inject = self._nan_pending > 0
         self._nan_pending -= int(inject)
         for k, mb in enumerate(micro_batches):
-            with self._grad_sync(k == len(micro_batches) - 1):
+            with sharding.grad_sync(self.train_model, k == len(micro_batches) - 1):
                 logps, lens = self._logps(self.train_model, mb.pairs, self.device, count=not mb.filler)
                 index = torch.tensor([p.index for p in mb.pairs])
                 terms = pair_terms(logps, lens, ref[index].to(logps), self.cfg, self._beta())
@@ -284,7 +270,7 @@ class Learner:
         ``beta``: the round's β (a scheduled ``learner.beta``); kept for later calls."""
         start = time.perf_counter()
         self.beta = float(beta) if beta is not None else self.beta
-        self._set_round_lr(round)
+        self.schedule.set_round(round)
         self._token_counts.zero_()
         kept, stats = self._tokenize(pairs)
         ref_start = time.perf_counter()
@@ -343,21 +329,6 @@ class Learner:
             self.refreshed_through = due
             return True
         return False
-
-    def apply_optimizer_config(self) -> None:
-        """Make the optimizer follow ``learner.lr``, ``weight_decay`` and ``betas`` as configured now:
-        a checkpoint brings back its own in the param groups and the scheduler, and a resume
-        with ``--allow-config-change`` must train with the new ones from its first round."""
-        cfg = self.cfg
-        for group in self.optimizer.param_groups:
-            group.update(weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), initial_lr=cfg.lr)
-        self.scheduler.base_lrs = [cfg.lr] * len(self.optimizer.param_groups)
-
-    def _set_round_lr(self, round_: int) -> None:
-        """Apply ``lr_schedule``'s factor for this round to the next step's learning rate."""
-        self.round_lr_factor = lr_factor(self.cfg.lr_schedule, round_, self.cfg.lr_decay_rounds, self.cfg.min_lr_ratio)
-        for group, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
-            group["lr"] = base * fn(self.scheduler.last_epoch)
 
     def _beta(self) -> float:
         """β of the DPO term: the one the round was given, else ``learner.beta`` when it is a number."""

@@ -12,6 +12,7 @@ in fp32 (``MixedPrecisionPolicy``) over the master shards.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -100,3 +101,15 @@ def reshard(*models: nn.Module) -> None:
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 module.reshard()
+
+
+def grad_sync(train_model: nn.Module, sync: bool):
+    """The context of one micro-batch's backward. DDP: gradients all-reduced only on the last
+    micro-batch of a step (``sync``; the replicas' local gradients are full-size anyway). FSDP
+    reduce-scatters after every micro-batch, so no rank ever holds an unsharded gradient between
+    micro-batches; one process has nothing to reduce."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if sync or not isinstance(train_model, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return train_model.no_sync()

@@ -12,7 +12,7 @@ import logging
 log = logging.getLogger("odpo.faults")
 
 # The loop calls ``fire(point, ...)`` at these points of a round; each kind fires at one of them.
-POINT = {"generator": "sample", "judge": "judge", "learner": "learn", "sync": "sync"}
+POINT = {"generator": "sample", "judge": "judge", "learner": "learn", "sync": "sync", "rundir": "write"}
 
 
 def _arm_load_delay(actor_self, seconds: float) -> None:
@@ -55,3 +55,5 @@ def _fire(ev, parts) -> None:
         parts.learner.inject_nan(ev.count)
     elif ev.kind == "sync":
         ray.get(parts.generators.actors[ev.index].__ray_call__.remote(_arm_load_delay, ev.seconds), timeout=30)
+    elif ev.kind == "rundir":  # the round's outputs cannot be written, as on a full disk
+        raise OSError(28, "No space left on device (injected: faults.events) writing the round's pairs")

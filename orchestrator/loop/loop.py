@@ -12,6 +12,7 @@ A failed round is redone from the state it started from (``orchestrator.loop.rec
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import threading
@@ -60,6 +61,8 @@ class Loop:
         self.republish = False  # a rebuilt learner publishes its weights before anything samples
         self.trackers = None  # orchestrator.observe.trackers.Trackers when report.to names any (set by run.py)
         self.sync_path: str | None = None  # how this round's weight sync travelled (weight_sync's ``path``)
+        self.save_checkpoint: Callable[[LoopState], None] = lambda state: None  # set by ``drive``
+        self.last_checkpointed = state.round
 
     # --- the round ------------------------------------------------------------------------------
     def run_round(self, r: int) -> dict | None:
@@ -89,14 +92,16 @@ class Loop:
             eval_reward = self.evaluate()
             eval_s = time.perf_counter() - t
 
-        self.state.round = r
-        self.state.pairs_total += len(judged.pairs)
-        self.state.beta = carry_beta(c.learner.beta, learned.beta, learned.report.get("kl"))
-        self.state.length_counts = judged.length_counts
-        self.state.sampler = sampled.sampler_after if c.loop.mode == "async" else self.sampler.state()
-        self.rd.write_pairs(r, pair_records(judged.pairs, r))
+        # The round's state advances only once its outputs are durable: should writing them fail,
+        # the redo starts from the same β, counts and cursor.
+        nxt = dataclasses.replace(
+            self.state, round=r, pairs_total=self.state.pairs_total + len(judged.pairs),
+            rounds_without_pairs=self.state.rounds_without_pairs + (not judged.pairs),
+            beta=carry_beta(c.learner.beta, learned.beta, learned.report.get("kl")),
+            length_counts=judged.length_counts,
+            sampler=sampled.sampler_after if c.loop.mode == "async" else self.sampler.state())
         rec = round_record(r, sampled, judged, learned, c.pairs.sources)
-        rec.update({"policy_version": self.state.policy_version, "data_cursor": self.state.sampler,
+        rec.update({"policy_version": self.state.policy_version, "data_cursor": nxt.sampler,
                     "sync_s": sync_s, "sync_path": self.sync_path, "eval_s": eval_s,
                     "round_s": time.perf_counter() - t_round, "restarts": self.restarts(),
                     "generator_versions": self.parts.generators.served_versions()})
@@ -106,8 +111,20 @@ class Loop:
         rec["rss_peak_mb"] = self.memory.peaks
         if eval_reward is not None:
             rec["eval_reward"] = eval_reward
+        self.write_outputs(r, rec, nxt, judged.pairs)
+        self.state = nxt
         self.committed_version, self.in_hand = self.learner_version, None
         return rec
+
+    def write_outputs(self, r: int, rec: dict, nxt: LoopState, pairs: list) -> None:
+        """The round's pairs file, its metrics line and, when due, a checkpoint of ``nxt``."""
+        self.faults.fire("write", r, self.parts)
+        self.rd.write_pairs(r, pair_records(pairs, r))
+        publish(self, rec)
+        if self.c.loop.checkpoint_every and r % self.c.loop.checkpoint_every == 0:
+            self.metrics.set_phase("checkpoint", r)
+            self.save_checkpoint(nxt)
+            self.last_checkpointed = r
 
     def sample(self, r: int) -> tuple[Sampled, float]:
         """Phase 1 (sync: sample now; async: collect what the last round submitted, push the new
@@ -177,7 +194,6 @@ class Loop:
             if report.get("weights_changed", True):
                 self.learner_version += 1
         else:
-            self.state.rounds_without_pairs += 1
             log.info("round %d: no pairs (%s); learner step skipped", r, dict(judged.dropped))
         return Learned(report, beta, lag, time.perf_counter() - t)
 
@@ -247,14 +263,15 @@ class Loop:
 
 
 def drive(loop: Loop, save_checkpoint: Callable[[LoopState], None]) -> int:
-    """Run rounds until the limit or a stop; checkpoint every k rounds, at the end and on stop.
+    """Run rounds until the limit or a stop; checkpoint every k rounds (as part of the round), at
+    the end and on stop.
 
     ``save_checkpoint(state)`` writes a checkpoint of the loop state (and the learner).
     Returns the number of rounds completed in this call.
     """
     c, rd = loop.c, loop.rd
+    loop.save_checkpoint, loop.last_checkpointed = save_checkpoint, loop.state.round
     done = 0
-    last_checkpointed = loop.state.round
     if loop.state.round == 0 and c.loop.eval_every:
         loop.metrics.set_phase("eval", 0)
         t = time.perf_counter()
@@ -269,21 +286,16 @@ def drive(loop: Loop, save_checkpoint: Callable[[LoopState], None]) -> int:
         try:
             rec = run_with_retries(loop, r)
         except Exception:
-            if loop.state.round != last_checkpointed:
+            if loop.state.round != loop.last_checkpointed:
                 checkpoint_before_failing(loop, save_checkpoint)
             raise
         if rec is None:
             log.info("stop requested: round %d abandoned before learning", r)
             break
-        publish(loop, rec)
         rd.write_status({**loop.metrics.status(), "phase": "between rounds"})
         log.info(format_round(rec, c.loop.rounds))
         done += 1
-        if c.loop.checkpoint_every and r % c.loop.checkpoint_every == 0:
-            loop.metrics.set_phase("checkpoint", r)
-            save_checkpoint(loop.state)
-            last_checkpointed = r
-    if loop.state.round != last_checkpointed or loop.state.round == 0:
+    if loop.state.round != loop.last_checkpointed or loop.state.round == 0:
         loop.metrics.set_phase("checkpoint", loop.state.round)
         save_checkpoint(loop.state)
     loop.metrics.set_phase("stopped" if loop.stop.is_set() else "finished", loop.state.round)

@@ -54,6 +54,8 @@ def recover(loop: Loop, r: int, error: Exception) -> None:
     give the generators back the round-start weights if a push of the failed attempt's weights
     began."""
     loop.round_retries += 1
+    if any(m.get("round", 0) > loop.state.round for m in loop.rd.read_metrics()[-1:]):
+        loop.rd.truncate_metrics(loop.state.round)  # the failed attempt's line (a later write failed)
     n, seed = len(loop.prompts), loop.c.run.seed
     if loop.in_hand is not None and loop.in_hand.round == r:
         loop.pending = loop.in_hand  # the same prompts, sampled with the same weights
@@ -92,7 +94,8 @@ def rewind_to_last_round(loop: Loop) -> None:
 def restore_learner(loop: Loop, rebuild: bool) -> None:
     """Bring the learner to the end of the last completed round: the newest good checkpoint, then
     the saved pairs of every round after it, trained again in order."""
-    path, passed_over = loop.rd.latest_good_checkpoint(checkpoint_problem)
+    # A checkpoint of the failed attempt's round (its later outputs failed) is not a start point.
+    path, passed_over = loop.rd.latest_good_checkpoint(checkpoint_problem, max_round=loop.state.round)
     for reason in passed_over:
         log.warning("skipping checkpoint %s", reason)
     if rebuild or path is None:  # without a checkpoint, only a fresh learner has the initial weights

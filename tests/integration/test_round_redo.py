@@ -23,10 +23,11 @@ from tests.integration.runs import TINY, finish, metrics, start_run
 pytestmark = pytest.mark.integration
 
 BASE = ["loop.checkpoint_every=1"]  # sync_run's config, with a checkpoint every round
-# Round 2: the learner raises after a step; round 3: a step leaves a NaN in the weights. Both are
-# redone from the round's start, and the NaN weights are never published.
+# Round 2: the learner raises after a step; round 3: a step leaves a NaN in the weights, and on the
+# redo writing the round's pairs fails (a full disk). Each is redone from the round's start: the NaN
+# weights are never published, and the failed write advances no state (β, counts, cursor).
 FAULT = ("faults.events=[{kind: learner, action: raise, after_steps: 1, round: 2}, "
-         "{kind: learner, action: nan_weights, round: 3}]")
+         "{kind: learner, action: nan_weights, round: 3}, {kind: rundir, action: raise, round: 3}]")
 
 
 def resume(out, *overrides, allow=False):
@@ -60,7 +61,9 @@ def test_a_learner_that_raises_mid_round_leaves_no_trace(faulted, sync_run):
     assert [m["round"] for m in redone] == [0, 1, 2, 3, 4]  # each round once
     assert redone[2]["restarts"]["round_retries"] == 1 and redone[2]["restarts"]["learner"] == 0
     assert redone[2]["restarts"]["nonfinite_updates"] == 0
-    assert redone[3]["restarts"]["round_retries"] == 2 and redone[3]["restarts"]["nonfinite_updates"] == 1
+    assert redone[3]["restarts"]["round_retries"] == 3 and redone[3]["restarts"]["nonfinite_updates"] == 1
+    state3 = json.loads((run_dir / "checkpoints" / "round_000003" / "loop_state.json").read_text())
+    assert state3["pairs_total"] == sum(m["pairs"] for m in redone[1:4])  # each round's pairs counted once
     assert redone[3]["generator_versions"] == [redone[3]["policy_version"]]  # the generators serve the redo's weights
     assert plain[-1]["restarts"]["round_retries"] == 0
     assert "injected learner fault after 1 optimizer steps" in (faulted["out"] / "faulted.log").read_text()

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from actors.learner.lr_schedule import lr_factor
+from actors.learner.optimizer import lr_factor
 from orchestrator.config import ConfigError, LearnerConfig, ModelConfig, load_config
 from tests.conftest import DEMO_MODEL
 

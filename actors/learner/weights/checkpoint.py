@@ -163,7 +163,7 @@ def _load_sharded(learner: Any, root: Path) -> None:
     learner.overflow_steps = int(meta.get("overflow_steps", 0))
     learner.scaler.load_state_dict(meta.get("loss_scale"))
     learner.refreshed_through = meta.get("refreshed_through")
-    learner.apply_optimizer_config()
+    learner.schedule.apply_config()
     _load_rng(learner, root)
 
 
@@ -194,7 +194,7 @@ def _load_legacy(learner: Any, root: Path) -> None:
     learner.scheduler.load_state_dict(state["scheduler"])
     learner.optimizer.zero_grad(set_to_none=True)  # as in _load_sharded
     learner.steps, learner.skipped_steps = int(state["steps"]), int(state["skipped_steps"])
-    learner.apply_optimizer_config()
+    learner.schedule.apply_config()
     _load_rng(learner, root)
 
 
