@@ -2,7 +2,7 @@
 
 The actor starts light (no torch.distributed, no model); ``LearnerGroup`` asks rank 0 for an
 address, then calls ``setup`` on every worker at once to join the process group and build the
-``Learner``. ``apply`` runs a function inside the actor: the weight-sync module uses it to reach
+``Learner`` (``self.learner``). ``apply`` runs a function inside the actor: weight sync uses it to reach
 ``model`` and ``full_state_dict`` without a method per backend here.
 """
 
@@ -26,7 +26,7 @@ class LearnerWorker:
 
         self.model_cfg, self.cfg, self.seed = model_cfg, cfg, seed
         self.rank, self.world_size = rank, world_size
-        self.engine = None
+        self.learner = None
         torch.set_num_threads(max(1, int(cfg.num_cpus_per_worker)))
 
     def master_endpoint(self) -> tuple[str, int]:
@@ -51,9 +51,9 @@ class LearnerWorker:
             "nccl" if gpu else "gloo", init_method=f"tcp://{master_addr}:{master_port}",
             rank=self.rank, world_size=self.world_size, timeout=timedelta(seconds=self.cfg.timeout_s),
         )
-        self.engine = Learner(self.model_cfg, self.cfg, seed=self.seed)
+        self.learner = Learner(self.model_cfg, self.cfg, seed=self.seed)
         if self.rank == 0:
-            self.engine.on_step = _report_steps
+            self.learner.on_step = _report_steps
         return True
 
     # The round API (each a collective: the group calls every worker at once).
@@ -61,25 +61,25 @@ class LearnerWorker:
     def train(self, pairs: list, round: int, beta: float | None = None) -> dict:
 
         armed, self.fault_raise_after = getattr(self, "fault_raise_after", None), None
-        with raise_after_steps(self.engine.optimizer, armed):
-            return self.engine.train(pairs, round, beta)
+        with raise_after_steps(self.learner.optimizer, armed):
+            return self.learner.train(pairs, round, beta)
 
     def evaluate(self, pairs: list, beta: float | None = None) -> dict:
-        return self.engine.evaluate(pairs, beta)
+        return self.learner.evaluate(pairs, beta)
 
     def save(self, path: str) -> None:
-        self.engine.save(path)
+        self.learner.save(path)
 
     def load(self, path: str) -> None:
-        self.engine.load(path)
+        self.learner.load(path)
 
     def inject_nan_next_step(self, steps: int = 1) -> None:
         """Fault injection: this rank's loss is NaN on its next ``steps`` optimizer steps."""
-        self.engine.inject_nan(steps)
+        self.learner.inject_nan(steps)
 
     def inject_nan_weights(self) -> None:
         """Fault injection: this rank's next optimizer step leaves a NaN in its weights."""
-        self.engine.inject_nan_weights()
+        self.learner.inject_nan_weights()
 
     def inject_raise(self, after_steps: int) -> None:
         """Fault injection: the next ``train`` raises after ``after_steps`` optimizer steps."""
@@ -94,11 +94,11 @@ class LearnerWorker:
     @property
     def model(self):
         """The unwrapped HF model (not the DDP wrapper)."""
-        return self.engine.model
+        return self.learner.model
 
     def full_state_dict(self) -> dict:
         """Policy tensors by HF name on CPU, full on rank 0 (a collective under FSDP)."""
-        return self.engine.full_state_dict()
+        return self.learner.full_state_dict()
 
     def shutdown(self) -> None:
         import torch.distributed as dist

@@ -47,9 +47,9 @@ def learner_state(worker, dtype: str) -> tuple[list[tuple[str, tuple[int, ...]]]
     GPU learner cast to ``dtype`` before it leaves the GPU), else ``full_state_dict()``.
     """
     model = getattr(worker, "model", None)
-    # The learner's streamed export lives on its engine (``LearnerWorker.engine``); stand-ins may
+    # The learner's streamed export lives on its engine (``LearnerWorker.learner``); stand-ins may
     # carry it themselves.
-    stream = getattr(worker, "iter_full_state", None) or getattr(getattr(worker, "engine", None), "iter_full_state", None)
+    stream = getattr(worker, "iter_full_state", None) or getattr(getattr(worker, "learner", None), "iter_full_state", None)
     if stream is not None:
         on_gpu = model is not None and any(p.device.type == "cuda" for p in model.parameters())
         items = stream(dtype_of(dtype) if on_gpu else None)
