@@ -2,8 +2,9 @@
 
 The actor starts light (no torch.distributed, no model); ``LearnerGroup`` asks rank 0 for an
 address, then calls ``setup`` on every worker at once to join the process group and build the
-``Learner`` (``self.learner``). ``apply`` runs a function inside the actor: weight sync uses it to reach
-``model`` and ``full_state_dict`` without a method per backend here.
+rank's ``Learner`` (``self.learner``). Weight sync reaches the learner only through the named
+methods below, each a thin delegate to ``actors.weight_sync`` (its contract:
+``actors/weight_sync/base.py``). ``apply`` runs a function inside the actor (tests).
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ from typing import Any, Callable
 
 import ray
 
+from actors import weight_sync
 from actors.learner.fault_hooks import raise_after_steps
 from actors.progress import Reporter
+from actors.weight_sync.base import EngineGroup, PublishRequest
+from actors.weight_sync.layout import ParamSpec
 
 
 @ray.remote(max_restarts=0, max_task_retries=0)
@@ -27,6 +31,7 @@ class LearnerWorker:
         self.model_cfg, self.cfg, self.seed = model_cfg, cfg, seed
         self.rank, self.world_size = rank, world_size
         self.learner = None
+        self.nccl_sender = None  # vLLM's trainer-side weight-transfer engine, once a group is open
         torch.set_num_threads(max(1, int(cfg.num_cpus_per_worker)))
 
     def master_endpoint(self) -> tuple[str, int]:
@@ -85,7 +90,39 @@ class LearnerWorker:
         """Fault injection: the next ``train`` raises after ``after_steps`` optimizer steps."""
         self.fault_raise_after = after_steps
 
-    # The hook for weight sync and tests.
+    # Weight sync (actors/weight_sync/base.py): every publishing rank is called at once.
+
+    def publish_weights(self, request: PublishRequest) -> tuple[dict | None, list | None]:
+        """Publish the policy as ``request`` says; ``(descriptor, object-store arrays)`` on rank 0."""
+        return weight_sync.publish_rank(self.learner, request)
+
+    def prepare_weight_stream(self, spec: ParamSpec, path: str) -> dict:
+        """Rank 0: check the policy against ``spec`` and lay out a streamed buffer at ``path``."""
+        return weight_sync.prepare_stream(self.learner, spec, path)
+
+    def node_info(self, shm_dir: str | None) -> tuple[str, bool]:
+        """This worker's Ray node, and whether ``shm_dir`` exists on it."""
+        return weight_sync.node_info(shm_dir)
+
+    def remove_sync_files(self, paths: list[str]) -> None:
+        """Remove old weight-sync files on this node."""
+        weight_sync.remove_files(paths)
+
+    def nccl_endpoint(self, port: int) -> tuple[str, int]:
+        """This node's IP and a rendezvous port (``port``, or a free one when 0)."""
+        return weight_sync.nccl_endpoint(port)
+
+    def nccl_open(self, rank: int, sync_cfg: Any, address: str, port: int, engines: EngineGroup,
+                  spec: ParamSpec) -> None:
+        """Join a new NCCL weight-transfer group with every engine (closing this rank's old one)."""
+        self.nccl_sender = weight_sync.open_nccl_sender(self.learner, self.nccl_sender, rank, sync_cfg, address,
+                                                        port, engines, spec)
+
+    def nccl_send(self, version: int) -> int:
+        """Broadcast the policy as ``version`` over the open group; returns the bytes sent."""
+        return weight_sync.send_nccl(self.nccl_sender, version)
+
+    # For tests.
 
     def apply(self, fn: Callable, *args, **kwargs) -> Any:
         """Run ``fn(self, *args, **kwargs)`` inside the actor and return its result."""
