@@ -148,6 +148,28 @@ def test_disk_backend_needs_a_folder():
         disk.file_path(SyncConfig(backend="disk"), None, 1)
 
 
+class Removing:
+    """A learner whose rank 0 removes files at once (``remove_sync_files``), as Ray would run it."""
+
+    def __init__(self):
+        self.rank0 = SimpleNamespace(remove_sync_files=SimpleNamespace(remote=weight_sync.remove_files))
+
+
+def test_a_disk_publication_removes_the_file_it_replaces_and_nothing_else(tmp_path, monkeypatch):
+    monkeypatch.setattr(disk, "get", lambda ref, timeout, what: ref)
+    files = [tmp_path / f"weights-v{v:06d}.safetensors" for v in (1, 2)]
+    for f in files:
+        f.write_bytes(b"x")
+    old, new = (disk.DiskPublication(Removing(), v, {"kind": "disk", "bytes": 1, "path": str(f)}, 5)
+                for v, f in zip((1, 2), files))
+    new.release_previous(None)
+    new.release_previous(new)  # the same file: kept
+    new.release_previous(stored.StoredPublication(0, {"kind": "shm", "bytes": 1, "path": str(files[0])}, 5))
+    assert all(f.exists() for f in files)
+    new.release_previous(old)
+    assert not files[0].exists() and files[1].exists()
+
+
 def test_object_store_payload_is_returned_cast_once_in_slot_order():
     state = demo_like_state(3)
     desc, arrays = publish(TinyLearner(state), "object_store", dataclasses.replace(SPEC, dtype="bfloat16"), None)
