@@ -54,7 +54,7 @@ def publish(learner: LearnerWorkers, target: SyncTarget, version: int, sync_cfg,
     (nothing loaded yet; an ``nccl`` publication sends when applied). ``stream``: a
     shared-memory publication may come back still being written (load it, then ``finish``)."""
     if sync_cfg.backend == "nccl":
-        return NcclPublication(learner, version, sync_cfg, target.param_spec, run_dir)
+        return NcclPublication(learner, version, sync_cfg, target.param_spec)
     if sync_cfg.backend == "disk":
         return disk.publish(learner, target, version, sync_cfg, run_dir)
     return object_store.publish(learner, target, version, sync_cfg, stream=stream)

@@ -160,8 +160,8 @@ class NcclPublication(Publication):
 
     kind = "nccl"
 
-    def __init__(self, learner: LearnerWorkers, version: int, sync_cfg, spec: ParamSpec, run_dir=None):
-        self.learner, self.version, self.sync_cfg, self.spec, self.run_dir = learner, version, sync_cfg, spec, run_dir
+    def __init__(self, learner: LearnerWorkers, version: int, sync_cfg, spec: ParamSpec):
+        self.learner, self.version, self.sync_cfg, self.spec = learner, version, sync_cfg, spec
         self.bytes = 0
 
     def apply(self, target: SyncTarget, indices: list[int]) -> float:
