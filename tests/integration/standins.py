@@ -28,13 +28,20 @@ class StandInLearnerWorker:
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         self.rank = 0
         self.undo_corrupt = None
+        self.fail_after = None
 
     def apply(self, fn, *args, **kwargs):
         return fn(self, *args, **kwargs)
 
     def iter_full_state(self, dtype=None):
-        for name, tensor in self.model.state_dict().items():
+        for k, (name, tensor) in enumerate(self.model.state_dict().items()):
+            if k == self.fail_after:
+                raise RuntimeError(f"gather failed at {name!r}")
             yield name, tensor.detach().to("cpu", dtype or tensor.dtype)
+
+    def set_fail_after(self, tensors):
+        """Make the export raise after ``tensors`` tensors (a learner failing mid-publication); None: never."""
+        self.fail_after = tensors
 
     # The weight-sync methods of ``LearnerWorker``, on this stand-in as its own learner.
 

@@ -1,7 +1,8 @@
 """Weight sync into real vLLM engines (CPU, demo model, local Ray): after the learner's weights
 change, every generator's greedy output equals transformers' on the new weights and vLLM's
-log-probs match transformers' to 1e-3; a mismatched state dict fails before any weight changes;
-a generator killed during a sample call is restarted, re-synced and its share re-sampled.
+log-probs match transformers' to 1e-3; a mismatched state dict fails before any weight changes; a
+learner failing mid-publication leaves every engine on its last full weights; a generator killed
+during a sample call is restarted, re-synced and its share re-sampled.
 
 The learner here is ``StandInLearnerWorker`` (tests/integration/standins.py), a TEST-ONLY
 stand-in for ``actors.learner``'s ``LearnerWorker`` with the same weight-sync methods
@@ -101,6 +102,25 @@ def test_mismatched_state_dict_fails_and_keeps_serving_old_weights(pool, learner
     finally:
         ray.get(learner.rank0.set_corrupt.remote(None), timeout=30)
     assert pool.versions() == version
+    assert greedy_per_actor(pool, rows) == before
+
+
+def test_a_learner_failing_mid_publication_leaves_every_engine_on_its_weights(pool, learner, eval_rows):
+    """A streamed shared-memory sync whose learner fails part-way: the engines have loaded the
+    tensors written before the failure, then go back to the weights they last loaded in full; the
+    learner's error is the one raised."""
+    rows = eval_rows[:8]
+    if pool.sync_state.publication is None:
+        sync_weights(learner, pool, pool.version + 1, SyncConfig())
+    before, versions = greedy_per_actor(pool, rows), pool.versions()
+    change_weights(learner, eval_rows, pool, pool.version)  # the tensors loaded before the failure are new ones
+    ray.get(learner.rank0.set_fail_after.remote(5), timeout=30)
+    try:
+        with pytest.raises(RuntimeError, match="gather failed at"):
+            sync_weights(learner, pool, pool.version + 1, SyncConfig())
+    finally:
+        ray.get(learner.rank0.set_fail_after.remote(None), timeout=30)
+    assert pool.versions() == versions
     assert greedy_per_actor(pool, rows) == before
 
 
