@@ -38,6 +38,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from actors.generator.pool import GeneratorPool  # noqa: E402
+from actors import weight_sync  # noqa: E402
 from actors.weight_sync import reload_tensors, sync_weights  # noqa: E402
 from orchestrator.config import GeneratorConfig, ModelConfig, SyncConfig  # noqa: E402
 
@@ -59,24 +60,40 @@ def build_100m(out: Path) -> Path:
 
 @ray.remote(num_cpus=0)
 class BenchLearner:
-    """Stand-in for the learner's rank-0 worker (``apply``/``full_state_dict``), HF weights in memory."""
+    """Stand-in for the learner's rank-0 worker, HF weights in memory: ``LearnerWorker``'s
+    weight-sync methods (actors/weight_sync/base.py), on a worker that is its own learner rank."""
 
     def __init__(self, path: str):
         from transformers import AutoModelForCausalLM
 
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        self.rank = 0
 
     def apply(self, fn, *args, **kwargs):
         return fn(self, *args, **kwargs)
 
-    def full_state_dict(self) -> dict:
-        return {k: v.detach() for k, v in self.model.state_dict().items()}
+    def iter_full_state(self, dtype=None):
+        for name, tensor in self.model.state_dict().items():
+            yield name, tensor.detach()
+
+    def publish_weights(self, request):
+        return weight_sync.publish_rank(self, request)
+
+    def prepare_weight_stream(self, spec, path):
+        return weight_sync.prepare_stream(self, spec, path)
+
+    def node_info(self, shm_dir):
+        return weight_sync.node_info(shm_dir)
+
+    def remove_sync_files(self, paths):
+        weight_sync.remove_files(paths)
 
 
 class Group:
     def __init__(self, path: str):
         self.workers = [BenchLearner.remote(path)]
         self.rank0 = self.workers[0]
+        self.cfg = argparse.Namespace(strategy="ddp")
 
 
 def _bare_reload(actor, path: str, repeats: int) -> list[tuple[float, float]]:

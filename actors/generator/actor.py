@@ -126,6 +126,12 @@ class GeneratorActor:
         self.version, self.loaded_desc = version, desc
         return seconds
 
+    def remove_sync_files(self, paths: list[str]) -> None:
+        """Remove the pool's weight-sync files (shared-memory buffers on this node)."""
+        from actors import weight_sync
+
+        weight_sync.remove_files(paths)
+
     def weight_transfer(self, step: str, payload: Any = None, version: int | None = None) -> None:
         """One step of vLLM's weight-transfer protocol (the ``nccl`` backend)."""
         from actors import weight_sync

@@ -1,14 +1,14 @@
 """``GeneratorPool``: ``generator.num_actors`` generator actors behind one ``sample`` call. It splits
 a batch evenly, returns results in row order, restarts and re-syncs an actor that dies, and times
-out an actor that hangs. Weights reach the actors only through ``actors.weight_sync`` (the pool
-keeps the last publication and re-applies it to a restarted actor before re-sampling its share).
+out an actor that hangs. Weights reach the actors only through ``actors.weight_sync``: the pool is
+its ``SyncTarget`` (``actors/weight_sync/base.py``) and keeps a ``SyncState``, whose last publication
+it re-applies to a restarted actor before re-sampling its share.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import uuid
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -17,6 +17,7 @@ from actors.generator.actor import ENV_VARS, EngineFailed, GeneratorActor
 from actors.generator.sampling import split_evenly
 from actors.placement import PlacementError, why_unplaced
 from actors.waiting import ActorWait, demand_of
+from actors.weight_sync.base import EngineGroup, Publication, SyncState
 from common.types import SampleGroup
 
 log = logging.getLogger(__name__)
@@ -59,11 +60,9 @@ class GeneratorPool:
         self.model_cfg, self.gen_cfg, self.mode, self.max_restarts = model_cfg, gen_cfg, mode, max_restarts
         self.version = 0
         self.restarts = 0
-        self.uid = uuid.uuid4().hex[:12]
-        self.publication = None
-        """The last weights published to every actor (``weight_sync.Publication``); re-applied after a restart."""
-        self.sync_state: dict[str, Any] = {}
-        """Scratch space of ``weight_sync`` for this pool (buffer slots, files to remove, NCCL session)."""
+        self.sync_state = SyncState()
+        """What weight sync keeps here: the last publication every actor loaded (re-applied after a
+        restart), this pool's buffer files, the NCCL session."""
         self.last_sample_stats: dict[str, float] = {}
         extra = {"weight_transfer_config": {"backend": "nccl"}} if weight_transfer == "nccl" else None
         self.demand = demand_of(gen_cfg.num_cpus, gen_cfg.num_gpus, gen_cfg.resources)
@@ -141,7 +140,7 @@ class GeneratorPool:
                     results[i] = groups
                     continue
                 reason = f"served version {groups[0].policy_version}, not {pending.version} (restarted?)"
-                if self.publication is None:
+                if self.sync_state.publication is None:
                     raise RuntimeError(f"refusing to sample in sync mode: {self.actor_name(i)} {reason}, and no "
                                        "weights were published to re-sync it from")
             attempts[i] += 1
@@ -192,7 +191,7 @@ class GeneratorPool:
         no call to the actors, so it answers while they sample)."""
         return list(self._served)
 
-    def load_publication(self, publication) -> float:
+    def load_publication(self, publication: Publication) -> float:
         """Make every actor serve ``publication`` (an actor that dies meanwhile is recovered and
         loaded again); then it becomes the pool's current weights. Returns the load seconds."""
         everyone = list(range(len(self.actors)))
@@ -209,7 +208,7 @@ class GeneratorPool:
                 else:
                     log.warning("%s; waiting for its restart before loading again", e)
                     self._recover(e.index, resync=False)
-        self.publication, self.version = publication, publication.version
+        self.sync_state.publication, self.version = publication, publication.version
         self._served = [publication.version] * len(self.actors)
         return seconds
 
@@ -228,9 +227,10 @@ class GeneratorPool:
     def _recover(self, i: int, resync: bool = True, old_pid: int | None = None) -> None:
         info = self._await_ready(i, count_restart=True, old_pid=old_pid)
         self._served[i] = info["version"]
-        if resync and self.publication is not None and info["version"] != self.publication.version:
-            self.publication.apply(self, [i])
-            self._served[i] = self.publication.version
+        current = self.sync_state.publication
+        if resync and current is not None and info["version"] != current.version:
+            current.apply(self, [i])
+            self._served[i] = current.version
 
     def _await_ready(self, i: int, count_restart: bool, old_pid: int | None = None) -> dict:
         from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError
@@ -305,6 +305,17 @@ class GeneratorPool:
             self._info[i] = info
         return [info.get("node_id") for info in self._info]
 
+    def load_weights(self, indices: list[int], desc: dict, version: int, timeout: float) -> list[float]:
+        """Load a stored publication (``weight_sync`` descriptor) into actors ``indices``, each
+        within ``timeout`` seconds overall; returns each one's load seconds."""
+        return self._call(indices, "load_weights", desc, version, timeout=timeout,
+                          what=f"loading weights version {version}")
+
+    def engines(self) -> EngineGroup:
+        """Every actor's engine, for the NCCL weight-transfer steps, with who serves now."""
+        identity = tuple((a._actor_id.hex(), pid) for a, pid in zip(self.actors, self.pids()))
+        return EngineGroup(list(self.actors), self.gen_cfg.tensor_parallel_size, identity)
+
     def pids(self) -> list[int | None]:
         return [info.get("pid") for info in self._info]
 
@@ -315,12 +326,10 @@ class GeneratorPool:
         """Remove this pool's sync files (through an actor on their node) and end the actors."""
         import ray
 
-        from actors.weight_sync import _remove
-
-        files = sorted(self.sync_state.get("files", ()))
+        files = sorted(self.sync_state.files)
         if files and self.actors:
             try:
-                ray.get(self.actors[0].apply.remote(_remove, files), timeout=30)
+                ray.get(self.actors[0].remove_sync_files.remote(files), timeout=30)
             except Exception as e:  # cleanup must not hide the reason we are shutting down
                 log.warning("could not remove sync files %s: %s", files, e)
         for actor in self.actors:

@@ -2,8 +2,9 @@
 
 The actor starts light (no torch.distributed, no model); ``LearnerGroup`` asks rank 0 for an
 address, then calls ``setup`` on every worker at once to join the process group and build the
-``Learner``. ``apply`` runs a function inside the actor: the weight-sync module uses it to reach
-``model`` and ``full_state_dict`` without a method per backend here.
+rank's ``Learner`` (``self.learner``). Weight sync reaches the learner only through the named
+methods below, each a thin delegate to ``actors.weight_sync`` (its contract:
+``actors/weight_sync/base.py``). ``apply`` runs a function inside the actor (tests).
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ from typing import Any, Callable
 
 import ray
 
+from actors import weight_sync
 from actors.learner.fault_hooks import raise_after_steps
 from actors.progress import Reporter
+from actors.weight_sync.base import EngineGroup, PublishRequest
+from actors.weight_sync.layout import ParamSpec
 
 
 @ray.remote(max_restarts=0, max_task_retries=0)
@@ -26,7 +30,8 @@ class LearnerWorker:
 
         self.model_cfg, self.cfg, self.seed = model_cfg, cfg, seed
         self.rank, self.world_size = rank, world_size
-        self.engine = None
+        self.learner = None
+        self.nccl_sender = None  # vLLM's trainer-side weight-transfer engine, once a group is open
         torch.set_num_threads(max(1, int(cfg.num_cpus_per_worker)))
 
     def master_endpoint(self) -> tuple[str, int]:
@@ -51,9 +56,9 @@ class LearnerWorker:
             "nccl" if gpu else "gloo", init_method=f"tcp://{master_addr}:{master_port}",
             rank=self.rank, world_size=self.world_size, timeout=timedelta(seconds=self.cfg.timeout_s),
         )
-        self.engine = Learner(self.model_cfg, self.cfg, seed=self.seed)
+        self.learner = Learner(self.model_cfg, self.cfg, seed=self.seed)
         if self.rank == 0:
-            self.engine.on_step = _report_steps
+            self.learner.on_step = _report_steps
         return True
 
     # The round API (each a collective: the group calls every worker at once).
@@ -61,31 +66,63 @@ class LearnerWorker:
     def train(self, pairs: list, round: int, beta: float | None = None) -> dict:
 
         armed, self.fault_raise_after = getattr(self, "fault_raise_after", None), None
-        with raise_after_steps(self.engine.optimizer, armed):
-            return self.engine.train(pairs, round, beta)
+        with raise_after_steps(self.learner.optimizer, armed):
+            return self.learner.train(pairs, round, beta)
 
     def evaluate(self, pairs: list, beta: float | None = None) -> dict:
-        return self.engine.evaluate(pairs, beta)
+        return self.learner.evaluate(pairs, beta)
 
     def save(self, path: str) -> None:
-        self.engine.save(path)
+        self.learner.save(path)
 
     def load(self, path: str) -> None:
-        self.engine.load(path)
+        self.learner.load(path)
 
     def inject_nan_next_step(self, steps: int = 1) -> None:
         """Fault injection: this rank's loss is NaN on its next ``steps`` optimizer steps."""
-        self.engine.inject_nan(steps)
+        self.learner.inject_nan(steps)
 
     def inject_nan_weights(self) -> None:
         """Fault injection: this rank's next optimizer step leaves a NaN in its weights."""
-        self.engine.inject_nan_weights()
+        self.learner.inject_nan_weights()
 
     def inject_raise(self, after_steps: int) -> None:
         """Fault injection: the next ``train`` raises after ``after_steps`` optimizer steps."""
         self.fault_raise_after = after_steps
 
-    # The hook for weight sync and tests.
+    # Weight sync (actors/weight_sync/base.py): every publishing rank is called at once.
+
+    def publish_weights(self, request: PublishRequest) -> tuple[dict | None, list | None]:
+        """Publish the policy as ``request`` says; ``(descriptor, object-store arrays)`` on rank 0."""
+        return weight_sync.publish_rank(self.learner, request)
+
+    def prepare_weight_stream(self, spec: ParamSpec, path: str) -> dict:
+        """Rank 0: check the policy against ``spec`` and lay out a streamed buffer at ``path``."""
+        return weight_sync.prepare_stream(self.learner, spec, path)
+
+    def node_info(self, shm_dir: str | None) -> tuple[str, bool]:
+        """This worker's Ray node, and whether ``shm_dir`` exists on it."""
+        return weight_sync.node_info(shm_dir)
+
+    def remove_sync_files(self, paths: list[str]) -> None:
+        """Remove old weight-sync files on this node."""
+        weight_sync.remove_files(paths)
+
+    def nccl_endpoint(self, port: int) -> tuple[str, int]:
+        """This node's IP and a rendezvous port (``port``, or a free one when 0)."""
+        return weight_sync.nccl_endpoint(port)
+
+    def nccl_open(self, rank: int, sync_cfg: Any, address: str, port: int, engines: EngineGroup,
+                  spec: ParamSpec) -> None:
+        """Join a new NCCL weight-transfer group with every engine (closing this rank's old one)."""
+        self.nccl_sender = weight_sync.open_nccl_sender(self.learner, self.nccl_sender, rank, sync_cfg, address,
+                                                        port, engines, spec)
+
+    def nccl_send(self, version: int) -> int:
+        """Broadcast the policy as ``version`` over the open group; returns the bytes sent."""
+        return weight_sync.send_nccl(self.nccl_sender, version)
+
+    # For tests.
 
     def apply(self, fn: Callable, *args, **kwargs) -> Any:
         """Run ``fn(self, *args, **kwargs)`` inside the actor and return its result."""
@@ -94,11 +131,11 @@ class LearnerWorker:
     @property
     def model(self):
         """The unwrapped HF model (not the DDP wrapper)."""
-        return self.engine.model
+        return self.learner.model
 
     def full_state_dict(self) -> dict:
         """Policy tensors by HF name on CPU, full on rank 0 (a collective under FSDP)."""
-        return self.engine.full_state_dict()
+        return self.learner.full_state_dict()
 
     def shutdown(self) -> None:
         import torch.distributed as dist

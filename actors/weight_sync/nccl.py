@@ -10,8 +10,8 @@ generator restarted, or the learner was rebuilt: its new rank 0 has no transfer 
 - Before any collective, the pool is drained: no generator may be inside ``sample`` (its
   weight-transfer calls would queue behind the sample, past ``sync.timeout_s``).
 - Re-syncing one restarted generator never touches the healthy ones: the learner publishes its
-  weights through the object store or shared memory (``actors.weight_sync.publish``) and only that
-  generator loads them. The next full sync opens a new session with everyone.
+  weights through the object store or shared memory (``object_store``) and only that generator
+  loads them. The next full sync opens a new session with everyone.
 - A broadcast that fails leaves the engines mid-update: every generator is restarted and the
   session dropped.
 
@@ -24,9 +24,11 @@ import math
 import socket
 import time
 
+from actors.weight_sync import object_store
+from actors.weight_sync.base import EngineGroup, LearnerRank, LearnerWorkers, Publication, SyncTarget
 from actors.weight_sync.layout import ParamSpec, WeightMismatchError, check_params, dtype_of
 from actors.weight_sync.names import checkpoint_items
-from actors.weight_sync.publish import get, publish_weights, publishing_workers
+from actors.weight_sync.stored import get, publishing_workers
 
 
 def nccl_trainer_init_info(sync_cfg, address: str, port: int, num_generators: int, tp: int, rank: int = 0):
@@ -46,10 +48,11 @@ def generator_init_infos(init_info: dict, num_generators: int, tp: int) -> list[
 
 
 class PoolClient:
-    """vLLM's ``VLLMWeightSyncClient`` over the pool's generator actors (used on the learner)."""
+    """vLLM's ``VLLMWeightSyncClient`` over the target's engines (used on the learner)."""
 
-    def __init__(self, actors: list, tp: int, timeout_s: float):
-        self.actors, self.tp, self.timeout_s, self.version = actors, tp, timeout_s, None
+    def __init__(self, engines: EngineGroup, timeout_s: float):
+        self.actors, self.tp = engines.actors, engines.tensor_parallel_size
+        self.timeout_s, self.version = timeout_s, None
 
     def _all(self, step: str, payloads: list) -> None:
         get([a.weight_transfer.remote(step, p, self.version) for a, p in zip(self.actors, payloads)],
@@ -68,14 +71,14 @@ class PoolClient:
         self._all("finish", [None] * len(self.actors))
 
 
-def model_source(worker, spec: ParamSpec):
+def model_source(learner: LearnerRank, spec: ParamSpec):
     """vLLM ``WeightSource`` over the learner's policy in checkpoint naming, checked against
     ``spec`` (before anything is sent) and cast to the engine's dtype on the learner."""
     import torch
     from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource, materialize_full_tensor
 
     target = dtype_of(spec.dtype or "float32")
-    model = worker.model
+    model = learner.model
 
     def raw(meta: bool):
         for name, param in model.named_parameters():
@@ -106,7 +109,11 @@ def trainer_engine_cls():
     return NCCLTrainerWeightTransferEngine
 
 
-def _nccl_endpoint(worker, port: int) -> tuple[str, int]:
+# -- on the learner's ranks (``LearnerWorker.nccl_endpoint``, ``nccl_open``, ``nccl_send``) --------
+
+
+def nccl_endpoint(port: int) -> tuple[str, int]:
+    """This node's IP and ``port`` (0: one free on it now), for the group's rendezvous."""
     import ray
 
     if not port:
@@ -116,74 +123,79 @@ def _nccl_endpoint(worker, port: int) -> tuple[str, int]:
     return ray.util.get_node_ip_address(), port
 
 
-def _nccl_trainer_init(worker, rank, sync_cfg, address, port, actors, tp, spec):
-    old = getattr(worker, "_odpo_weight_transfer", None)
-    if old is not None:
-        old.shutdown()
-    source = model_source(worker, spec)
+def open_nccl_sender(learner: LearnerRank, previous, rank: int, sync_cfg, address: str, port: int,
+                     engines: EngineGroup, spec: ParamSpec):
+    """Join a new weight-transfer group with every engine (closing ``previous``, this rank's old
+    sender, if any); returns vLLM's trainer-side engine, which the worker keeps for ``send_nccl``."""
+    if previous is not None:
+        previous.shutdown()
+    source = model_source(learner, spec)
     source.metadata()  # a mismatch is an error before any generator joins a group
-    info = nccl_trainer_init_info(sync_cfg, address, port, len(actors), tp, rank=rank)
-    worker._odpo_weight_transfer = trainer_engine_cls().trainer_init(
-        info, client=PoolClient(actors, tp, sync_cfg.timeout_s), source=source)
+    info = nccl_trainer_init_info(sync_cfg, address, port, len(engines.actors), engines.tensor_parallel_size,
+                                  rank=rank)
+    return trainer_engine_cls().trainer_init(info, client=PoolClient(engines, sync_cfg.timeout_s), source=source)
 
 
-def _nccl_send(worker, version: int) -> int:
-    engine = worker._odpo_weight_transfer
-    engine.client.version = version
-    meta = engine.source.metadata()  # raises on a mismatch before the generators start an update
-    engine.send_weights()
+def send_nccl(sender, version: int) -> int:
+    """Broadcast the policy as ``version`` through ``sender``; returns the bytes sent."""
+    sender.client.version = version
+    meta = sender.source.metadata()  # raises on a mismatch before the generators start an update
+    sender.send_weights()
     return sum(m.dtype.itemsize * math.prod(m.shape) for m in meta)
 
 
-def session_key(learner, pool) -> tuple:
-    """Who an NCCL session joins: the learner's workers and each generator's actor and process."""
-    return (tuple(w._actor_id.hex() for w in learner.workers),
-            tuple((a._actor_id.hex(), pid) for a, pid in zip(pool.actors, pool.pids())))
+# -- on the driver ------------------------------------------------------------------------------
 
 
-class NcclPublication:
+def session_key(learner: LearnerWorkers, engines: EngineGroup) -> tuple:
+    """Who an NCCL session joins: the learner's workers and each engine's actor and process."""
+    return tuple(w._actor_id.hex() for w in learner.workers), engines.identity
+
+
+class NcclPublication(Publication):
     """The learner's weights sent over NCCL as ``version``. They live on the learner: re-applying
     them to a restarted generator publishes the learner's weights as they are now through the
     object store or shared memory (right in sync mode, where nothing trains between a sync and the
     sampling it serves; in async mode a restart mid-round serves weights a few steps newer)."""
 
-    def __init__(self, learner, version: int, sync_cfg, spec: ParamSpec, run_dir=None):
-        self.learner, self.version, self.sync_cfg, self.spec, self.run_dir = learner, version, sync_cfg, spec, run_dir
+    kind = "nccl"
+
+    def __init__(self, learner: LearnerWorkers, version: int, sync_cfg, spec: ParamSpec):
+        self.learner, self.version, self.sync_cfg, self.spec = learner, version, sync_cfg, spec
         self.bytes = 0
 
-    def apply(self, pool, indices: list[int]) -> float:
-        if sorted(indices) != list(range(len(pool.actors))):
-            return self._resync(pool, indices)
-        cfg = self.sync_cfg
+    def apply(self, target: SyncTarget, indices: list[int]) -> float:
+        engines = target.engines()
+        if sorted(indices) != list(range(len(engines.actors))):
+            return self._resync(target, indices)
+        cfg, state = self.sync_cfg, target.sync_state
         start = time.perf_counter()
-        pool.drain()  # no collective while a generator is inside ``sample``
+        target.drain()  # no collective while a generator is inside ``sample``
         workers = publishing_workers(self.learner)
-        key = session_key(self.learner, pool)
-        if pool.sync_state.get("nccl") != key:
-            pool.sync_state.pop("nccl", None)
-            address, port = get(self.learner.rank0.apply.remote(_nccl_endpoint, cfg.nccl_port), cfg.timeout_s,
+        key = session_key(self.learner, engines)
+        if state.nccl_session != key:
+            state.nccl_session = None
+            address, port = get(self.learner.rank0.nccl_endpoint.remote(cfg.nccl_port), cfg.timeout_s,
                                 "picking the NCCL rendezvous port")
-            tp = pool.gen_cfg.tensor_parallel_size
-            get([w.apply.remote(_nccl_trainer_init, r, cfg, address, port, pool.actors, tp, self.spec)
-                 for r, w in enumerate(workers)], cfg.timeout_s, "opening the NCCL weight-transfer group")
-            pool.sync_state["nccl"] = key
+            get([w.nccl_open.remote(r, cfg, address, port, engines, self.spec) for r, w in enumerate(workers)],
+                cfg.timeout_s, "opening the NCCL weight-transfer group")
+            state.nccl_session = key
         try:
-            sent = get([w.apply.remote(_nccl_send, self.version) for w in workers], cfg.timeout_s,
+            sent = get([w.nccl_send.remote(self.version) for w in workers], cfg.timeout_s,
                        f"the NCCL broadcast of weights version {self.version}")
         except WeightMismatchError:
             raise  # found before any generator started an update: nothing to undo
         except BaseException:
             # The group is unusable and the engines are left mid-update (layers on the meta
             # device): start them fresh; the next sync opens a new group.
-            pool.sync_state.pop("nccl", None)
-            for i in range(len(pool.actors)):
-                pool.restart_actor(i, resync=False)
+            state.nccl_session = None
+            for i in range(len(engines.actors)):
+                target.restart_actor(i, resync=False)
             raise
         self.bytes = sent[0]
         return time.perf_counter() - start
 
-    def _resync(self, pool, indices: list[int]) -> float:
+    def _resync(self, target: SyncTarget, indices: list[int]) -> float:
         """Bring only ``indices`` (restarted generators) to the learner's weights, off NCCL."""
         host_cfg = self.sync_cfg.model_copy(update={"backend": "object_store"})
-        publication = publish_weights(self.learner, pool, self.version, host_cfg, self.run_dir)
-        return publication.apply(pool, indices)
+        return object_store.publish(self.learner, target, self.version, host_cfg).apply(target, indices)

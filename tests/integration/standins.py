@@ -1,11 +1,16 @@
 """TEST-ONLY stand-ins shared by the weight-sync integration tests: a learner worker that holds the
-demo model in transformers, with the contract of ``actors.learner``'s ``LearnerWorker``
-(``apply``, ``full_state_dict``, ``model``) plus helpers to change its weights and to score
-completions under them."""
+demo model in transformers, with the weight-sync contract of ``actors.learner``'s ``LearnerWorker``
+(its named methods ``publish_weights``, ``prepare_weight_stream``, ``node_info``,
+``remove_sync_files``; ``actors/weight_sync/base.py``), being its own ``LearnerRank`` (``rank``,
+``model``, ``iter_full_state``), plus helpers to change its weights and to score completions
+under them."""
+
+from types import SimpleNamespace
 
 import ray
 import torch
 
+from actors import weight_sync
 from tests.conftest import DEMO_MODEL
 
 MAX_NEW = 6
@@ -21,21 +26,52 @@ class StandInLearnerWorker:
 
         torch.set_num_threads(1)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        self.corrupt = None
+        self.rank = 0
+        self.undo_corrupt = None
+        self.fail_after = None
 
     def apply(self, fn, *args, **kwargs):
         return fn(self, *args, **kwargs)
 
-    def full_state_dict(self) -> dict:
-        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        if self.corrupt == "name":
-            state["model.layers.0.mlp.gate_projj.weight"] = state.pop("model.layers.0.mlp.gate_proj.weight")
-        elif self.corrupt == "shape":
-            state["model.norm.weight"] = torch.ones(64)
-        return state
+    def iter_full_state(self, dtype=None):
+        for k, (name, tensor) in enumerate(self.model.state_dict().items()):
+            if k == self.fail_after:
+                raise RuntimeError(f"gather failed at {name!r}")
+            yield name, tensor.detach().to("cpu", dtype or tensor.dtype)
+
+    def set_fail_after(self, tensors):
+        """Make the export raise after ``tensors`` tensors (a learner failing mid-publication); None: never."""
+        self.fail_after = tensors
+
+    # The weight-sync methods of ``LearnerWorker``, on this stand-in as its own learner.
+
+    def publish_weights(self, request):
+        return weight_sync.publish_rank(self, request)
+
+    def prepare_weight_stream(self, spec, path):
+        return weight_sync.prepare_stream(self, spec, path)
+
+    def node_info(self, shm_dir):
+        return weight_sync.node_info(shm_dir)
+
+    def remove_sync_files(self, paths):
+        weight_sync.remove_files(paths)
 
     def set_corrupt(self, how):
-        self.corrupt = how
+        """Make the policy mismatch the engine's model (``name``: a misspelt parameter; ``shape``:
+        a wrong shape); None puts it back."""
+        if self.undo_corrupt is not None:
+            self.undo_corrupt()
+            self.undo_corrupt = None
+        if how == "name":
+            mlp = self.model.model.layers[0].mlp
+            mlp._modules = {("gate_projj" if k == "gate_proj" else k): m for k, m in mlp._modules.items()}
+            self.undo_corrupt = lambda: setattr(mlp, "_modules", {("gate_proj" if k == "gate_projj" else k): m
+                                                                  for k, m in mlp._modules.items()})
+        elif how == "shape":
+            norm, weight = self.model.model.norm, self.model.model.norm.weight
+            norm.weight = torch.nn.Parameter(torch.ones(64))
+            self.undo_corrupt = lambda: setattr(norm, "weight", weight)
 
     @torch.no_grad()
     def sgd_steps(self, ids: list[int], steps: int, lr: float) -> None:
@@ -70,8 +106,9 @@ class StandInLearnerWorker:
 
 
 class StandInLearner:
-    """TEST-ONLY stand-in for ``LearnerGroup``: ``workers`` and ``rank0``."""
+    """TEST-ONLY stand-in for ``LearnerGroup``: ``workers``, ``rank0`` and ``cfg.strategy``."""
 
     def __init__(self):
         self.workers = [StandInLearnerWorker.remote(str(DEMO_MODEL))]
         self.rank0 = self.workers[0]
+        self.cfg = SimpleNamespace(strategy="ddp")

@@ -64,12 +64,12 @@ def _policy(w):
 
 
 def _reference(w):
-    return {k: v.detach().clone() for k, v in w.engine.reference.state_dict().items()}
+    return {k: v.detach().clone() for k, v in w.learner.reference.state_dict().items()}
 
 
 def _optimizer(w):
-    e = w.engine
-    return copy.deepcopy(e.optimizer.state_dict()), e.scheduler.state_dict(), e.steps, e.skipped_steps
+    rank = w.learner
+    return copy.deepcopy(rank.optimizer.state_dict()), rank.scheduler.state_dict(), rank.steps, rank.skipped_steps
 
 
 def _on_all(group, fn):

@@ -1,11 +1,12 @@
 """Weight sync into real vLLM engines (CPU, demo model, local Ray): after the learner's weights
 change, every generator's greedy output equals transformers' on the new weights and vLLM's
-log-probs match transformers' to 1e-3; a mismatched state dict fails before any weight changes;
-a generator killed during a sample call is restarted, re-synced and its share re-sampled.
+log-probs match transformers' to 1e-3; a mismatched state dict fails before any weight changes; a
+learner failing mid-publication leaves every engine on its last full weights; a generator killed
+during a sample call is restarted, re-synced and its share re-sampled.
 
 The learner here is ``StandInLearnerWorker`` (tests/integration/standins.py), a TEST-ONLY
-stand-in for ``actors.learner``'s ``LearnerWorker`` with the same contract (``apply``,
-``full_state_dict``, ``model``); the end-to-end test with the real learner lives with the
+stand-in for ``actors.learner``'s ``LearnerWorker`` with the same weight-sync methods
+(``actors/weight_sync/base.py``); the end-to-end test with the real learner lives with the
 orchestrator.
 """
 
@@ -38,7 +39,7 @@ def pool(ray_local):
     pool = GeneratorPool(ModelConfig(path=str(DEMO_MODEL), max_model_len=64),
                          GeneratorConfig(num_actors=2, n=4, max_new_tokens=MAX_NEW, engine=ENGINE), seed=0)
     yield pool
-    files = sorted(pool.sync_state.get("files", ()))
+    files = sorted(pool.sync_state.files)
     pool.shutdown()
     assert files and not any(os.path.exists(f) for f in files), files  # shm buffers are removed
 
@@ -71,7 +72,7 @@ def test_sync_makes_every_generator_match_transformers(pool, learner, eval_rows,
 
     version = pool.version + 1
     timings = sync_weights(learner, pool, version, SyncConfig(backend=backend, shm_dir=shm_dir), run_dir=tmp_path)
-    assert pool.publication.desc["kind"] == kind and timings["path"] == kind
+    assert pool.sync_state.publication.desc["kind"] == kind and timings["path"] == kind
     assert pool.versions() == [version, version] and pool.version == version
     assert timings["bytes"] == 4 * sum(p.numel() for p in [torch.empty(s) for s in pool.param_spec.shapes.values()])
     assert timings["total_s"] >= timings["load_s"] > 0
@@ -104,12 +105,31 @@ def test_mismatched_state_dict_fails_and_keeps_serving_old_weights(pool, learner
     assert greedy_per_actor(pool, rows) == before
 
 
+def test_a_learner_failing_mid_publication_leaves_every_engine_on_its_weights(pool, learner, eval_rows):
+    """A streamed shared-memory sync whose learner fails part-way: the engines have loaded the
+    tensors written before the failure, then go back to the weights they last loaded in full; the
+    learner's error is the one raised."""
+    rows = eval_rows[:8]
+    if pool.sync_state.publication is None:
+        sync_weights(learner, pool, pool.version + 1, SyncConfig())
+    before, versions = greedy_per_actor(pool, rows), pool.versions()
+    change_weights(learner, eval_rows, pool, pool.version)  # the tensors loaded before the failure are new ones
+    ray.get(learner.rank0.set_fail_after.remote(5), timeout=30)
+    try:
+        with pytest.raises(RuntimeError, match="gather failed at"):
+            sync_weights(learner, pool, pool.version + 1, SyncConfig())
+    finally:
+        ray.get(learner.rank0.set_fail_after.remote(None), timeout=30)
+    assert pool.versions() == versions
+    assert greedy_per_actor(pool, rows) == before
+
+
 def test_engine_refuses_a_mismatched_publication_before_touching_weights(pool, learner, eval_rows):
     rows = eval_rows[:8]
-    if pool.publication is None:
+    if pool.sync_state.publication is None:
         sync_weights(learner, pool, pool.version + 1, SyncConfig())
     before = greedy_per_actor(pool, rows)
-    desc = dict(pool.publication.desc)
+    desc = dict(pool.sync_state.publication.desc)
     desc["slots"] = [dataclasses.replace(s, shape=(s.shape[0] // 2, *s.shape[1:])) if s.name.endswith("o_proj.weight")
                      else s for s in desc["slots"]]
     with pytest.raises(WeightMismatchError, match=r"o_proj.weight' has shape \[64, 128\]"):
@@ -138,7 +158,7 @@ def test_killed_generator_is_restarted_resynced_and_its_share_resampled(pool, le
 
     # A generator that serves another version (here: loaded behind the pool's back) is re-synced
     # before its share counts: a sync-mode sample never mixes versions.
-    ray.get(pool.actors[0].load_weights.remote(pool.publication.desc, version + 7), timeout=60)
+    ray.get(pool.actors[0].load_weights.remote(pool.sync_state.publication.desc, version + 7), timeout=60)
     groups = pool.sample(rows, seed=0, greedy=True)
     assert {g.policy_version for g in groups} == {version}
     assert [g.completions[0].token_ids for g in groups] == expected
@@ -154,7 +174,7 @@ def test_a_publication_outlives_the_learner_that_made_it(pool, eval_rows):
     expected = ray.get(doomed.rank0.greedy.remote(ids), timeout=120)
     version = pool.version + 1
     sync_weights(doomed, pool, version, SyncConfig(shm_dir=None))
-    assert pool.publication.desc["kind"] == "object_store"
+    assert pool.sync_state.publication.desc["kind"] == "object_store"
     ray.kill(doomed.rank0, no_restart=True)
     restarts = pool.restarts
     ray.kill(pool.actors[0], no_restart=False)

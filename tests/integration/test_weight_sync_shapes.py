@@ -91,9 +91,9 @@ def test_tp2_bf16_generator_serves_the_learners_new_weights(tp_pool, stand_in_le
 
     version = tp_pool.version + 1
     timings = sync_weights(learner, tp_pool, version, SyncConfig(shm_dir=shm_dir))
-    assert tp_pool.publication.desc["kind"] == kind and tp_pool.versions() == [version]
+    assert tp_pool.sync_state.publication.desc["kind"] == kind and tp_pool.versions() == [version]
     assert timings["bytes"] == 2 * params  # cast to bf16 on the learner: half of float32's bytes
-    assert {s.dtype for s in tp_pool.publication.desc["slots"]} == {"bfloat16"}
+    assert {s.dtype for s in tp_pool.sync_state.publication.desc["slots"]} == {"bfloat16"}
     fresh = max(gaps(learner, sample_pairs(tp_pool, seed=2)))
     # bf16 weights against the learner's float32 ones: within rounding; before the sync: far off.
     assert fresh < 0.15 < 2 * 0.15 < stale, (fresh, stale)

@@ -1,9 +1,11 @@
 """The NCCL backend's session logic, every branch, with fakes (NCCL cannot run here): Ray actor
 handles are replaced by handles that run each call at once and log it, and vLLM's trainer-side
 NCCL engine by a fake that makes the same calls on the generators (``trainer_init`` -> init on
-every generator; ``send_weights`` -> start, update, finish) without a communicator. The real
-``NcclPublication``, ``PoolClient``, ``model_source`` and publication code run on top of them.
-Each test asserts which generators were contacted, with what, and in what order."""
+every generator; ``send_weights`` -> start, update, finish) without a communicator. The fake pool
+and learner workers offer what ``actors/weight_sync/base.py`` asks of ``GeneratorPool`` and
+``LearnerWorker``; the real ``NcclPublication``, ``PoolClient``, ``model_source`` and publication
+code run on top of them. Each test asserts which generators were contacted, with what, and in
+what order."""
 
 from types import SimpleNamespace
 
@@ -12,8 +14,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from actors.generator.pool import GeneratorHung
+from actors import weight_sync
+from actors.weight_sync import nccl, object_store, stored
+from actors.weight_sync.base import EngineGroup, SyncState
 from actors.weight_sync.layout import WeightMismatchError, make_spec
-from actors.weight_sync import nccl, publish
 from orchestrator.config import SyncConfig
 
 LOG: list[tuple] = []
@@ -77,15 +81,18 @@ class FakeGenerator:
 
 
 class FakePool:
+    """A ``SyncTarget`` over fake generators."""
+
     def __init__(self, n=3, tp=1, spec=None):
         self.actors = [Handle(FakeGenerator(f"g{i}"), f"gen-actor-{i}") for i in range(n)]
         self._pids = [100 + i for i in range(n)]
-        self.gen_cfg = SimpleNamespace(tensor_parallel_size=tp)
-        self.sync_state, self.publication, self.param_spec, self.uid = {}, None, spec, "pool"
+        self.tp = tp
+        self.sync_state, self.param_spec = SyncState(), spec
         self.hung = None
 
-    def pids(self):
-        return list(self._pids)
+    def engines(self):
+        identity = tuple((a._actor_id.hex(), pid) for a, pid in zip(self.actors, self._pids))
+        return EngineGroup(list(self.actors), self.tp, identity)
 
     def node_ids(self):
         return ["node"] * len(self.actors)
@@ -100,8 +107,8 @@ class FakePool:
         LOG.append((f"g{i}", "restart"))
         self._pids[i] += 1000
 
-    def _call(self, indices, method, *args, timeout, what):
-        return fake_get([getattr(self.actors[i], method).remote(*args) for i in indices], timeout, what)
+    def load_weights(self, indices, desc, version, timeout):
+        return fake_get([self.actors[i].load_weights.remote(desc, version) for i in indices], timeout, "load")
 
 
 def tiny_llama():
@@ -111,15 +118,30 @@ def tiny_llama():
 
 
 class FakeLearnerWorker:
+    """``LearnerWorker``'s weight-sync methods, on a worker that is its own ``LearnerRank``."""
+
     def __init__(self, rank, model):
-        self.rank, self.model = rank, model
+        self.rank, self.model, self.nccl_sender = rank, model, None
 
-    def apply(self, fn, *args, **kwargs):
-        return fn(self, *args, **kwargs)
+    def iter_full_state(self, dtype=None):
+        LOG.append((f"learner{self.rank}", "iter_full_state"))
+        for name, tensor in self.model.state_dict().items():
+            yield name, tensor.detach()
 
-    def full_state_dict(self):
-        LOG.append((f"learner{self.rank}", "full_state_dict"))
-        return {k: v.detach() for k, v in self.model.state_dict().items()}
+    def publish_weights(self, request):
+        return weight_sync.publish_rank(self, request)
+
+    def node_info(self, shm_dir):
+        return "node", False
+
+    def nccl_endpoint(self, port):
+        return "10.0.0.1", 29500
+
+    def nccl_open(self, rank, sync_cfg, address, port, engines, spec):
+        self.nccl_sender = nccl.open_nccl_sender(self, self.nccl_sender, rank, sync_cfg, address, port, engines, spec)
+
+    def nccl_send(self, version):
+        return nccl.send_nccl(self.nccl_sender, version)
 
 
 class FakeLearner:
@@ -168,11 +190,9 @@ class FakeTrainerEngine:
 def fakes(monkeypatch):
     LOG.clear()
     FakeTrainerEngine.fail_broadcast = False
-    monkeypatch.setattr(nccl, "get", fake_get)
-    monkeypatch.setattr(publish, "get", fake_get)
+    for module in (nccl, object_store, stored):
+        monkeypatch.setattr(module, "get", fake_get)
     monkeypatch.setattr(nccl, "trainer_engine_cls", lambda: FakeTrainerEngine)
-    monkeypatch.setattr(publish, "_node_info", lambda worker, shm_dir: ("node", False))
-    monkeypatch.setattr(nccl, "_nccl_endpoint", lambda worker, port: ("10.0.0.1", 29500))
     yield
 
 
@@ -223,7 +243,7 @@ def test_resync_of_one_restarted_generator_touches_only_it_and_the_next_sync_reo
     pool._pids[1] += 1000  # generator 1 was restarted
     LOG.clear()
     publication.apply(pool, [1])
-    assert LOG == [("learner0", "full_state_dict"), ("g1", "load", "object_store", 1)]  # no drain, no NCCL step
+    assert LOG == [("learner0", "iter_full_state"), ("g1", "load", "object_store", 1)]  # no drain, no NCCL step
     LOG.clear()
     full_sync(learner, pool, 2)
     assert LOG == [("pool", "drain"), ("learner0", "shutdown"), ("learner0", "trainer_init", 4),
@@ -253,7 +273,7 @@ def test_a_failed_broadcast_restarts_every_generator_and_drops_the_session():
     assert LOG == [("pool", "drain"), ("learner0", "send"), ("g0", "start"), ("g1", "start"), ("g2", "start"),
                    ("g0", "update"), ("g1", "update"), ("g2", "update"),
                    ("g0", "restart"), ("g1", "restart"), ("g2", "restart")]
-    assert "nccl" not in pool.sync_state
+    assert pool.sync_state.nccl_session is None
     FakeTrainerEngine.fail_broadcast = False
     LOG.clear()
     full_sync(learner, pool, 3)
@@ -268,7 +288,7 @@ def test_a_mismatched_learner_fails_before_any_generator_is_contacted():
     with pytest.raises(WeightMismatchError, match=r"'model.embed_tokens.weight' has shape \[64, 48\]"):
         full_sync(wrong, pool, 1)
     assert LOG == [("pool", "drain")]
-    assert "nccl" not in pool.sync_state
+    assert pool.sync_state.nccl_session is None
 
 
 def test_a_sample_still_running_past_its_deadline_stops_the_sync_before_any_collective():

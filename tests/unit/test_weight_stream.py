@@ -10,14 +10,13 @@ import torch
 from torch import nn
 
 from actors.weight_sync.layout import ParamSpec
-from actors.weight_sync import PublicationAborted, open_published
-from actors.weight_sync.publish import _prepare_stream, _publish
+from actors.weight_sync import PublicationAborted, PublishRequest, open_published, prepare_stream, publish_rank
 
 SPEC = ParamSpec({"a.weight": (4, 3), "b.bias": (3,)}, frozenset({"lm_head.weight"}), "bfloat16")
 
 
 class StreamingLearner:
-    """A rank-0 learner worker with a streamed export (``iter_full_state``); ``gate`` holds the
+    """A rank-0 learner (``weight_sync.LearnerRank``) with its streamed export; ``gate`` holds the
     stream after its first tensor until set, ``fail`` raises there instead."""
 
     def __init__(self, gate: threading.Event | None = None, fail: bool = False):
@@ -39,14 +38,14 @@ class StreamingLearner:
 
 
 def start(learner, path, token=7):
-    layout = _prepare_stream(learner, SPEC, path)
+    layout = prepare_stream(learner, SPEC, path)
     desc = {"kind": "shm", "slots": layout["slots"], "path": path, "token": token,
             "writer_pid": layout["writer_pid"], "timeout_s": 30}
     errors: list[BaseException] = []
 
     def write():
         try:
-            _publish(learner, "shm", SPEC, path, {"slots": layout["slots"], "token": token})
+            publish_rank(learner, PublishRequest("shm", SPEC, path, layout["slots"], token))
         except BaseException as e:  # noqa: BLE001 - handed to the test
             errors.append(e)
 
@@ -104,7 +103,7 @@ def test_a_writer_that_fails_stops_the_reader_at_the_first_missing_tensor(tmp_pa
 
 def test_a_writer_that_died_stops_the_reader(tmp_path):
     path = str(tmp_path / "buf.bin")
-    layout = _prepare_stream(StreamingLearner(), SPEC, path)  # laid out, then nothing written
+    layout = prepare_stream(StreamingLearner(), SPEC, path)  # laid out, then nothing written
     gone = subprocess.Popen(["true"])
     gone.wait()
     desc = {"kind": "shm", "slots": layout["slots"], "path": path, "token": 9, "writer_pid": gone.pid,
@@ -117,5 +116,5 @@ def test_a_mismatched_plan_is_refused_before_the_buffer_is_made(tmp_path):
     learner = StreamingLearner()
     learner.model.b.bias = nn.Parameter(torch.zeros(5))
     with pytest.raises(ValueError, match=r"'b.bias' has shape \[5\]"):
-        _prepare_stream(learner, SPEC, str(tmp_path / "buf.bin"))
+        prepare_stream(learner, SPEC, str(tmp_path / "buf.bin"))
     assert not (tmp_path / "buf.bin").exists()

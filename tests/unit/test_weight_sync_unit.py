@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from actors import weight_sync
 from actors.weight_sync.layout import ALIGN, ParamSpec, WeightMismatchError, check_dtypes, check_params, make_spec, \
     numpy_carrier, plan_layout
-from actors.weight_sync import engine, nccl, publish
+from actors.weight_sync import PublishRequest, disk, engine, nccl, stored
 from actors.weight_sync.names import checkpoint_spec
 from orchestrator.config import SyncConfig
 from tests.conftest import DEMO_MODEL
@@ -74,15 +74,30 @@ def test_bfloat16_travels_through_numpy_as_int16():
 
 
 class TinyLearner:
-    """Holds a state dict the way a learner worker exposes it (``full_state_dict``)."""
-
-    model = None  # no transformers model: names are already checkpoint names
+    """A learner rank (``weight_sync.LearnerRank``) holding ``state``: a plain module of its names
+    and shapes (no transformers model: the names are already checkpoint names) whose export
+    streams it tensor by tensor; rank 0 gets ``(name, tensor)``, the other ranks ``(name, None)``
+    and must iterate to the end."""
 
     def __init__(self, state, rank=0):
-        self.state, self.rank = state, rank
+        self.rank, self.consumed = rank, 0
+        self.model = torch.nn.Module()  # what the plan reads: names and shapes only
+        for name, tensor in state.items():
+            module, attr = name.split(".")
+            if not hasattr(self.model, module):
+                self.model.add_module(module, torch.nn.Module())
+            getattr(self.model, module).register_parameter(attr, torch.nn.Parameter(torch.empty_like(tensor)))
+        self.state = state
 
-    def full_state_dict(self):
-        return self.state
+    def iter_full_state(self, dtype=None):
+        for name, tensor in self.state.items():
+            self.consumed += 1
+            yield name, (tensor if self.rank == 0 else None)
+
+
+def publish(learner, kind, spec, path):
+    """What ``LearnerWorker.publish_weights`` runs on a rank: ``(descriptor, arrays)``."""
+    return weight_sync.publish_rank(learner, PublishRequest(kind, spec, path))
 
 
 def demo_like_state(seed=0):
@@ -94,7 +109,7 @@ def demo_like_state(seed=0):
 def test_shm_buffer_round_trip_is_reused_in_place(tmp_path):
     path = str(tmp_path / "buf.bin")
     state = demo_like_state(0)
-    desc, arrays = publish._publish(TinyLearner(state), "shm", SPEC, path)
+    desc, arrays = publish(TinyLearner(state), "shm", SPEC, path)
     assert arrays is None
     assert [s.name for s in desc["slots"]] == ["a.weight", "b.bias"] and desc["bytes"] == 60
     got = dict(weight_sync.open_published(desc))
@@ -102,27 +117,27 @@ def test_shm_buffer_round_trip_is_reused_in_place(tmp_path):
     inode = os.stat(path).st_ino
 
     state2 = demo_like_state(1)
-    desc2, _ = publish._publish(TinyLearner(state2), "shm", dataclasses.replace(SPEC, dtype="bfloat16"), path)
+    desc2, _ = publish(TinyLearner(state2), "shm", dataclasses.replace(SPEC, dtype="bfloat16"), path)
     assert os.stat(path).st_ino == inode  # the same pages are rewritten, not a new file
     got2 = dict(weight_sync.open_published(desc2))
     assert got2["a.weight"].dtype == torch.bfloat16
     assert torch.equal(got2["a.weight"], state2["a.weight"].to(torch.bfloat16))
     assert desc2["bytes"] == 30
-    assert publish._publish(TinyLearner(state2, rank=1), "shm", SPEC, path) == (None, None)  # only rank 0 publishes
+    assert publish(TinyLearner(state2, rank=1), "shm", SPEC, path) == (None, None)  # only rank 0 publishes
 
 
 def test_a_mismatched_state_dict_writes_nothing(tmp_path):
     bad = demo_like_state(0)
     bad["b.bias"] = torch.zeros(5)
     with pytest.raises(WeightMismatchError, match=r"'b.bias' has shape \[5\]"):
-        publish._publish(TinyLearner(bad), "shm", SPEC, str(tmp_path / "buf.bin"))
+        publish(TinyLearner(bad), "shm", SPEC, str(tmp_path / "buf.bin"))
     assert not (tmp_path / "buf.bin").exists()
 
 
 def test_disk_publication_is_renamed_into_place(tmp_path):
     target = str(tmp_path / "weights-v000003.safetensors")
     state = demo_like_state(2)
-    desc, _ = publish._publish(TinyLearner(state), "disk", SPEC, target)
+    desc, _ = publish(TinyLearner(state), "disk", SPEC, target)
     assert os.listdir(tmp_path) == ["weights-v000003.safetensors"]
     got = dict(weight_sync.open_published(desc))
     assert torch.equal(got["a.weight"], state["a.weight"])
@@ -130,12 +145,34 @@ def test_disk_publication_is_renamed_into_place(tmp_path):
 
 def test_disk_backend_needs_a_folder():
     with pytest.raises(ValueError, match="sync.disk_path: required"):
-        publish._transport(None, None, SyncConfig(backend="disk"), None, 1)
+        disk.file_path(SyncConfig(backend="disk"), None, 1)
+
+
+class Removing:
+    """A learner whose rank 0 removes files at once (``remove_sync_files``), as Ray would run it."""
+
+    def __init__(self):
+        self.rank0 = SimpleNamespace(remove_sync_files=SimpleNamespace(remote=weight_sync.remove_files))
+
+
+def test_a_disk_publication_removes_the_file_it_replaces_and_nothing_else(tmp_path, monkeypatch):
+    monkeypatch.setattr(disk, "get", lambda ref, timeout, what: ref)
+    files = [tmp_path / f"weights-v{v:06d}.safetensors" for v in (1, 2)]
+    for f in files:
+        f.write_bytes(b"x")
+    old, new = (disk.DiskPublication(Removing(), v, {"kind": "disk", "bytes": 1, "path": str(f)}, 5)
+                for v, f in zip((1, 2), files))
+    new.release_previous(None)
+    new.release_previous(new)  # the same file: kept
+    new.release_previous(stored.StoredPublication(0, {"kind": "shm", "bytes": 1, "path": str(files[0])}, 5))
+    assert all(f.exists() for f in files)
+    new.release_previous(old)
+    assert not files[0].exists() and files[1].exists()
 
 
 def test_object_store_payload_is_returned_cast_once_in_slot_order():
     state = demo_like_state(3)
-    desc, arrays = publish._publish(TinyLearner(state), "object_store", dataclasses.replace(SPEC, dtype="bfloat16"), None)
+    desc, arrays = publish(TinyLearner(state), "object_store", dataclasses.replace(SPEC, dtype="bfloat16"), None)
     assert [s.dtype for s in desc["slots"]] == ["bfloat16", "bfloat16"] and desc["bytes"] == 30
     for slot, array in zip(desc["slots"], arrays):
         assert torch.equal(torch.from_numpy(array).view(torch.bfloat16), state[slot.name].to(torch.bfloat16))
@@ -149,9 +186,9 @@ class Group:
 
 
 def test_only_rank0_publishes_under_ddp_and_every_rank_under_fsdp():
-    assert publish.publishing_workers(Group(2, "ddp")) == ["w0"]
-    assert publish.publishing_workers(Group(2, "fsdp")) == ["w0", "w1"]
-    assert publish.publishing_workers(Group(1, "fsdp")) == ["w0"]
+    assert stored.publishing_workers(Group(2, "ddp")) == ["w0"]
+    assert stored.publishing_workers(Group(2, "fsdp")) == ["w0", "w1"]
+    assert stored.publishing_workers(Group(1, "fsdp")) == ["w0"]
 
 
 # -- nccl: everything but the GPU --------------------------------------------------------------
@@ -219,46 +256,22 @@ def test_engine_kwargs_enable_vllms_weight_transfer_config():
     assert "kv_cache_memory_bytes" not in kwargs
 
 
-class StreamingLearner:
-    """A learner worker whose engine streams the policy tensor by tensor (``iter_full_state``):
-    rank 0 gets ``(name, tensor)``, the other ranks ``(name, None)`` and must iterate to the end."""
-
-    def __init__(self, state, rank=0):
-        self.rank, self.consumed = rank, 0
-        self.model = torch.nn.Module()  # what the plan reads: names and shapes only
-        for name, tensor in state.items():
-            module, attr = name.split(".")
-            if not hasattr(self.model, module):
-                self.model.add_module(module, torch.nn.Module())
-            getattr(self.model, module).register_parameter(attr, torch.nn.Parameter(torch.empty_like(tensor)))
-        self.engine = SimpleNamespace(iter_full_state=self._stream)
-        self.state = state
-
-    def _stream(self, dtype=None):
-        for name, tensor in self.state.items():
-            self.consumed += 1
-            yield name, (tensor if self.rank == 0 else None)
-
-    def full_state_dict(self):
-        raise AssertionError("the streamed export must be used when the learner has one")
-
-
-def test_streamed_export_is_used_and_every_rank_iterates_it(tmp_path):
+def test_every_rank_iterates_the_streamed_export(tmp_path):
     state = demo_like_state(4)
-    rank1 = StreamingLearner(state, rank=1)
-    assert publish._publish(rank1, "shm", SPEC, str(tmp_path / "buf.bin")) == (None, None)
+    rank1 = TinyLearner(state, rank=1)
+    assert publish(rank1, "shm", SPEC, str(tmp_path / "buf.bin")) == (None, None)
     assert rank1.consumed == len(state)  # took part in every gather
-    desc, _ = publish._publish(StreamingLearner(state), "shm", dataclasses.replace(SPEC, dtype="bfloat16"),
-                               str(tmp_path / "buf.bin"))
+    desc, _ = publish(TinyLearner(state), "shm", dataclasses.replace(SPEC, dtype="bfloat16"),
+                      str(tmp_path / "buf.bin"))
     got = dict(weight_sync.open_published(desc))
     assert torch.equal(got["a.weight"], state["a.weight"].to(torch.bfloat16))
 
 
 def test_a_streamed_tensor_that_disagrees_with_the_plan_is_refused(tmp_path):
     state = demo_like_state(5)
-    learner = StreamingLearner(state)
+    learner = TinyLearner(state)
     bad = dict(state, **{"b.bias": torch.zeros(3)})
     bad["a.weight"] = torch.zeros(5, 3)  # the stream gathers another shape than the plan declared
     learner.state = bad
     with pytest.raises(WeightMismatchError):
-        publish._publish(learner, "object_store", SPEC, None)
+        publish(learner, "object_store", SPEC, None)

@@ -21,7 +21,7 @@ never leaves a half-written part. Each rank also writes ``rng_rank_<k>.json`` (i
 and torch RNG states, ``actors.rng_state``) and restores it on load.
 
 This module knows the learner only through the attributes it reads (``model``, ``reference``,
-``optimizer``, ...); it imports nothing from ``engine``.
+``optimizer``, ...); it imports nothing from ``rank`` (the ``Learner``).
 """
 
 from __future__ import annotations
