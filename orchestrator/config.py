@@ -289,6 +289,10 @@ class SyncConfig(Section):
     """``nccl`` backend: tensors are packed into broadcast buckets of this many MiB (two in flight)."""
     nccl_port: int = Field(0, ge=0, le=65535)
     """``nccl`` backend: rendezvous port on the learner's rank-0 node (0 = pick a free one)."""
+    push_retries: int = Field(2, ge=0)
+    """A weight push that fails is retried this many times from the learner's current weights (its training is kept) before the round counts as failed."""
+    push_backoff_s: float = Field(1.0, ge=0)
+    """Seconds before the first push retry, doubled before each next one."""
 
 
 class LoopConfig(Section):
@@ -359,7 +363,8 @@ class FaultSpec(Section):
     """What to hit: a generator actor, a judge actor, a learner worker, a generator's next weight load, or the write of the round's outputs."""
     action: Literal["kill", "hang", "raise", "nan", "nan_weights"] = "kill"
     """``kill`` (generator/judge/learner): end the actor as a crash would; ``hang`` (sync): the
-    generator's next weight load sleeps ``seconds``; ``raise`` (judge): its next ``count`` score calls
+    generator's next weight load sleeps ``seconds``; ``raise`` (sync): the generator's next weight
+    load fails (the push is retried); ``raise`` (judge): its next ``count`` score calls
     raise; ``raise`` (learner): every rank's ``train`` raises after ``after_steps`` optimizer steps;
     ``nan`` (learner): its next ``count`` steps produce a NaN loss; ``nan_weights`` (learner): its
     next optimizer step leaves a NaN in rank 0's weights (the round is redone, nothing published);
@@ -377,7 +382,7 @@ class FaultSpec(Section):
 
     @model_validator(mode="after")
     def _action_fits_kind(self) -> "FaultSpec":
-        allowed = {"generator": {"kill"}, "judge": {"kill", "raise"}, "learner": {"kill", "nan", "nan_weights", "raise"}, "sync": {"hang"},
+        allowed = {"generator": {"kill"}, "judge": {"kill", "raise"}, "learner": {"kill", "nan", "nan_weights", "raise"}, "sync": {"hang", "raise"},
                    "rundir": {"raise"}}
         if self.action not in allowed[self.kind]:
             raise ValueError(f"action {self.action!r} does not apply to kind {self.kind!r} (allowed: {sorted(allowed[self.kind])})")

@@ -114,6 +114,9 @@ class GeneratorActor:
         if delay:  # fault injection (orchestrator/loop/faults.py): a load that hangs past its timeout
             self.fault_delay_next_load_s = 0.0
             time.sleep(delay)
+        if getattr(self, "fault_raise_next_load", False):  # fault injection: a load that fails once
+            self.fault_raise_next_load = False
+            raise RuntimeError(f"generator {self.index}: weight load of version {version} failed (injected: faults.events)")
         from actors import weight_sync
 
         try:

@@ -75,7 +75,8 @@ class GeneratorPool:
                        for i in range(gen_cfg.num_actors)]
         self._served = [0] * gen_cfg.num_actors
         self._info: list[dict] = [{} for _ in self.actors]
-        self._submitted: weakref.WeakSet[SampleCall] = weakref.WeakSet()
+        self._submitted: list[SampleCall] = []
+        """Calls submitted and not yet collected or abandoned: ``drain`` waits for each of them."""
         try:
             for i in range(len(self.actors)):
                 self._info[i] = self._await_ready(i, count_restart=False)
@@ -100,7 +101,7 @@ class GeneratorPool:
         rows = list(rows)
         shares = {i: b for i, b in enumerate(split_evenly(len(rows), len(self.actors))) if b[1] > b[0]}
         pending = SampleCall(rows, seed, greedy, self.version, shares, {}, {}, overrides=overrides)
-        self._submitted.add(pending)
+        self._submitted.append(pending)
         for i in shares:
             self._dispatch(pending, i)
         return pending
@@ -108,10 +109,29 @@ class GeneratorPool:
     def collect(self, pending: SampleCall) -> list[SampleGroup]:
         """Wait for a submitted call; an actor that died, or whose engine raised, is restarted,
         re-synced and its share re-sampled."""
+        results: dict[int, list[SampleGroup]] = {}
+        try:
+            self._collect_shares(pending, results)
+        finally:  # a call that raised with shares still running stays for ``drain``/``abandon``
+            if not pending.refs and pending in self._submitted:
+                self._submitted.remove(pending)
+        groups = [g for i in sorted(results) for g in results[i]]
+        versions = {g.policy_version for g in groups}
+        if self.mode == "sync" and len(versions) > 1:
+            raise RuntimeError(f"refusing a sample from a mix of policy versions {sorted(versions)} in sync mode")
+        seconds = time.perf_counter() - pending.started
+        # The engines' own time (the slowest share): in async mode the span from submit to collect
+        # also covers whatever the driver did meanwhile.
+        engine_s = max((g.sample_s for g in groups), default=0.0)
+        tokens = sum(len(c.token_ids or ()) for g in groups for c in g.completions)
+        self.last_sample_stats = {"sample_s": seconds, "engine_s": engine_s, "tokens": float(tokens),
+                                  "tokens_per_s": tokens / max(engine_s or seconds, 1e-9)}
+        return groups
+
+    def _collect_shares(self, pending: SampleCall, results: dict[int, list[SampleGroup]]) -> None:
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
-        results: dict[int, list[SampleGroup]] = {}
         attempts = {i: 0 for i in pending.shares}
         while pending.refs:
             now = time.perf_counter()
@@ -149,18 +169,6 @@ class GeneratorPool:
             log.warning("%s %s; restarting, re-syncing and re-sampling its share", self.actor_name(i), reason)
             self._recover(i, old_pid=old_pid)
             self._dispatch(pending, i)
-        groups = [g for i in sorted(results) for g in results[i]]
-        versions = {g.policy_version for g in groups}
-        if self.mode == "sync" and len(versions) > 1:
-            raise RuntimeError(f"refusing a sample from a mix of policy versions {sorted(versions)} in sync mode")
-        seconds = time.perf_counter() - pending.started
-        # The engines' own time (the slowest share): in async mode the span from submit to collect
-        # also covers whatever the driver did meanwhile.
-        engine_s = max((g.sample_s for g in groups), default=0.0)
-        tokens = sum(len(c.token_ids or ()) for g in groups for c in g.completions)
-        self.last_sample_stats = {"sample_s": seconds, "engine_s": engine_s, "tokens": float(tokens),
-                                  "tokens_per_s": tokens / max(engine_s or seconds, 1e-9)}
-        return groups
 
     def _dispatch(self, pending: SampleCall, i: int) -> None:
         start, end = pending.shares[i]
@@ -214,8 +222,34 @@ class GeneratorPool:
 
     def restart_actor(self, i: int, resync: bool = True) -> None:
         """Kill actor ``i`` (Ray restarts it), wait for its engine and re-sync it: for a hung actor."""
-        old_pid = self._kill(i)
-        self._recover(i, resync=resync, old_pid=old_pid)
+        self.restart_actors([i], resync=resync)
+
+    def restart_actors(self, indices: list[int], resync: bool = True) -> None:
+        """Kill the given actors at once (Ray restarts them side by side), then wait for each
+        engine and re-sync it: restarting N costs about one engine start, not N."""
+        old_pids = {i: self._kill(i) for i in indices}
+        for i in indices:
+            self._recover(i, resync=resync, old_pid=old_pids[i])
+
+    def abandon(self, call: SampleCall) -> int:
+        """Give up a submitted call whose results are no longer wanted (its round is redone): wait
+        for its shares still running, each until its deadline, so that no engine is busy with it
+        when the next call is submitted; an actor past its deadline is restarted. Returns the
+        shares waited for."""
+        import ray
+
+        if call in self._submitted:
+            self._submitted.remove(call)
+        waited = 0
+        for i, ref in sorted(call.refs.items(), key=lambda item: call.deadlines[item[0]]):
+            ready, _ = ray.wait([ref], timeout=max(0.0, call.deadlines[i] - time.perf_counter()))
+            waited += 1
+            if not ready:
+                log.warning("%s is still inside an abandoned sample call past its deadline; restarting it",
+                            self.actor_name(i))
+                self.restart_actor(i)
+        call.refs.clear()
+        return waited
 
     def _kill(self, i: int) -> int | None:
         """End actor ``i``'s process (Ray restarts it); returns the old pid, for ``_recover``."""

@@ -100,6 +100,9 @@ class SyncTarget(Protocol):
     def restart_actor(self, i: int, resync: bool = True) -> None:
         """Replace engine ``i`` (and load ``sync_state.publication`` into it when ``resync``)."""
 
+    def restart_actors(self, indices: list[int], resync: bool = True) -> None:
+        """Replace the given engines side by side (as ``restart_actor`` each)."""
+
 
 class LearnerRank(Protocol):
     """One rank of the learner (``actors.learner.rank.Learner``) as weight sync reads it."""

@@ -189,8 +189,7 @@ class NcclPublication(Publication):
             # The group is unusable and the engines are left mid-update (layers on the meta
             # device): start them fresh; the next sync opens a new group.
             state.nccl_session = None
-            for i in range(len(engines.actors)):
-                target.restart_actor(i, resync=False)
+            target.restart_actors(list(range(len(engines.actors))), resync=False)
             raise
         self.bytes = sent[0]
         return time.perf_counter() - start

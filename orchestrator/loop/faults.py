@@ -19,6 +19,10 @@ def _arm_load_delay(actor_self, seconds: float) -> None:
     actor_self.fault_delay_next_load_s = seconds
 
 
+def _arm_load_raise(actor_self) -> None:
+    actor_self.fault_raise_next_load = True
+
+
 def _arm_judge_raise(actor_self, calls: int) -> None:
     actor_self.fault_raise_calls = calls
 
@@ -53,6 +57,8 @@ def _fire(ev, parts) -> None:
         parts.learner.inject_nan_weights()
     elif ev.kind == "learner":
         parts.learner.inject_nan(ev.count)
+    elif ev.kind == "sync" and ev.action == "raise":
+        ray.get(parts.generators.actors[ev.index].__ray_call__.remote(_arm_load_raise), timeout=30)
     elif ev.kind == "sync":
         ray.get(parts.generators.actors[ev.index].__ray_call__.remote(_arm_load_delay, ev.seconds), timeout=30)
     elif ev.kind == "rundir":  # the round's outputs cannot be written, as on a full disk

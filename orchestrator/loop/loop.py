@@ -53,6 +53,9 @@ class Loop:
         self.learner_restarts = 0
         self.round_retries = 0
         self.nonfinite_updates = 0  # rounds redone because a step made the weights inf/NaN
+        self.push_retries = 0  # weight pushes retried from the learner's current weights
+        self.restores = 0  # learner restores from a checkpoint (then the later rounds' pairs replayed)
+        self.adopted: DrawnRound | None = None  # a redo's next-round sampling, kept from the failed attempt
         self.learn_started = False  # the learner may have stepped in this attempt of the round
         self.pushing = False  # a weight push is (or was, when it failed) under way
         # loop.regenerate_every > 1: offline / iterative DPO (orchestrator/loop/regenerate.py)
@@ -148,7 +151,7 @@ class Loop:
         if c.loop.mode == "async":
             sync_s += self.push_weights()
             if r < c.loop.rounds or c.loop.rounds == 0:
-                self.pending = self.submit(r + 1)
+                self.pending = self.adopt(r + 1) or self.submit(r + 1)
         return Sampled(groups, sampler_after, gen_s, gen_wait_s), sync_s
 
     def judge(self, r: int, sampled: Sampled) -> Judged:
@@ -205,6 +208,15 @@ class Loop:
         call = self.parts.generators.submit(rows, seed=round_seed(self.c.run.seed, round_))
         return DrawnRound(round_, list(indices), self.sampler.state(), call=call)
 
+    def adopt(self, round_: int) -> DrawnRound | None:
+        """A redo's sampling of round ``round_``, taken over from the failed attempt, which had
+        submitted it with the same prompts, seed and weights (async mode); None when there is none."""
+        drawn, self.adopted = self.adopted, None
+        if drawn is None or drawn.round != round_:
+            return None
+        self.sampler = PromptSampler.from_state(drawn.sampler_after, len(self.prompts), self.c.run.seed)
+        return drawn
+
     def collect(self, drawn: DrawnRound) -> list:
         if drawn.groups is None:
             drawn.groups = self.parts.generators.collect(drawn.call)
@@ -217,8 +229,20 @@ class Loop:
         if self.state.policy_version == self.learner_version and not force:
             return 0.0
         t = time.perf_counter()
+        cfg = self.c.sync
         self.pushing = True
-        self.sync_path = self.parts.sync(self.learner_version).get("path")
+        for attempt in range(cfg.push_retries + 1):
+            try:
+                self.sync_path = self.parts.sync(self.learner_version).get("path")
+                break
+            except Exception as e:  # the learner's weights are intact: push them again, not the round
+                if attempt == cfg.push_retries:
+                    raise
+                self.push_retries += 1
+                wait = cfg.push_backoff_s * 2**attempt
+                log.warning("weight push of version %d failed (%s: %s); retrying in %.1fs (%d/%d)",
+                            self.learner_version, type(e).__name__, e, wait, attempt + 1, cfg.push_retries)
+                time.sleep(wait)
         self.pushing = False
         self.state.policy_version = self.learner_version
         return time.perf_counter() - t
@@ -259,6 +283,8 @@ class Loop:
             "learner": self.learner_restarts,
             "round_retries": self.round_retries,
             "nonfinite_updates": self.nonfinite_updates,
+            "restores": self.restores,
+            "push_retries": self.push_retries,
         }
 
 

@@ -57,7 +57,13 @@ def recover(loop: Loop, r: int, error: Exception) -> None:
     if any(m.get("round", 0) > loop.state.round for m in loop.rd.read_metrics()[-1:]):
         loop.rd.truncate_metrics(loop.state.round)  # the failed attempt's line (a later write failed)
     n, seed = len(loop.prompts), loop.c.run.seed
+    in_flight = [d for d in (loop.pending, loop.adopted) if d is not None and d.call is not None]
+    loop.adopted = None
     if loop.in_hand is not None and loop.in_hand.round == r:
+        # Async mode had submitted round r+1's sampling: the redo takes it over (same prompts,
+        # seed and weights) instead of leaving it running unowned and sampling it again.
+        if loop.pending is not None and loop.pending.round == r + 1:
+            loop.adopted = loop.pending
         loop.pending = loop.in_hand  # the same prompts, sampled with the same weights
         loop.sampler = PromptSampler.from_state(loop.pending.sampler_after, n, seed)
     else:
@@ -67,6 +73,10 @@ def recover(loop: Loop, r: int, error: Exception) -> None:
     loop.in_hand = None
     if isinstance(error, GeneratorHung):
         loop.parts.generators.restart_actor(error.index)
+    for drawn in in_flight:  # a call the redo does not take over is waited out, never left running
+        if drawn is not loop.adopted:
+            loop.parts.generators.abandon(drawn.call)
+            drawn.call = None
     alive = loop.parts.learner.alive()
     if not alive or loop.learn_started:
         restore_learner(loop, rebuild=not alive)
@@ -98,6 +108,7 @@ def restore_learner(loop: Loop, rebuild: bool) -> None:
     path, passed_over = loop.rd.latest_good_checkpoint(checkpoint_problem, max_round=loop.state.round)
     for reason in passed_over:
         log.warning("skipping checkpoint %s", reason)
+    loop.restores += 1
     if rebuild or path is None:  # without a checkpoint, only a fresh learner has the initial weights
         loop.learner_restarts += 1
         if loop.learner_restarts > loop.c.loop.max_actor_restarts:

@@ -1,6 +1,7 @@
-"""Async resume is the uninterrupted run. An async run (eval off, 5 rounds) is held at the start
-of round 5 (its weight load sleeps) and SIGKILLed there; its rounds 1-4 ran uninterrupted and are
-the baseline. Its round-4 checkpoint is then removed, as if the kill had come before it was
+"""Async resume and an async redo are the uninterrupted run. An async run (eval off, 5 rounds)
+redoes round 3 (its learner raised after a step; the redo takes over round 4's sampling already in
+flight), is held at the start of round 5 (its weight load sleeps) and SIGKILLed there; its rounds
+1-4 are the baseline. Its round-4 checkpoint is then removed, as if the kill had come before it was
 written, so `--resume` starts from round 2's checkpoint: that checkpoint carries round 3's samples,
 taken with round 1's weights, and the resumed rounds 3 and 4 must equal the baseline's (prompts,
 pairs, versions, lag, and loss/reward_mean to 1e-6). The resume also changes `loop.rounds` (5 to
@@ -17,8 +18,10 @@ from tests.integration.runs import end_group, finish, metrics, start_run, wait_f
 pytestmark = pytest.mark.integration
 
 ASYNC = ["loop.mode=async", "loop.eval_every=0"]
-# Round 4's sync fault makes the next weight load (round 5's push) sleep: the run holds there.
-HOLD = "faults.events=[{kind: sync, action: hang, round: 4, seconds: 300}]"
+# Round 3's learner raises after a step: an async redo, which takes over round 4's sampling already
+# in flight. Round 4's sync fault makes the next weight load (round 5's push) sleep: the run holds there.
+HOLD = ("faults.events=[{kind: learner, action: raise, after_steps: 1, round: 3}, "
+        "{kind: sync, action: hang, round: 4, seconds: 300}]")
 
 
 def test_async_run_killed_after_a_checkpoint_resumes_as_if_never_stopped(tmp_path):
@@ -31,6 +34,8 @@ def test_async_run_killed_after_a_checkpoint_resumes_as_if_never_stopped(tmp_pat
         end_group(killed)  # SIGKILL, driver and Ray cluster
     baseline = {m["round"]: m for m in metrics(run_dir)}
     assert sorted(baseline) == [1, 2, 3, 4]
+    assert baseline[3]["restarts"]["round_retries"] == 1 and baseline[3]["restarts"]["restores"] == 1
+    assert baseline[4]["restarts"]["generator"] == 0  # no spurious GeneratorHung after the redo
     saved = json.loads((run_dir / "checkpoints" / "round_000002" / "loop_state.json").read_text())
     assert saved["pending"]["round"] == 3
     pending = json.loads((run_dir / "checkpoints" / "round_000002" / "pending_samples.json").read_text())

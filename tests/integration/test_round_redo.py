@@ -26,8 +26,11 @@ BASE = ["loop.checkpoint_every=1"]  # sync_run's config, with a checkpoint every
 # Round 2: the learner raises after a step; round 3: a step leaves a NaN in the weights, and on the
 # redo writing the round's pairs fails (a full disk). Each is redone from the round's start: the NaN
 # weights are never published, and the failed write advances no state (β, counts, cursor).
+# Round 4 (run by the resume): one generator's weight load fails once; the push is retried from the
+# learner's weights, with no learner restore and no redo.
 FAULT = ("faults.events=[{kind: learner, action: raise, after_steps: 1, round: 2}, "
-         "{kind: learner, action: nan_weights, round: 3}, {kind: rundir, action: raise, round: 3}]")
+         "{kind: learner, action: nan_weights, round: 3}, {kind: rundir, action: raise, round: 3}, "
+         "{kind: sync, action: raise, round: 4}]")
 
 
 def resume(out, *overrides, allow=False):
@@ -62,6 +65,8 @@ def test_a_learner_that_raises_mid_round_leaves_no_trace(faulted, sync_run):
     assert redone[2]["restarts"]["round_retries"] == 1 and redone[2]["restarts"]["learner"] == 0
     assert redone[2]["restarts"]["nonfinite_updates"] == 0
     assert redone[3]["restarts"]["round_retries"] == 3 and redone[3]["restarts"]["nonfinite_updates"] == 1
+    assert (redone[4]["restarts"]["push_retries"], redone[4]["restarts"]["restores"]) == (1, 0)
+    assert redone[4]["restarts"]["round_retries"] == 0  # (counts of the resumed process)
     state3 = json.loads((run_dir / "checkpoints" / "round_000003" / "loop_state.json").read_text())
     assert state3["pairs_total"] == sum(m["pairs"] for m in redone[1:4])  # each round's pairs counted once
     assert redone[3]["generator_versions"] == [redone[3]["policy_version"]]  # the generators serve the redo's weights

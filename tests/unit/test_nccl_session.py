@@ -104,8 +104,12 @@ class FakePool:
         return 0
 
     def restart_actor(self, i, resync=True):
-        LOG.append((f"g{i}", "restart"))
-        self._pids[i] += 1000
+        self.restart_actors([i], resync)
+
+    def restart_actors(self, indices, resync=True):
+        LOG.append(("pool", f"restart {list(indices)}"))  # side by side: one call for all
+        for i in indices:
+            self._pids[i] += 1000
 
     def load_weights(self, indices, desc, version, timeout):
         return fake_get([self.actors[i].load_weights.remote(desc, version) for i in indices], timeout, "load")
@@ -263,7 +267,7 @@ def test_a_rebuilt_learner_reopens_the_session_and_the_old_one_is_not_contacted(
                    ("learner0", "send"), *steps("g0", "g1", "g2")]
 
 
-def test_a_failed_broadcast_restarts_every_generator_and_drops_the_session():
+def test_a_failed_broadcast_restarts_every_generator_side_by_side_and_drops_the_session():
     learner, pool = setup()
     full_sync(learner, pool, 1)
     FakeTrainerEngine.fail_broadcast = True
@@ -272,7 +276,7 @@ def test_a_failed_broadcast_restarts_every_generator_and_drops_the_session():
         full_sync(learner, pool, 2)
     assert LOG == [("pool", "drain"), ("learner0", "send"), ("g0", "start"), ("g1", "start"), ("g2", "start"),
                    ("g0", "update"), ("g1", "update"), ("g2", "update"),
-                   ("g0", "restart"), ("g1", "restart"), ("g2", "restart")]
+                   ("pool", "restart [0, 1, 2]")]  # all three at once, not one after another
     assert pool.sync_state.nccl_session is None
     FakeTrainerEngine.fail_broadcast = False
     LOG.clear()
