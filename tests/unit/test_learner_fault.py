@@ -45,4 +45,4 @@ def test_learner_raise_fault_config():
     ev = c.faults.events[0]
     assert (ev.kind, ev.action, ev.after_steps, ev.round) == ("learner", "raise", 1, 2)
     with pytest.raises(ConfigError, match="does not apply to kind 'sync'"):
-        load_config("configs/demo.yaml", ["faults.events=[{kind: sync, action: raise}]"])
+        load_config("configs/demo.yaml", ["faults.events=[{kind: sync, action: nan}]"])
