@@ -26,5 +26,26 @@ fi
 cd "$(dirname "$0")/.."
 RAY=${RAY:-ray}
 [ -x .venv/bin/ray ] && [ "$RAY" = ray ] && RAY=.venv/bin/ray
-# shellcheck disable=SC2086
-exec "$RAY" job submit --working-dir . ${RAY_SUBMIT_ARGS:-} -- python -m orchestrator run "$@"
+# A head that was just started may not have its job agent yet: Ray then refuses the submission
+# at once ("No available agent to submit job, please try again later"; no job is created). That
+# refusal is retried every 2 s for up to ODPO_SUBMIT_WAIT_S seconds (default 120); any other
+# outcome is the job's own.
+wait_s=${ODPO_SUBMIT_WAIT_S:-120}
+deadline=$((SECONDS + wait_s))
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+while true; do
+    rc=0
+    # shellcheck disable=SC2086
+    "$RAY" job submit --working-dir . ${RAY_SUBMIT_ARGS:-} -- python -m orchestrator run "$@" 2>&1 | tee "$out" \
+        || rc=${PIPESTATUS[0]}
+    if [ "$rc" -eq 0 ] || ! grep -q "No available agent to submit job" "$out"; then
+        exit "$rc"
+    fi
+    if [ "$SECONDS" -ge "$deadline" ]; then
+        echo "deploy/submit.sh: the Ray head's job agent did not come up within ${wait_s} s (ODPO_SUBMIT_WAIT_S)" >&2
+        exit "$rc"
+    fi
+    echo "deploy/submit.sh: the Ray head has no job agent yet (just started?); submitting again in 2 s" >&2
+    sleep 2
+done

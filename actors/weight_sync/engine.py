@@ -13,6 +13,8 @@ tensors out of band). Shared-memory and disk publications are opened by each wor
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import time
 import warnings
@@ -24,6 +26,8 @@ import torch
 from actors.weight_sync.shm_buffer import map_buffer, marks, tensor_view
 from actors.weight_sync.layout import ParamSpec, check_dtypes, check_params, dtype_name, dtype_of
 from actors.weight_sync.names import checkpoint_spec, config_spec
+
+log = logging.getLogger(__name__)
 
 
 def local_checkpoint(model: str, revision: str | None = None, download_dir: str | None = None) -> Path | None:
@@ -167,11 +171,77 @@ def _after_reload(worker) -> None:
     _repack_cpu_experts(worker)
 
 
+class WeightLoadError(RuntimeError):
+    """vLLM reloaded no weights into a layer that should have had some (it kept the old ones)."""
+
+
+_LAYERWISE_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+_FAILED_LOAD = "%s: Failed to load weights"
+_told_benign = False
+
+
+class _LayerLoads(logging.Filter):
+    """vLLM's ``<Layer>: Failed to load weights`` lines during one reload. vLLM writes one for
+    every layer that received no tensor and keeps its old weights. For layers that hold no
+    checkpoint tensor that is expected: rotary embeddings (a table computed at start-up) and a
+    tied LM head (its weight is the embedding's; ``_refresh_tied`` re-packs it after the load).
+    Those lines are dropped; any other layer's line is kept and makes the load fail."""
+
+    def __init__(self, benign: set[str]):
+        super().__init__()
+        self.benign, self.failed = benign, []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != _FAILED_LOAD or not record.args:
+            return True
+        layer = str(record.args[0])
+        if layer in self.benign:
+            return False
+        self.failed.append(layer)
+        return True
+
+
+def _benign_layers(model: torch.nn.Module) -> set[str]:
+    """Class names of the layers that hold no checkpoint tensor: rotary embeddings, and the LM
+    head when its weight is the input embedding's."""
+    names = {type(m).__name__ for m in model.modules() if "RotaryEmbedding" in type(m).__name__}
+    head = getattr(model, "lm_head", None)
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.numel() and any(
+            m is not head and isinstance(getattr(m, "weight", None), torch.Tensor)
+            and m.weight.data_ptr() == weight.data_ptr() for m in model.modules()):
+        names.add(type(head).__name__)
+    return names
+
+
+@contextlib.contextmanager
+def _checked_layer_loads(worker) -> Iterator[None]:
+    """Within the block (one reload), drop vLLM's expected "Failed to load weights" lines and
+    raise ``WeightLoadError`` after it for any other layer that loaded nothing."""
+    global _told_benign
+    watch = _LayerLoads(_benign_layers(worker.get_model()))
+    logger = logging.getLogger(_LAYERWISE_LOGGER)
+    logger.addFilter(watch)
+    try:
+        yield
+    finally:
+        logger.removeFilter(watch)
+    if not _told_benign:
+        _told_benign = True
+        log.info("weight sync: vLLM's 'Failed to load weights' lines for %s are left out of the log: those layers "
+                 "hold no checkpoint tensor (a rotary table; a tied LM head, re-packed after each load)",
+                 ", ".join(sorted(watch.benign)) or "(none here)")
+    if watch.failed:
+        raise WeightLoadError(f"weight sync: vLLM loaded no weights into {', '.join(sorted(set(watch.failed)))} "
+                              "(it kept the old ones): the publication lacks tensors the engine's model needs")
+
+
 def _reload(worker, payload: dict | list) -> None:
     # Runs on each vLLM worker: a publication to open (``desc``) or tensors handed over by the
     # engine's process. Checkpoint-format reload repacks CPU linear layers (docs/weight-sync.md).
     named = open_published(payload) if isinstance(payload, dict) else payload
-    worker.reload_weights(weights_iterator=iter(named), is_checkpoint_format=True)
+    with _checked_layer_loads(worker):
+        worker.reload_weights(weights_iterator=iter(named), is_checkpoint_format=True)
     _after_reload(worker)
 
 
@@ -193,7 +263,8 @@ def load_into_engine(llm, desc: dict, spec: ParamSpec) -> float:
 
 
 def _reload_checkpoint(worker) -> None:
-    worker.reload_weights(is_checkpoint_format=True)  # the engine's own checkpoint files
+    with _checked_layer_loads(worker):
+        worker.reload_weights(is_checkpoint_format=True)  # the engine's own checkpoint files
     _after_reload(worker)
 
 

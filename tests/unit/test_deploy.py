@@ -5,6 +5,8 @@ what the config asks for, and the dashboard queries only series that odpo export
 `docker build`, `kubectl` and `ray up` cannot run here; these checks are what can."""
 
 import json
+import os
+import subprocess
 import re
 import shlex
 import tomllib
@@ -291,3 +293,42 @@ def test_prometheus_scrapes_the_port_the_recipes_serve_on():
             if r.get("source_labels") == ["__meta_kubernetes_pod_container_port_name"]]
     head_ports = rayjob()["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]
     assert keep and keep[0]["regex"] in {p["name"] for p in head_ports}
+
+
+def _fake_ray(tmp_path, refusals: int, then: str = "ok", code: int = 0):
+    """A `ray` stand-in for submit.sh: refuses like a head without a job agent ``refusals`` times
+    (its state in a file), then prints ``then`` and exits ``code``. The real refusal cannot be
+    produced on demand: it lasts only the first seconds after `ray start --head`."""
+    state, script = tmp_path / "calls", tmp_path / "ray"
+    script.write_text(f"""#!/usr/bin/env bash
+n=$(cat {state} 2>/dev/null || echo 0); echo $((n + 1)) > {state}
+if [ "$n" -lt {refusals} ]; then
+  echo "RuntimeError: Request failed with status code 500: No available agent to submit job, please try again later."
+  exit 1
+fi
+echo "{then} $*"; exit {code}
+""")
+    script.chmod(0o755)
+    return script, state
+
+
+@pytest.mark.parametrize("refusals, wait_s, want_rc, want_calls", [(2, 30, 0, 3), (100, 3, 1, None)])
+def test_submit_sh_waits_for_a_head_that_has_no_job_agent_yet(tmp_path, refusals, wait_s, want_rc, want_calls):
+    ray, state = _fake_ray(tmp_path, refusals)
+    env = {**os.environ, "RAY": str(ray), "ODPO_SUBMIT_WAIT_S": str(wait_s)}
+    out = subprocess.run([str(DEPLOY / "submit.sh"), "configs/demo.yaml", "--set", "loop.rounds=1"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == want_rc, out.stderr
+    assert "has no job agent yet" in out.stderr
+    if want_calls is not None:
+        assert int(state.read_text()) == want_calls
+        assert "ok job submit --working-dir . -- python -m orchestrator run configs/demo.yaml --set loop.rounds=1" in out.stdout
+    else:
+        assert f"did not come up within {wait_s} s" in out.stderr
+
+
+def test_submit_sh_does_not_retry_a_job_that_failed_for_its_own_reasons(tmp_path):
+    ray, state = _fake_ray(tmp_path, 0, then="job failed", code=3)
+    out = subprocess.run([str(DEPLOY / "submit.sh"), "configs/demo.yaml"], env={**os.environ, "RAY": str(ray)},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 3 and int(state.read_text()) == 1 and "job agent" not in out.stderr
