@@ -21,7 +21,7 @@ import argparse
 import json
 import time
 
-from common import evals, last3, run_config
+from harness import evals, last3, run_config
 
 VARIANTS = {
     "dpo": ["learner.rpo_alpha=0", "learner.dpo_weight=1"],

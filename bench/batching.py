@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench.common import machine  # noqa: E402
+from bench.harness import machine  # noqa: E402
 
 VOCAB = 8192
 

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench.common import machine  # noqa: E402
+from bench.harness import machine  # noqa: E402
 
 SHAPES = {
     # Qwen2.5-0.5B's layers with an untied LM head (as the 7B recipes' models have).

@@ -11,7 +11,7 @@ training take similar time. Round 1 is left out of the means (engine warm-up).
 import argparse
 import json
 
-from common import mean, run_config
+from harness import mean, run_config
 
 # Balanced for the 2-core demo box: ~equal sampling and learning time per round.
 BALANCED = ["loop.eval_every=0", "loop.checkpoint_every=0", "loop.prompts_per_round=256",

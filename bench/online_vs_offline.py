@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, evals, last3, run_config
+from harness import REPO, evals, last3, run_config
 
 LOSSES = {"dpo": ["learner.rpo_alpha=0", "learner.dpo_weight=1"],
           "dpo_nll": ["learner.rpo_alpha=1", "learner.dpo_weight=1"]}

@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import run_config
+from harness import run_config
 
 EARLY = (5, 10)
 """Rounds of the early window (inclusive): round 1-4 still warm caches and allocator pools."""

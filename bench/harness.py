@@ -1,4 +1,4 @@
-"""Shared by the loop benchmarks: run `odpo run` as a subprocess and read its metrics."""
+"""Shared by the benches: run `odpo run` as a subprocess and read its metrics; the machine a figure was measured on."""
 
 from __future__ import annotations
 
