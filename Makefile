@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 REHEARSAL_MODEL ?= runs/models/rehearsal-0.5b
 ARGS ?=
 
-.PHONY: install demo test test-unit bench clean rehearse docs
+.PHONY: install demo test test-unit test-fast bench clean rehearse docs
 
 install: $(STAMP)
 
@@ -41,6 +41,10 @@ test: $(STAMP)
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -ra tests/unit
+
+# The edit loop: the unit tests and the integration tests that start no `odpo run` (marker `slow`).
+test-fast: $(STAMP)
+	$(PY) -m pytest -ra -m "not slow and not e2e" tests
 
 # The manual (docs/, mkdocs.yml) as a site in site/; --strict fails on a broken link or anchor and on
 # a page missing from the nav, as tests/unit/test_docs.py does.

@@ -15,7 +15,7 @@ import pytest
 
 from tests.integration.runs import end_group, finish, metrics, start_run, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ASYNC = ["loop.mode=async", "loop.eval_every=0"]
 # Round 3's learner raises after a step: an async redo, which takes over round 4's sampling already

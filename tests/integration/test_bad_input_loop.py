@@ -10,7 +10,7 @@ import pytest
 from judges.verifiable import VerifiableJudge
 from tests.integration.runs import finish, metrics, start_run
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 GOOD = 20
 TOO_LONG = 3  # the demo's max_model_len is 64 tokens

@@ -7,7 +7,7 @@ import pytest
 
 from tests.integration.runs import finish, metrics, start_run
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 FAULTS = ("faults.events=[{kind: sync, action: hang, round: 2, seconds: 60}, {kind: judge, action: kill, round: 3},"
           " {kind: learner, action: kill, round: 4}, {kind: generator, action: kill, round: 5},"

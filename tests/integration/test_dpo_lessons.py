@@ -18,7 +18,7 @@ from orchestrator.rundir import RunDir
 from tests.conftest import DEMO_MODEL, REPO
 from tests.integration.runs import finish, metrics, start_run
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 BETA = "{schedule: kl_target, start: 0.1, target_kl: 1.0, rate: 0.5}"
 LESSONS = ["loop.prompts_per_round=32", f"learner.beta={BETA}", "pairs.sources=[best_worst, correction]",

@@ -18,7 +18,7 @@ import torch
 
 from tests.conftest import DEMO_MODEL
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
 VOCAB = 512
 # (strategy, precision, learner.max_tokens_per_micro_batch): 0 = micro-batches of 2 pairs.

@@ -20,7 +20,7 @@ import torch
 from tests.conftest import same_state as _same
 
 # Two spawned ranks build, step, save and load a 67M model: ~2 CPU-minutes, far longer on a loaded box.
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 def pairs(n: int = 8, offset: int = 0):

@@ -25,7 +25,7 @@ from judges.openai import OpenAIJudge
 from orchestrator.config import JudgeConfig
 from tests.conftest import DEMO_MODEL, REPO
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SHORT = "Q: {prompt} A: {response}"
 GUIDED = {"structured_outputs": {"regex": "Score: [0-5]"}}

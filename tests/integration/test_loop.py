@@ -11,7 +11,7 @@ import pytest
 
 from tests.integration.runs import FIELDS, end_group, metrics, start_run, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def check_run_dir(run_dir, rounds):

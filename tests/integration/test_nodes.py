@@ -28,7 +28,7 @@ from tests.conftest import REPO
 from tests.integration.ray_nodes import add_node, node_env
 from tests.integration.runs import end_group, finish, metrics, start_run, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PLACE = ["generator.resources={node_b: 1}", "learner.resources={node_a: 1}", "judge.resources={node_a: 1}"]
 WORKER = {"num_cpus": 1, "resources": {"node_b": 1}, "object_store_mb": 256}

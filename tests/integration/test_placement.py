@@ -8,7 +8,7 @@ from actors.placement import PlacementError
 from orchestrator.config import GeneratorConfig, JudgeConfig, LearnerConfig, ModelConfig
 from tests.conftest import DEMO_MODEL
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 GONE = {"node_gone": 1}
 MISSING = r"missing 1 node_gone \(no node has it\); 1 alive node\(s\)"

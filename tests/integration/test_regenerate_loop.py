@@ -12,7 +12,7 @@ from orchestrator.loop.data import PromptSampler, load_prompts
 from tests.conftest import DEMO_DATA
 from tests.integration.runs import finish, metrics, start_run
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def online_prompts_sha(rounds: int, per_round: int = 16, seed: int = 0) -> list[str]:

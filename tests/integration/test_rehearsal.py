@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import REPO
 from tests.integration.runs import end_group, finish, metrics, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PHASES = ("gen_s", "judge_s", "learn_s", "sync_s", "eval_s", "round_s")
 

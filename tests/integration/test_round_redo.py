@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from tests.conftest import REPO
 from tests.integration.runs import TINY, finish, metrics, start_run
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 BASE = ["loop.checkpoint_every=1"]  # sync_run's config, with a checkpoint every round
 # Round 2: the learner raises after a step; round 3: a step leaves a NaN in the weights, and on the

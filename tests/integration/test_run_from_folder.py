@@ -15,7 +15,7 @@ import yaml
 from tests.integration.runs import TINY, end_group, metrics
 from tests.unit.test_judge_loader import MY_JUDGES, scratch_config
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CONSOLE_ODPO = Path(sys.executable).parent / "odpo"
 

@@ -28,7 +28,7 @@ from tests.integration.runs import end_group, finish, free_port, metrics, start_
 from tests.integration.tracker_readers import read_mlflow, read_tensorboard, read_trackio, read_wandb_offline
 
 # The first test also pays for the runs (its fixtures): three `odpo run` starts and an mlflow server.
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(2400)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(2400)]
 
 PROJECT = "odpo-test"
 TRACKERS = ["report.to=[tensorboard, wandb, mlflow, trackio]", f"report.project={PROJECT}"]

@@ -21,7 +21,7 @@ from orchestrator.config import GeneratorConfig, LearnerConfig, ModelConfig, Syn
 from tests.conftest import DEMO_MODEL
 from tests.integration.standins import EOS
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ENGINE = {"enforce_eager": True, "kv_cache_memory_bytes": 32 << 20}
 PROMPTS = [[1, 5, 6, 7], [1, 9, 9, 3, 4], [1, 12, 40, 22]]
