@@ -128,15 +128,14 @@ def learner_run(model: Path, device: str, precision: str, args) -> dict:
     if on_gpu:
         out["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
         out["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
-    try:  # the preflight's estimate for this learner, when the memory model is present
-        from orchestrator.config import build_config
-        from orchestrator.memory import learner_estimate
+    # The memory preflight's estimate for this learner, from the model's config.json alone.
+    from orchestrator.cli.memory import LearnerSetup, ModelShape, learner_memory, read_model_config
+    from orchestrator.config import build_config
 
-        run = build_config({"model": model_cfg.model_dump(), "learner": cfg.model_dump()})
-        out["estimate_gb"] = learner_estimate(run, device="cuda" if on_gpu else "cpu").total_gb
-    except ImportError:
-        pass
-    if "estimate_gb" in out and "peak_gb" in out:
+    run = build_config({"model": model_cfg.model_dump(), "learner": cfg.model_dump()})
+    shape = ModelShape.from_config(read_model_config(str(model))[0])
+    out["estimate_gb"] = learner_memory(shape, LearnerSetup.from_config(run)).total / 1e9
+    if "peak_gb" in out:
         out["estimate_vs_peak"] = out["estimate_gb"] / out["peak_gb"]
     del learner
     if on_gpu:

@@ -16,7 +16,9 @@ fp32 reference (``ref_dtype: auto`` on CPU), AdamW. Runs:
 
 Each memory figure is measured in the process it describes: the increase of its peak RSS
 (``getrusage`` high-water mark, or a 2 ms sampling thread for phases after the first) over its
-RSS after imports, before any model is built. Each train call is one optimizer step (one
+RSS after imports, before any model is built. The two train setups' peaks are set against the
+memory preflight's estimate for them (``orchestrator.cli.memory``, from the model's config.json):
+``estimate_vs_peak_1w`` and ``estimate_vs_peak_fsdp2`` (goal: within 0.75-1.25). Each train call is one optimizer step (one
 round); its tokens per second cover the reference forward and the step, for the whole group.
 
     flock /tmp/odpo-bigmem.lock .venv/bin/python bench/scale.py [--model DIR] [--keep DIR] [--phases ...]
@@ -42,6 +44,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # also in the spawned workers, which import this file
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from bench.common import machine  # noqa: E402
 
 PAIRS, PROMPT, COMPLETION, MICRO = 8, 192, 64, 4
 
@@ -99,6 +103,16 @@ def configs(model: str, world: int, strategy: str):
                           activation_checkpointing=True, lr=1e-5, timeout_s=7200))
 
 
+def estimate(model: str, world: int, strategy: str) -> int:
+    """The memory preflight's peak for one rank of this setup (bytes), from config.json alone."""
+    from orchestrator.cli.memory import LearnerSetup, ModelShape, learner_memory, read_model_config
+    from orchestrator.config import RunConfig
+
+    model_cfg, learner_cfg = configs(model, world, strategy)
+    setup = LearnerSetup.from_config(RunConfig(model=model_cfg, learner=learner_cfg))
+    return round(learner_memory(ModelShape.from_config(read_model_config(model)[0]), setup).total)
+
+
 def _setup(rank: int, world: int, port: int, threads: int):
     import torch
     import torch.distributed as dist
@@ -131,15 +145,14 @@ def worker(rank: int, world: int, port: int, phase: str, model: str, out_dir: st
     base = res["baseline_rss"] = rss()
     if phase == "load":
         from actors.learner import sharding
-        from actors.learner.modeling import build_empty, materialize
-        from actors.learner.rank import _weights_source
+        from actors.learner.modeling import build_empty, materialize, weights_source
         from actors.learner.weights.stream import load_streamed
 
         t = time.perf_counter()
         policy = build_empty(model, torch.float32)
         sharding.fsdp_shard(policy)
         materialize(policy, "cpu")
-        load_streamed(policy, _weights_source(model) if rank == 0 else None)
+        load_streamed(policy, weights_source(model, set(policy.state_dict())) if rank == 0 else None)
         dist.barrier()
         res["load_s"] = time.perf_counter() - t
         res["load_peak"] = max_rss() - base
@@ -270,14 +283,14 @@ def main() -> None:
         load = run("load", "load", 2)
         one = run("train1", "train", 1)[0]
         two = run("train2", "train", 2)
-        figures = summarize(logprob, load, one, two)
+        figures = summarize(logprob, load, one, two, {"1w": estimate(model, 1, "ddp"), "2w": estimate(model, 2, "fsdp")})
     finally:
         if not args.keep:
             shutil.rmtree(out_dir, ignore_errors=True)
     print(json.dumps(figures))
 
 
-def summarize(logprob: dict, load: list[dict], one: dict, two: list[dict]) -> dict:
+def summarize(logprob: dict, load: list[dict], one: dict, two: list[dict], estimates: dict) -> dict:
     params = one["params"]
     model_bytes = 4 * params
     peak_1w = one["train_peak"]
@@ -292,6 +305,9 @@ def summarize(logprob: dict, load: list[dict], one: dict, two: list[dict]) -> di
         "params": params, "model_fp32_bytes": model_bytes, "tokens_per_step": tokens,
         "peak_rss_per_rank_1w": peak_1w, "peak_rss_per_rank_2w_fsdp": peak_2w,
         "fsdp2_vs_single": round(peak_2w / peak_1w, 4),
+        "estimate_1w": estimates["1w"], "estimate_fsdp2": estimates["2w"],
+        "estimate_vs_peak_1w": round(estimates["1w"] / peak_1w, 4),
+        "estimate_vs_peak_fsdp2": round(estimates["2w"] / peak_2w, 4),
         "init_peak_rss_1w": one["init_peak"], "init_peak_rss_per_rank_2w_fsdp": max(r["init_peak"] for r in two),
         "load_peak_rss_rank0": load[0]["load_peak"], "load_peak_rss_nonzero_rank": load[1]["load_peak"],
         "load_nonzero_rank_vs_model": round(load[1]["load_peak"] / model_bytes, 4), "load_s": load[0]["load_s"],
@@ -314,7 +330,10 @@ def summarize(logprob: dict, load: list[dict], one: dict, two: list[dict]) -> di
             "load_nonzero_rank_vs_model<=0.6": load[1]["load_peak"] / model_bytes <= 0.6,
             "logprob_peak_vs_naive<=0.25": chunked["peak"] / naive["peak"] <= 0.25,
             "loss_2w_equals_1w_1e-4": abs(loss_1w - loss_2w) <= 1e-4,
+            "estimate_within_25pct": all(0.75 <= e / p <= 1.25 for e, p in ((estimates["1w"], peak_1w),
+                                                                         (estimates["2w"], peak_2w))),
         },
+        "machine": machine(),
     }
 
 

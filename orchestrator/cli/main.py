@@ -12,6 +12,8 @@ import sys
 
 from judges.loader import JudgeSpecError
 from orchestrator.cli.config_doc import config_reference, update_between_markers
+from orchestrator.cli.memory import describe
+from orchestrator.cli.preflight import check_memory, learner_gpu_memory
 from orchestrator.cli.resources import check_cluster, format_plan, judge_runs_in_driver, read_cluster, resource_plan
 from orchestrator.config import ConfigError, check_plugins, dump_config, load_config
 from orchestrator.loop.data import DataError
@@ -217,9 +219,11 @@ def run_verb(args) -> int:
 
 
 def validate(args) -> int:
-    """Print the resolved config, then the resources it asks for as YAML comments (stdout stays
-    valid YAML). With ``--cluster``, compare them with the running cluster: each shortfall is one
-    ``error:`` line on stderr and the exit status is 2. Ray is imported only under ``--cluster``."""
+    """Print the resolved config, then the resources it asks for and the memory estimate per actor
+    as YAML comments (stdout stays valid YAML). A learner that cannot fit ``learner.gpu_memory_gb``
+    is an ``error:`` line on stderr naming the fields to change, exit status 2. With ``--cluster``,
+    compare the resources with the running cluster: each shortfall is one ``error:`` line and the
+    exit status is 2. Ray is imported only under ``--cluster``."""
 
     config = load_or_exit(args)
     for line in config_warnings(config):
@@ -227,6 +231,15 @@ def validate(args) -> int:
     plan = resource_plan(config, judge_in_driver=judge_runs_in_driver(config))
     print(dump_config(config), end="")
     print("\n".join(format_plan(plan)))
+    device, source = learner_gpu_memory(config)
+    lines, warnings, problems = check_memory(config, device, source)
+    print("\n".join(f"# {line}" for line in describe(config, device) + lines))
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    for line in problems:
+        print(f"error: {line}", file=sys.stderr)
+    if problems:
+        return 2
     if not args.cluster:
         return 0
 

@@ -1,4 +1,5 @@
-"""Before ``odpo run`` starts any actor: can the Ray cluster it is connected to hold them all?
+"""Before ``odpo run`` starts any actor: can the Ray cluster hold them all, and can the learner fit
+its GPUs?
 
 The same check as ``odpo validate --cluster`` (``resources.check_cluster``: the totals, and every
 actor on a single node, for GPUs, CPUs and custom resources), made by the driver once connected.
@@ -10,14 +11,22 @@ resources that do not exist until its start timeout.
 to grow: the actors' resource shapes are requested from Ray's autoscaler (a hint that a cluster
 without one ignores), what is still missing is logged every 30 s, and the request is withdrawn
 when the wait ends either way.
+
+Memory (``check_memory``, also run by ``odpo validate``): the estimate of ``orchestrator.cli.memory``
+against the memory of one learner GPU, ``learner.gpu_memory_gb`` or else what the cluster's GPUs
+report (``cluster_gpu_memory``). A learner that cannot fit is a ``MemoryShortfall`` (exit 2) whose
+line names the fields to change and the values that would fit (``learner_fixes``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import Any, Callable
 
+from orchestrator.cli.memory import GB, LearnerSetup, ModelShape, UnknownShape, generator_memory, learner_memory, \
+    model_shape
 from orchestrator.config import ConfigError
 from orchestrator.cli.resources import (
     START_ORDER,
@@ -36,8 +45,16 @@ POLL_S = 2.0
 """Seconds between two reads of the cluster while waiting."""
 
 
+TIGHT = 0.9
+"""Share of a GPU past which a fitting learner is still warned about (the CUDA allocator fragments)."""
+
+
 class ResourceShortfall(ConfigError):
     """The cluster cannot hold the run's actors; ``problems`` holds one line per shortfall."""
+
+
+class MemoryShortfall(ConfigError):
+    """The learner cannot fit one GPU; its line names the fields to change."""
 
 
 def actor_bundles(plan: dict) -> list[dict[str, float]]:
@@ -93,3 +110,156 @@ def await_fit(config: Any, wait_s: float = 0.0, *, read_nodes: Callable[[], list
     finally:
         if requested:
             request([])
+
+
+def learner_gpu_memory(config: Any, *, ask_cluster: bool = False, timeout_s: float = 60.0) -> tuple[float | None, str]:
+    """``(bytes, where from)`` of one learner GPU: ``learner.gpu_memory_gb``; else, with
+    ``ask_cluster`` and GPU workers, what a GPU of the connected cluster reports; else ``(None, "")``."""
+    if config.learner.gpu_memory_gb is not None:
+        return config.learner.gpu_memory_gb * GB, "learner.gpu_memory_gb"
+    if ask_cluster and config.learner.num_gpus_per_worker > 0:
+        reported = cluster_gpu_memory(config.learner, timeout_s)
+        if reported:
+            return reported, "as a learner GPU of the cluster reports it"
+    return None, ""
+
+
+def cluster_gpu_memory(learner_cfg: Any, timeout_s: float) -> float | None:
+    """Total memory of a GPU where a learner worker could run (a Ray task with the worker's GPU and
+    custom resources reads ``torch.cuda``); None when no answer comes within ``timeout_s``."""
+    import ray
+
+    def total_memory() -> int:
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory
+
+    # max_calls=1: the worker process exits after the call, so no CUDA context stays on the GPU that
+    # the learner or an engine (which checks free memory at start) is about to take.
+    task = ray.remote(num_gpus=min(1.0, learner_cfg.num_gpus_per_worker), num_cpus=0, max_calls=1,
+                      resources=dict(learner_cfg.resources) or None)(total_memory)
+    ref = task.remote()
+    try:
+        return float(ray.get(ref, timeout=timeout_s))
+    except Exception as e:  # a timeout, or no CUDA where it ran: the check is skipped, the run goes on
+        log.info("GPU memory not read from the cluster (%s): the memory check is skipped", type(e).__name__)
+        ray.cancel(ref, force=True)
+        return None
+
+
+def check_memory(config: Any, device: float | None, source: str = "") -> tuple[list[str], list[str], list[str]]:
+    """``(lines, warnings, problems)`` of the learner against ``device`` bytes per GPU (from
+    ``source``): the verdict, what is tight, and a learner that cannot fit (one line naming the
+    fields to change, for ``MemoryShortfall``); nothing when the device or the model's shape is
+    unknown. ``orchestrator.memory.describe`` prints the estimate itself. The generators are assumed
+    to have the same GPUs; a generator that cannot fit only warns (vLLM's own error says it plainly)."""
+    lines, warnings, problems = [], [], []
+    if config.learner.gpu_memory_gb is not None and config.learner.num_gpus_per_worker == 0:
+        warnings.append("learner.gpu_memory_gb: ignored, the learner runs on CPU (learner.num_gpus_per_worker 0)")
+    try:
+        m, _ = model_shape(config)
+    except UnknownShape:
+        return lines, warnings, problems
+    s = LearnerSetup.from_config(config)
+    if device is None and s.on_gpu:
+        lines.append("memory: the learner GPU's memory is unknown here (set learner.gpu_memory_gb; odpo run asks "
+                     "the cluster's GPUs): fit not checked")
+    if device is None or not s.on_gpu:
+        return lines, warnings, problems
+    need = learner_memory(m, s).total
+    lines.append(f"memory: the learner needs ≈ {need / GB:.1f} GB of a {device / GB:.1f} GB GPU ({source}): "
+                 f"{'fits' if need <= device else 'does not fit'}")
+    if need > device:
+        fixes = learner_fixes(m, s, TIGHT * device)  # fixes that leave the allocator its room
+        todo = (f"; to fit in {TIGHT:.0%} of it, set " + "; or ".join(fixes)) if fixes else (
+            "; nothing here makes it fit: use GPUs with more memory, a smaller model.max_model_len or a smaller model")
+        line = f"learner: needs ≈ {need / GB:.1f} GB per GPU and a GPU has {device / GB:.1f} GB ({source}){todo}"
+        if m.exact:
+            problems.append(line)
+        else:
+            warnings.append(line + " (the layout of this model_type is assumed, so this is not an error)")
+    elif need > TIGHT * device:
+        warnings.append(f"learner: needs ≈ {need / GB:.1f} of {device / GB:.1f} GB per GPU ({source}): little room "
+                        "for the allocator's fragmentation")
+    gen = generator_memory(m, config, device)
+    max_len = int(config.generator.engine.get("max_model_len", config.model.max_model_len))
+    if config.generator.num_gpus and gen.kv_cache is not None and gen.kv_cache < gen.kv_per_token * max_len:
+        warnings.append(f"generator: its weights leave {max(gen.kv_cache, 0) / GB:.1f} GB of a {device / GB:.1f} GB "
+                        f"GPU for the KV cache, less than one {max_len}-token sequence: raise "
+                        "generator.tensor_parallel_size or generator.engine.gpu_memory_utilization, or set "
+                        "generator.dtype: bfloat16")
+    return lines, warnings, problems
+
+
+def learner_fixes(m: ModelShape, s: LearnerSetup, device: float, max_workers: int = 4096) -> list[str]:
+    """Config changes that make ``learner_memory`` fit ``device`` bytes, each with its estimate:
+    every single change that fits alone (FSDP with the fewest workers, bf16 master weights,
+    activation checkpointing, the largest token budget), then combinations that need fewer FSDP
+    workers (activation checkpointing; and a token budget); empty when nothing here fits."""
+    fits = lambda x: learner_memory(m, x).total <= device  # noqa: E731
+    gb = lambda x: f"≈ {learner_memory(m, x).total / GB:.1f} GB"  # noqa: E731
+
+    def fsdp_workers(x: LearnerSetup) -> int | None:
+        n = next((k for k in _doubling(max(2, x.workers), max_workers) if fits(replace(x, strategy="fsdp", workers=k))), None)
+        if n is None:
+            return None
+        lo = max(2, x.workers, n // 2 + 1)  # the doubling overshot at most down to n/2 + 1
+        return next(k for k in range(lo, n + 1) if fits(replace(x, strategy="fsdp", workers=k)))
+
+    def smallest(x: LearnerSetup) -> LearnerSetup:
+        return replace(x, tokens=2 * x.seq)
+
+    def budget(x: LearnerSetup) -> int | None:
+        """The largest token budget up to ``x.tokens`` that fits: ``x.tokens`` itself, else a power
+        of two (a round figure, with room left), at least one pair's 2 x max_model_len."""
+        if fits(x):
+            return x.tokens
+        t = 1 << (x.tokens.bit_length() - 1)
+        while t > 2 * x.seq and not fits(replace(x, tokens=t)):
+            t //= 2
+        t = max(t, 2 * x.seq)
+        return t if fits(replace(x, tokens=t)) else None
+
+    def fsdp_text(x: LearnerSetup, n: int) -> str:
+        head = "" if s.strategy == "fsdp" else "learner.strategy: fsdp with "
+        return f"{head}learner.num_workers >= {n} ({gb(replace(x, strategy='fsdp', workers=n))} per device)"
+
+    fixes = []
+    n = fsdp_workers(s)
+    if n is not None:
+        fixes.append(fsdp_text(s, n))
+    if s.master_bytes == 4 and fits(replace(s, master_bytes=2)):
+        fixes.append(f"model.dtype: bfloat16 ({gb(replace(s, master_bytes=2))}; bf16 AdamW state rounds away small updates)")
+    if not s.checkpointing and fits(replace(s, checkpointing=True)):
+        fixes.append(f"learner.activation_checkpointing: true ({gb(replace(s, checkpointing=True))})")
+    if s.tokens > 2 * s.seq and (t := budget(s)) is not None and t < s.tokens:
+        fixes.append(f"learner.max_tokens_per_micro_batch: {t} ({gb(replace(s, tokens=t))})")
+    # Checkpointing, then a token budget, cost compute rather than GPUs: each combination is offered
+    # when it needs fewer FSDP workers than the options before it.
+    best = n
+    ckpt = s if s.checkpointing else replace(s, checkpointing=True)
+    for lean in (ckpt, smallest(ckpt)):
+        k = fsdp_workers(lean) if lean != s else None
+        if k is None or (best is not None and k >= best):
+            continue
+        best = k
+        sharded = replace(lean, strategy="fsdp", workers=k)
+        t = budget(replace(sharded, tokens=s.tokens)) if lean.tokens < s.tokens else s.tokens
+        final = replace(sharded, tokens=t)
+        parts = [] if s.checkpointing else ["learner.activation_checkpointing: true"]
+        if t < s.tokens:
+            parts.append(f"learner.max_tokens_per_micro_batch: {t}")
+        if s.strategy != "fsdp" or k > s.workers:
+            parts.append(fsdp_text(final, k))
+        elif parts:
+            parts[-1] += f" ({gb(final)})"
+        if parts and " and ".join(parts) not in fixes:
+            fixes.append(" and ".join(parts))
+    return fixes
+
+
+def _doubling(start: int, stop: int):
+    k = start
+    while k <= stop:
+        yield k
+        k *= 2

@@ -2,9 +2,9 @@
 
 Connects to a running Ray cluster when there is one (``RAY_ADDRESS``, or the environment of a
 ``ray job submit`` job) and otherwise starts a local one; before starting any actor it checks
-that the cluster can hold them all (``orchestrator.cli.preflight``). SIGTERM/SIGINT (and ``ray job stop``)
-ask the loop to stop: a round that has not started learning is abandoned, one that has is
-finished, a checkpoint is written and the process exits 0.
+that the cluster can hold them all and that the learner fits its GPUs (``orchestrator.cli.preflight``).
+SIGTERM/SIGINT (and ``ray job stop``) ask the loop to stop: a round that has not started learning
+is abandoned, one that has is finished, a checkpoint is written and the process exits 0.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from actors import rng_state
 from actors.generator.pool import GeneratorPool, make_generate_fn
 from actors.judging.pool import JudgePool
 from actors.learner.group import LearnerGroup
-from orchestrator.cli.preflight import await_fit
+from orchestrator.cli.memory import describe
+from orchestrator.cli.preflight import MemoryShortfall, await_fit, check_memory, learner_gpu_memory
 from orchestrator.cli.resume_check import check_run_dir
 from orchestrator.config import RunConfig, dump_config
 from orchestrator.loop.carried import load_carried, save_carried
@@ -79,6 +80,19 @@ def local_runtime_env() -> dict:
     return {"env_vars": {"PYTHONPATH": path}}
 
 
+def log_memory(c: RunConfig, device: float | None, source: str, *, estimate: bool = True) -> None:
+    """Log the memory estimate per actor (with ``estimate``) and the learner's verdict against
+    ``device`` bytes per GPU (``orchestrator.cli.preflight.check_memory``); raise ``MemoryShortfall``
+    (exit 2) when it cannot fit."""
+    lines, warnings, problems = check_memory(c, device, source)
+    if problems:
+        raise MemoryShortfall(problems)
+    for line in (describe(c, device) if estimate else []) + lines:
+        log.info(line)
+    for line in warnings:
+        log.warning(line)
+
+
 def install_stop_handlers(stop: threading.Event) -> None:
     def handler(signum, _frame):
         if stop.is_set():
@@ -113,6 +127,12 @@ def run(c: RunConfig, resume: bool = False, wait_for_resources_s: float = 0.0,
 
     for warning in config_warnings(c):
         log.warning(warning)
+    # Before anything is written or started, a learner too big for learner.gpu_memory_gb stops here
+    # (one error line, like the other problems found before Ray); the estimate is logged below.
+    device, source = learner_gpu_memory(c)
+    problems = check_memory(c, device, source)[2]
+    if problems:
+        raise MemoryShortfall(problems)
     rd = RunDir(Path(c.run.output_dir) / c.run.name)
     rd.create()
     check_run_dir(rd, c, resume, allow_config_change)  # before Ray: a refused resume is exit 2
@@ -124,6 +144,7 @@ def run(c: RunConfig, resume: bool = False, wait_for_resources_s: float = 0.0,
     log.info("%d training prompts from %s%s", len(prompts), c.data.source,
              f", {len(eval_prompts)} eval prompts from {c.data.eval_source}" if eval_prompts else "")
     rd.write_config(dump_config(c))
+    log_memory(c, device, source)
 
     stop = threading.Event()
     metrics = Metrics(c.run.name)
@@ -134,6 +155,10 @@ def run(c: RunConfig, resume: bool = False, wait_for_resources_s: float = 0.0,
     connect_ray(c)
     try:  # before any actor: a cluster that cannot hold them all is an error now, not a silent wait
         await_fit(c, wait_for_resources_s)
+        if device is None and c.learner.num_gpus_per_worker > 0:  # the same check on what the GPUs report
+            device, source = learner_gpu_memory(c, ask_cluster=True)
+            if device is not None:
+                log_memory(c, device, source, estimate=False)
     except BaseException:
         metrics.close()
         raise
