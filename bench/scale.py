@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # also in the spawned workers, which import this file
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench.common import machine  # noqa: E402
+from bench.harness import machine  # noqa: E402
 
 PAIRS, PROMPT, COMPLETION, MICRO = 8, 192, 64, 4
 
