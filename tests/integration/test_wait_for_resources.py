@@ -18,7 +18,7 @@ import json, logging, threading, time
 import ray
 from ray.cluster_utils import Cluster
 from ray.experimental.internal_kv import _internal_kv_get
-from orchestrator import preflight
+from orchestrator.cli import preflight
 from orchestrator.config import load_config
 
 preflight.INTERVAL_S = 1.0
