@@ -12,7 +12,8 @@ import logging
 log = logging.getLogger("odpo.faults")
 
 # The loop calls ``fire(point, ...)`` at these points of a round; each kind fires at one of them.
-POINT = {"generator": "sample", "judge": "judge", "learner": "learn", "sync": "sync", "rundir": "write"}
+POINT = {"generator": "sample", "judge": "judge", "learner": "learn", "sync": "sync", "rundir": "write",
+         "disk": "checkpoint"}
 
 
 def _arm_load_delay(actor_self, seconds: float) -> None:
@@ -35,25 +36,11 @@ class FaultInjector:
             _fire(ev, parts)
             self.fired.append(ev.model_dump())
 
-
-def _fire(ev, parts) -> None:
-    import ray
-
-    if ev.kind == "generator":
-        ray.kill(parts.generators.actors[ev.index], no_restart=False)  # a crash: Ray restarts it
-    elif ev.kind == "judge" and ev.action == "kill":
-        ray.kill(parts.judges.actors[ev.index], no_restart=True)  # the process is gone for good
-    elif ev.kind == "judge":
-        ray.get(parts.judges.actors[ev.index].__ray_call__.remote(_arm_judge_raise, ev.count), timeout=30)
-    elif ev.kind == "learner" and ev.action == "kill":
-        ray.kill(parts.learner.workers[ev.index], no_restart=True)
-    elif ev.kind == "learner" and ev.action == "raise":
-        parts.learner.inject_raise(ev.after_steps)
-    elif ev.kind == "learner" and ev.action == "nan_weights":
-        parts.learner.inject_nan_weights()
-    elif ev.kind == "learner":
-        parts.learner.inject_nan(ev.count)
-    elif ev.kind == "sync":
-        ray.get(parts.generators.actors[ev.index].__ray_call__.remote(_arm_load_delay, ev.seconds), timeout=30)
-    elif ev.kind == "rundir":  # the round's outputs cannot be written, as on a full disk
-        raise OSError(28, "No space left on device (injected: faults.events) writing the round's pairs")
+    def free_bytes(self, round_: int) -> int | None:
+        """The free space a ``disk`` event makes the checkpoints from its round on see: 0 (a full
+        disk stays full); None without one (the file system's own figure)."""
+        for ev in [e for e in self.pending if e.kind == "disk" and e.round <= round_]:
+            self.pending.remove(ev)
+            log.warning("fault injection: the disk is full from the checkpoint of round %d on", round_)
+            self.fired.append(ev.model_dump())
+        return 0 if any(e["kind"] == "disk" for e in self.fired) else None
