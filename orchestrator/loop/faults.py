@@ -44,3 +44,26 @@ class FaultInjector:
             log.warning("fault injection: the disk is full from the checkpoint of round %d on", round_)
             self.fired.append(ev.model_dump())
         return 0 if any(e["kind"] == "disk" for e in self.fired) else None
+
+
+def _fire(ev, parts) -> None:
+    import ray
+
+    if ev.kind == "generator":
+        ray.kill(parts.generators.actors[ev.index], no_restart=False)  # a crash: Ray restarts it
+    elif ev.kind == "judge" and ev.action == "kill":
+        ray.kill(parts.judges.actors[ev.index], no_restart=True)  # the process is gone for good
+    elif ev.kind == "judge":
+        ray.get(parts.judges.actors[ev.index].__ray_call__.remote(_arm_judge_raise, ev.count), timeout=30)
+    elif ev.kind == "learner" and ev.action == "kill":
+        ray.kill(parts.learner.workers[ev.index], no_restart=True)
+    elif ev.kind == "learner" and ev.action == "raise":
+        parts.learner.inject_raise(ev.after_steps)
+    elif ev.kind == "learner" and ev.action == "nan_weights":
+        parts.learner.inject_nan_weights()
+    elif ev.kind == "learner":
+        parts.learner.inject_nan(ev.count)
+    elif ev.kind == "sync":
+        ray.get(parts.generators.actors[ev.index].__ray_call__.remote(_arm_load_delay, ev.seconds), timeout=30)
+    elif ev.kind == "rundir":  # the round's outputs cannot be written, as on a full disk
+        raise OSError(28, "No space left on device (injected: faults.events) writing the round's pairs")
