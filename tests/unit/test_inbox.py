@@ -126,3 +126,17 @@ def test_cli_add_prompts_refuses_a_bad_file_naming_its_line_and_adds_a_good_one(
     out = subprocess.run([*run, str(good)], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["rows"] == 2 and batches(run_dir) == ["batch_000001.jsonl"]
+
+
+def test_an_async_checkpoint_keeps_the_row_of_an_inbox_prompt_among_its_saved_samples(tmp_path):
+    from common.types import Completion, SampleGroup
+    from orchestrator.loop.carried import load_carried, save_carried
+    from orchestrator.loop.state import DrawnRound
+
+    inbox_row = {"prompt": "7+26=", "answer": 33, "source_batch": "inbox/batch_000002"}
+    groups = [SampleGroup("7+26=", inbox_row, [Completion("33", token_ids=[5, 2])], 3, [1, 9]),
+              SampleGroup(TRAIN[4]["prompt"], TRAIN[4], [Completion("8", token_ids=[6, 2])], 3, [1, 8])]
+    saved = save_carried(DrawnRound(5, [-1, 4], {"inbox": [2, 1]}, groups=groups), tmp_path)
+    back = load_carried(tmp_path, saved, TRAIN, "prompt")
+    assert back.indices == [-1, 4] and [g.row for g in back.groups] == [inbox_row, TRAIN[4]]
+    assert back.groups == groups and back.sampler_after == {"inbox": [2, 1]}
