@@ -8,7 +8,7 @@ up) and in the last six rounds (45-50), and its growth between the two as a frac
 ``pairs/*.parquet``; ``pairs_expected`` sums the metrics' ``pairs``: they must be equal.
 
 ``--service`` (default 200 rounds) runs the loop as a service instead (bench/soak_service.py):
-10 inbox batches of 40 new prompts added while it runs (by ``odpo add-prompts`` and ``POST
+10 inbox batches of 40 prompts added while it runs (by ``odpo add-prompts`` and ``POST
 /prompts`` in turn), a pause held 15 s then a resume, and three ``set`` calls; on top of the
 figures above it checks that every inbox prompt was sampled exactly once and that each change
 shows in the rounds after it.

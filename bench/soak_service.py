@@ -1,8 +1,8 @@
 """The service half of ``bench/soak.py --service``: run the demo loop as a subprocess with its HTTP
 server and change it while it runs, at fixed rounds:
 
-- rounds 10, 30, ..., 190: an inbox batch of 40 prompts the demo's data does not hold (a 1-digit
-  and a 2-digit number, "7+26="), by ``odpo add-prompts RUN FILE`` and ``POST /prompts`` in turn;
+- rounds 10, 30, ..., 190: an inbox batch of 40 rows of the training set (``inbox_rows``), by
+  ``odpo add-prompts RUN FILE`` and ``POST /prompts`` in turn;
 - round 60: ``POST /control/set {"generator.temperature": 0.9}``; round 120: ``odpo ctl RUN set
   learner.beta=0.12``; round 160: ``POST /control/set {"learner.lr": 5e-5}``;
 - round 100: ``POST /control/pause``, 15 s held (no round may start), ``odpo ctl RUN resume``.
@@ -35,9 +35,11 @@ SETS = {60: ("http", {"generator.temperature": 0.9}), 120: ("cli", {"learner.bet
 PAUSE_ROUND, PAUSE_HOLD_S = 100, 15.0
 
 
-def novel_prompts(n: int) -> list[dict]:
-    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10) for b in range(10, 100)]
-    rows += [{"prompt": f"{b}+{a}=", "answer": str(a + b)} for a in range(10) for b in range(10, 100)]
+def inbox_rows(n: int) -> list[dict]:
+    """``n`` rows of the demo's training set, picked by a fixed shuffle: prompts the model can
+    answer (so they make pairs) that the eval set does not hold; the pairs file tells an inbox
+    draw (``source_batch: inbox/...``) from a draw of the same prompt from the dataset."""
+    rows = [json.loads(x) for x in (REPO / "assets" / "demo" / "data" / "train.jsonl").read_text().splitlines()]
     random.Random(0).shuffle(rows)
     return rows[:n]
 
@@ -74,7 +76,7 @@ def run_service(name: str, overrides: list[str], out_dir: Path, rounds: int) -> 
     for o in overrides:
         args += ["--set", o]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "ODPO_CONTROL_TOKEN")}
-    prompts = novel_prompts(len(BATCH_ROUNDS) * BATCH_ROWS)
+    prompts = inbox_rows(len(BATCH_ROUNDS) * BATCH_ROWS)
     done: dict[str, float] = {}
     held = None
     t0 = time.time()

@@ -42,6 +42,7 @@ class Service:
         write_schema(rd.root, row_schema(train_rows, config.data.prompt_field, config.data.inbox.max_rows))
         self.inbox = Inbox(rd.root)
         self.controls = Controls(rd.root, stop, on_change=self._show_controls).start()
+        self._show_controls(self.controls)
         self.token: str | None = None
         self.live: dict[str, Any] = {}
         """Fields changed live (``set``, the gate's lr), as they are now: kept by a resume."""
