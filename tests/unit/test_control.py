@@ -7,6 +7,8 @@ from config_changes.jsonl for one applied after the last checkpoint)."""
 import json
 import os
 import stat
+import subprocess
+import sys
 import threading
 from types import SimpleNamespace
 from urllib.error import HTTPError
@@ -23,6 +25,7 @@ from orchestrator.service.control import Controls, check_set, publish_request
 from orchestrator.service.hooks import Service
 from orchestrator.service.inbox import inbox_dir
 from orchestrator.service.routes import post_handler
+from tests.conftest import REPO
 
 TRAIN = [{"prompt": f"{a}+{a}=", "answer": 2 * a} for a in range(10)]
 
@@ -189,3 +192,29 @@ def test_a_set_the_whole_config_refuses_is_recorded_as_refused_and_changes_nothi
     assert row["round"] == 2 and row["refused"][0].startswith("loop.gate: watches eval_reward")
     assert service.c.loop.eval_every == 5 and service.live == {}
     service.close()
+
+
+def test_odpo_ctl_and_add_prompts_reach_a_live_run_by_url_with_the_token(tmp_path, monkeypatch):
+    monkeypatch.delenv("ODPO_CONTROL_TOKEN", raising=False)
+    service, loop, metrics = make_service(tmp_path / "run")
+    token = service.open_token()
+    port = metrics.serve("127.0.0.1", 0, post=post_handler(service))
+    url, rows = f"http://127.0.0.1:{port}", tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "3+9=", "answer": 12}\n')
+    env = {k: v for k, v in os.environ.items() if k != "ODPO_CONTROL_TOKEN"}
+
+    def odpo(*args, token=None):
+        return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=60, env={**env, **({"ODPO_CONTROL_TOKEN": token} if token else {})})
+    try:
+        out = odpo("ctl", url, "pause")
+        assert out.returncode == 2 and "401" in out.stderr and not service.controls.paused
+        out = odpo("ctl", url, "pause", token=token)
+        assert out.returncode == 0 and json.loads(out.stdout)["paused"] is True and service.controls.paused
+        out = odpo("ctl", url, "set", "learner.beta=0.25", "loop.rounds=100", token=token)
+        assert json.loads(out.stdout)["changes"] == {"learner.beta": 0.25, "loop.rounds": 100}
+        out = odpo("add-prompts", url, str(rows), token=token)
+        assert out.returncode == 0 and json.loads(out.stdout)["batch"] == "inbox/batch_000001"
+    finally:
+        metrics.close()
+        service.close()
