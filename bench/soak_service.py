@@ -66,7 +66,8 @@ def _status(port: int) -> dict:
 
 
 def _odpo(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=REPO, check=True, capture_output=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=REPO, check=True, capture_output=True,
+                   timeout=120)
 
 
 def run_service(name: str, overrides: list[str], out_dir: Path, rounds: int) -> tuple[list[dict], float, dict]:
@@ -149,7 +150,8 @@ def service_figures(run_dir: Path, lines: list[dict], prompts: list[dict], done:
     return {
         "inbox_added": len(prompts), "inbox_sampled": sampled,
         "inbox_cursor_end": trained[-1]["data_cursor"]["inbox"],
-        "inbox_prompts_in_pairs": len(pair_rounds), "inbox_prompts_in_two_rounds": sum(len(v) > 1 for v in pair_rounds.values()),
+        "inbox_prompts_in_pairs": len(pair_rounds),
+        "inbox_prompts_in_two_rounds": sum(len(v) > 1 for v in pair_rounds.values()),
         "inbox_pairs_from_elsewhere": len(set(pair_rounds) - added),
         "inbox_sampled_once_each": sampled == len(prompts) and not any(len(v) > 1 for v in pair_rounds.values())
         and trained[-1]["data_cursor"]["inbox"] == [len(BATCH_ROUNDS) + 1, 0] and not set(pair_rounds) - added,

@@ -126,7 +126,8 @@ class Service:
         self.waiting_sets += found
         while self.waiting_sets and self.applied_at.get(self.waiting_sets[0][0], r) <= r:
             number, request = self.waiting_sets.pop(0)
-            self.apply_changes(loop, r, request.get("changes") or {}, via=request.get("via", "odpo ctl"), request=number)
+            via = request.get("via", "odpo ctl")
+            self.apply_changes(loop, r, request.get("changes") or {}, via=via, request=number)
             self.config_seq = number
 
     def apply_changes(self, loop: Loop, r: int, changes: dict, via: str, request: int | None = None) -> bool:

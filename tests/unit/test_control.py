@@ -16,7 +16,7 @@ from urllib.request import Request, urlopen
 
 import pytest
 
-from orchestrator.config import ConfigError, RunConfig, load_config
+from orchestrator.config import ConfigError, load_config
 from orchestrator.loop.data import PromptSampler
 from orchestrator.observe.metrics import Metrics
 from orchestrator.rundir import RunDir

@@ -79,8 +79,8 @@ def test_a_checkpoint_without_room_is_refused_before_writing_naming_folder_and_b
     assert room_problem(rd.checkpoints_dir, last, free=1100) is None
     with pytest.raises(DiskFull) as e:
         check_room(rd, 4, free=1099)
-    assert str(e.value).startswith(f"cannot checkpoint round 4: checkpoint folder {rd.checkpoints_dir}: "
-                                   "1,099 bytes free, 1,100 needed (the last checkpoint, round_000002, took 1,000 bytes")
+    assert str(e.value).startswith(f"cannot checkpoint round 4: checkpoint folder {rd.checkpoints_dir}: 1,099 bytes "
+                                   "free, 1,100 needed (the last checkpoint, round_000002, took 1,000 bytes")
     assert "round_000002 is intact" in str(e.value)
     check_room(rd, 4)  # this file system has room for 1 kB
 

@@ -121,7 +121,8 @@ def test_cli_add_prompts_refuses_a_bad_file_naming_its_line_and_adds_a_good_one(
     good.write_bytes(jsonl({"prompt": "3+3=", "answer": 6}, {"prompt": "4+4=", "answer": 8}))
     run = [sys.executable, "-m", "orchestrator", "add-prompts", str(run_dir)]
     out = subprocess.run([*run, str(bad)], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and out.stderr == f"error: {bad}: line 2: no column 'answer' (the training set's rows have ['answer', 'prompt'])\n"
+    assert out.returncode == 2
+    assert out.stderr == f"error: {bad}: line 2: no column 'answer' (the training set's rows have ['answer', 'prompt'])\n"
     assert batches(run_dir) == []
     out = subprocess.run([*run, str(good)], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
