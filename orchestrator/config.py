@@ -33,6 +33,7 @@ from judges.loader import JudgeSpecError, check_judge_spec
 from orchestrator.loop.beta import BetaSpec
 from orchestrator.observe.trackers import missing_tracker_packages
 from orchestrator.security import redact_secrets
+from orchestrator.service.settings import GateConfig, InboxConfig, gate_problem
 
 
 class Section(BaseModel):
@@ -91,6 +92,8 @@ class DataConfig(Section):
     """Held-out prompts for evaluation (same format as ``source``); none = no evaluation."""
     eval_size: int = Field(0, ge=0)
     """Number of eval prompts to use (0 = all of ``eval_source``)."""
+    inbox: InboxConfig = InboxConfig()
+    """Prompts added while the run goes on (``odpo add-prompts``, ``POST /prompts``): how rounds draw them."""
 
 
 class GeneratorConfig(Section):
@@ -319,6 +322,10 @@ class LoopConfig(Section):
     each k draws and samples the prompts of all k rounds with the policy it holds, and the k rounds
     train on those samples in order: k = ``rounds`` is offline DPO (the initial policy sampled once),
     k = ``rounds``/4 iterative DPO with 4 iterations. Samples go to ``<run>/samples/``; sync mode only."""
+    max_rounds_without_pairs: int = Field(5, ge=0)
+    """Stop the run (a checkpoint, then an error naming the cause: judge failures by kind, ties, stale pairs; exit 1) after this many rounds in a row without a pair (0 = never)."""
+    gate: GateConfig = GateConfig()
+    """The evaluation gate: roll back to the best round's checkpoint when ``metric`` drops (docs/service.md)."""
 
     @model_validator(mode="after")
     def _regenerate_needs_sync(self) -> "LoopConfig":
@@ -332,6 +339,8 @@ class MetricsConfig(Section):
     """Interface for the Prometheus / status HTTP server (keep loopback unless it must be scraped remotely)."""
     port: int = Field(0, ge=0, le=65535)
     """Port for the HTTP server (0 = off)."""
+    token_env: str = "ODPO_CONTROL_TOKEN"
+    """Environment variable holding the token that ``POST /prompts`` and ``POST /control/...`` need; when it is unset or empty, a token is generated at start into ``<run dir>/control.token`` (mode 0600)."""
 
 
 class ReportConfig(Section):
@@ -359,16 +368,17 @@ class LogConfig(Section):
 
 
 class FaultSpec(Section):
-    kind: Literal["generator", "judge", "learner", "sync", "rundir"]
-    """What to hit: a generator actor, a judge actor, a learner worker, a generator's next weight load, or the write of the round's outputs."""
-    action: Literal["kill", "hang", "raise", "nan", "nan_weights"] = "kill"
+    kind: Literal["generator", "judge", "learner", "sync", "rundir", "disk"]
+    """What to hit: a generator actor, a judge actor, a learner worker, a generator's next weight load, the write of the round's outputs, or the free space the checkpoints from ``round`` on see (``disk``)."""
+    action: Literal["kill", "hang", "raise", "nan", "nan_weights", "full"] = "kill"
     """``kill`` (generator/judge/learner): end the actor as a crash would; ``hang`` (sync): the
     generator's next weight load sleeps ``seconds``; ``raise`` (sync): the generator's next weight
     load fails (the push is retried); ``raise`` (judge): its next ``count`` score calls
     raise; ``raise`` (learner): every rank's ``train`` raises after ``after_steps`` optimizer steps;
     ``nan`` (learner): its next ``count`` steps produce a NaN loss; ``nan_weights`` (learner): its
     next optimizer step leaves a NaN in rank 0's weights (the round is redone, nothing published);
-    ``raise`` (rundir): writing the round's pairs fails as on a full disk (the round is redone)."""
+    ``raise`` (rundir): writing the round's pairs fails as on a full disk (the round is redone);
+    ``full`` (disk): the checkpoint folder reports 0 bytes free (the run stops before writing)."""
     round: int = Field(1, ge=1)
     """Round in which the fault fires (once)."""
     index: int = Field(0, ge=0)
@@ -383,7 +393,7 @@ class FaultSpec(Section):
     @model_validator(mode="after")
     def _action_fits_kind(self) -> "FaultSpec":
         allowed = {"generator": {"kill"}, "judge": {"kill", "raise"}, "learner": {"kill", "nan", "nan_weights", "raise"}, "sync": {"hang", "raise"},
-                   "rundir": {"raise"}}
+                   "rundir": {"raise"}, "disk": {"full"}}
         if self.action not in allowed[self.kind]:
             raise ValueError(f"action {self.action!r} does not apply to kind {self.kind!r} (allowed: {sorted(allowed[self.kind])})")
         return self
@@ -457,6 +467,8 @@ class RunConfig(Section):
                              "far too slow beyond toy models: turn ref_on_cpu off, or use fsdp over 2+ GPUs")
         if "correction" in self.pairs.sources and not self.corrector.cls:
             raise ValueError("corrector.cls: required when pairs.sources includes correction")
+        if problem := gate_problem(self):
+            raise ValueError(problem)
         return self
 
 
@@ -468,7 +480,8 @@ class ConfigError(Exception):
         super().__init__("\n".join(problems))
 
 
-def _describe(err: dict) -> str:
+def describe_error(err: dict) -> str:
+    """One line naming the field of a pydantic error (``loop.rounds: must be >= 0``)."""
     loc = ".".join(str(p) for p in err["loc"])
     kind, ctx = err["type"], err.get("ctx", {})
     if kind == "extra_forbidden":
@@ -532,7 +545,7 @@ def build_config(data: dict) -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError([_describe(err) for err in e.errors()]) from None
+        raise ConfigError([describe_error(err) for err in e.errors()]) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:

@@ -156,9 +156,12 @@ class RunDir:
         found = [p for p in self.checkpoints_dir.glob("round_*") if p.is_dir()]
         return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
-    def prune_checkpoints(self, keep: int) -> None:
+    def prune_checkpoints(self, keep: int, protect: Iterable[int] = ()) -> None:
+        """Delete all but the newest ``keep`` checkpoints, sparing the rounds in ``protect``."""
+        spared = set(protect)
         for old in self.checkpoints()[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if int(old.name.split("_")[1]) not in spared:
+                shutil.rmtree(old, ignore_errors=True)
 
     def latest_good_checkpoint(self, is_good=None, max_round: int | None = None) -> tuple[Path | None, list[str]]:
         """The newest checkpoint (of a round up to ``max_round``, when given) whose state parses
@@ -201,6 +204,8 @@ def pair_records(pairs: Iterable, round_: int) -> list[dict]:
             "policy_version": int(p.policy_version),
             "round": int(round_),
             "source": p.source,
+            # Where the prompt came from: "dataset" or an inbox batch (orchestrator/service/inbox.py).
+            "source_batch": p.row.get("source_batch", "dataset"),
             # Exactly what the learner trained (a rebuilt learner replays from these columns).
             "prompt_token_ids": p.prompt_token_ids,
             "chosen_token_ids": p.chosen_token_ids,
@@ -223,7 +228,7 @@ def pairs_from_records(records: list[dict]) -> list:
 
     pairs = []
     for rec in records:
-        row = {k: v for k, v in rec.items() if k not in _PAIR_FIELDS and k != "round"}
+        row = {k: v for k, v in rec.items() if k not in _PAIR_FIELDS and k not in ("round", "source_batch")}
         pairs.append(PreferencePair(row=row, **{k: rec[k] for k in _PAIR_FIELDS if k in rec}))
     return pairs
 

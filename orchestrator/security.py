@@ -88,8 +88,8 @@ def config_warnings(config) -> list[str]:
     if config.metrics.port and not is_loopback(config.metrics.host):
         out.append(
             f"metrics.host {config.metrics.host} binds a public interface; the metrics and /status endpoint "
-            f"(port {config.metrics.port}) has no authentication: keep 127.0.0.1 and scrape through a tunnel "
-            "or a sidecar, or firewall the port")
+            f"(port {config.metrics.port}) has no authentication (its POST routes, the inbox and live control, "
+            "need the run's token): keep 127.0.0.1 and scrape through a tunnel or a sidecar, or firewall the port")
     for path in _literal_secrets(config.model_dump(mode="json")):
         out.append(f"{path} holds a literal secret: it is redacted in config.yaml, but pass it through an "
                    "environment variable instead (e.g. a judge's api_key_env)")

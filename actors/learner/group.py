@@ -95,6 +95,11 @@ class LearnerGroup:
         """Restore the policy, reference, optimizer and scheduler saved by ``save`` on every worker."""
         self._all("load", path, what=f"load({path})")
 
+    def set_lr(self, lr: float) -> None:
+        """Every rank trains with ``lr`` as ``learner.lr`` from its next step on (a live change)."""
+        self.cfg.lr = lr  # a group rebuilt from this config starts with it too
+        self._all("set_lr", lr, what="set_lr")
+
     def alive(self, timeout: float = 30.0) -> bool:
         """Whether every worker answers within ``timeout`` (False if one is dead, or busy in a hung step)."""
         try:

@@ -78,6 +78,13 @@ class LearnerWorker:
     def load(self, path: str) -> None:
         self.learner.load(path)
 
+    def set_lr(self, lr: float) -> None:
+        """Train with ``lr`` as ``learner.lr`` from the next step on (a live change; a later
+        ``load`` keeps it, as a resume with a changed lr does)."""
+        self.cfg.lr = lr  # the Learner and its RoundSchedule hold this same config object
+        if self.learner is not None:
+            self.learner.schedule.apply_config()
+
     def inject_nan_next_step(self, steps: int = 1) -> None:
         """Fault injection: this rank's loss is NaN on its next ``steps`` optimizer steps."""
         self.learner.inject_nan(steps)

@@ -64,6 +64,8 @@ def _cell(text: str) -> str:
 def _default(field: FieldInfo) -> str:
     if field.is_required():
         return "required"
+    if isinstance(field.get_default(call_default_factory=True), BaseModel):
+        return "(its fields below)"
     return f"`{json.dumps(field.get_default(call_default_factory=True), ensure_ascii=False)}`"
 
 

@@ -14,12 +14,14 @@ from judges.loader import JudgeSpecError
 from orchestrator.cli.config_doc import config_reference, update_between_markers
 from orchestrator.cli.memory import describe
 from orchestrator.cli.preflight import check_memory, learner_gpu_memory
+from orchestrator.cli import service_verbs
 from orchestrator.cli.resources import check_cluster, format_plan, judge_runs_in_driver, read_cluster, resource_plan
 from orchestrator.config import ConfigError, check_plugins, dump_config, load_config
 from orchestrator.loop.data import DataError
 from orchestrator.observe.plot import plot_run
 from orchestrator.rundir import RunDir
 from orchestrator.security import config_warnings
+from orchestrator.service.guards import LoopHalt
 from orchestrator.tools.audit import run_audit
 from orchestrator.tools.export import ExportError, export_run, push_to_hub
 from orchestrator.tools.rehearsal import make_rehearsal_model
@@ -64,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="when the Ray cluster cannot hold every actor, wait up to SECONDS for it to grow (autoscaling), "
              "logging what is missing every 30 s, before failing (default 0: fail at once, exit 2)",
     )
+
+    service_verbs.add_parsers(verbs)
 
     p = verbs.add_parser("status", help="print a run's status (from its run directory or its HTTP endpoint)")
     p.add_argument("target", help="run directory, or http://host:port of the run's metrics server")
@@ -141,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_verb(args)
     if args.verb == "status":
         return print_status(args.target)
+    if args.verb == "add-prompts":
+        return service_verbs.add_prompts_verb(args)
+    if args.verb == "ctl":
+        return service_verbs.ctl_verb(args)
     if args.verb == "plot":
 
         for path in plot_run(args.run_dir):
@@ -215,6 +223,9 @@ def run_verb(args) -> int:
             print(f"error: {line}", file=sys.stderr)
     except (DataError, JudgeSpecError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
+    except LoopHalt as e:  # no pairs for too long, a full disk: stopped with a checkpoint where it could
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 2
 
 

@@ -31,7 +31,7 @@ CHANGES_FILE = "config_changes.jsonl"
 OPERATIONAL = (
     "run.output_dir",
     "loop.rounds", "loop.eval_every", "loop.checkpoint_every", "loop.keep_checkpoints",
-    "loop.max_actor_restarts", "loop.max_round_retries",
+    "loop.max_actor_restarts", "loop.max_round_retries", "loop.max_rounds_without_pairs",
     "data.eval_source", "data.eval_split", "data.eval_size",
     "*.timeout_s", "*.start_timeout_s", "*.setup_timeout_s",
     "generator.num_cpus", "judge.num_cpus", "learner.num_cpus_per_worker", "*.resources.*",

@@ -34,6 +34,9 @@ from orchestrator.observe.progress import ProgressWatcher
 from orchestrator.observe.trackers import open_trackers
 from orchestrator.rundir import RunDir, checkpoint_problem
 from orchestrator.security import config_warnings
+from orchestrator.service.guards import check_room
+from orchestrator.service.hooks import Service
+from orchestrator.service.routes import post_handler
 
 log = logging.getLogger("odpo")
 
@@ -135,7 +138,7 @@ def run(c: RunConfig, resume: bool = False, wait_for_resources_s: float = 0.0,
         raise MemoryShortfall(problems)
     rd = RunDir(Path(c.run.output_dir) / c.run.name)
     rd.create()
-    check_run_dir(rd, c, resume, allow_config_change)  # before Ray: a refused resume is exit 2
+    changes = check_run_dir(rd, c, resume, allow_config_change)  # before Ray: a refused resume is exit 2
     prompts = load_prompts(c.data.source, c.data.split, c.data.prompt_field, subset=c.data.subset)
     eval_prompts = None
     if c.data.eval_source and c.loop.eval_every:
@@ -148,9 +151,11 @@ def run(c: RunConfig, resume: bool = False, wait_for_resources_s: float = 0.0,
 
     stop = threading.Event()
     metrics = Metrics(c.run.name)
+    service = Service(c, rd, metrics, stop, prompts.rows)  # the inbox and live control work from here on
     if c.metrics.port:
-        port = metrics.serve(c.metrics.host, c.metrics.port)
-        log.info("metrics on http://%s:%d/metrics (status: /status)", c.metrics.host, port)
+        service.open_token()
+        port = metrics.serve(c.metrics.host, c.metrics.port, post=post_handler(service))
+        log.info("metrics on http://%s:%d/metrics (status: /status; POST /prompts, /control/...)", c.metrics.host, port)
 
     connect_ray(c)
     try:  # before any actor: a cluster that cannot hold them all is an error now, not a silent wait
@@ -161,6 +166,7 @@ def run(c: RunConfig, resume: bool = False, wait_for_resources_s: float = 0.0,
                 log_memory(c, device, source, estimate=False)
     except BaseException:
         metrics.close()
+        service.close()
         raise
     install_stop_handlers(stop)  # after ray.init, which installs its own SIGTERM handler
     t = time.perf_counter()
@@ -174,7 +180,9 @@ def run(c: RunConfig, resume: bool = False, wait_for_resources_s: float = 0.0,
         state, pending = LoopState(), None
         if resume:
             state, pending = restore(rd, parts, prompts.rows, c.data.prompt_field)
-        loop = Loop(c, rd, parts, prompts, eval_prompts, metrics, stop, state)
+        loop = Loop(c, rd, parts, prompts, eval_prompts, metrics, stop, state, service)
+        if resume:
+            service.resume(loop, state.service, {ch["key"] for ch in changes})
         if pending is not None:
             loop.pending = pending
             loop.sampler = PromptSampler.from_state(pending.sampler_after, len(prompts), c.run.seed)
@@ -182,6 +190,7 @@ def run(c: RunConfig, resume: bool = False, wait_for_resources_s: float = 0.0,
 
         def save_checkpoint(st: LoopState) -> None:
 
+            check_room(rd, st.round, loop.faults.free_bytes(st.round))  # before a byte is written
             t0 = time.perf_counter()
             staging = rd.staging_checkpoint_path(st.round)
             parts.learner.save(str(staging))
@@ -194,9 +203,9 @@ def run(c: RunConfig, resume: bool = False, wait_for_resources_s: float = 0.0,
                        "pairs_total": st.pairs_total, "rounds_without_pairs": st.rounds_without_pairs,
                        "beta": st.beta, "length_counts": st.length_counts,
                        "seed": c.run.seed, "mode": c.loop.mode, "saved_at": time.time(),
-                       "pending": saved_pending, "rng": rng_state.capture()}
+                       "pending": saved_pending, "rng": rng_state.capture(), "service": st.service}
             path = rd.commit_checkpoint(staging, st.round, payload)
-            rd.prune_checkpoints(c.loop.keep_checkpoints)
+            rd.prune_checkpoints(c.loop.keep_checkpoints, protect=Service.protected(st))
             log.info("checkpoint %s written in %.1fs", path, time.perf_counter() - t0)
 
         drive(loop, save_checkpoint)
@@ -210,6 +219,7 @@ def run(c: RunConfig, resume: bool = False, wait_for_resources_s: float = 0.0,
             except Exception as e:  # shutting down must not hide the loop's own error
                 log.warning("shutdown of %s failed: %s", type(part).__name__, e)
         metrics.close()
+        service.close()
     log.info("run %s done at round %d", c.run.name, loop.state.round)
     return 0
 
@@ -239,7 +249,8 @@ def restore(rd: RunDir, parts: Parts, rows: list[dict], prompt_field: str) -> tu
              f", round {pending.round}'s samples taken from the checkpoint" if pending else "")
     state = LoopState(round=saved["round"], policy_version=version, sampler=saved["sampler"],
                       pairs_total=saved.get("pairs_total", 0), rounds_without_pairs=saved.get("rounds_without_pairs", 0),
-                      beta=saved.get("beta"), length_counts=saved.get("length_counts", {}))
+                      beta=saved.get("beta"), length_counts=saved.get("length_counts", {}),
+                      service=saved.get("service") or {})
     return state, pending
 
 

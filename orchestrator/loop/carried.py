@@ -4,7 +4,8 @@ was interrupted.
 In ``async`` mode round t+1 is sampled, with the weights of round t-1's training, while round t
 is judged and trained. A checkpoint taken after round t therefore waits for that sampling and
 stores its result in ``pending_samples.json``: the round, the prompt cursor after its prompts,
-and every sample (the prompts' positions in the training set stand in for their dataset rows).
+and every sample (the prompts' positions in the training set stand in for their dataset rows;
+an inbox prompt, position -1, keeps its row).
 A resumed run judges and trains exactly those samples as its first round, then samples the next
 round with the checkpoint's weights, as the uninterrupted run did.
 """
@@ -30,7 +31,8 @@ def save_carried(pending: DrawnRound, folder: Path) -> dict:
     groups = []
     for index, group in zip(pending.indices, pending.groups):
         fields = dataclasses.asdict(group)
-        fields.pop("row")
+        if index >= 0:
+            fields.pop("row")
         groups.append({"index": int(index), **fields})
     atomic_write_text(folder / PENDING_FILE, json.dumps({"round": pending.round, "groups": groups}) + "\n")
     return {"round": pending.round, "sampler": pending.sampler_after, "file": PENDING_FILE}
@@ -46,6 +48,10 @@ def load_carried(folder: Path, saved: dict | None, rows: list[dict], prompt_fiel
     indices, groups = [], []
     for g in data["groups"]:
         index = g.pop("index")
+        if index < 0:  # an inbox prompt: its row was saved with it
+            groups.append(SampleGroup(completions=[Completion(**c) for c in g.pop("completions")], **g))
+            indices.append(index)
+            continue
         if not 0 <= index < len(rows) or rows[index].get(prompt_field) != g["prompt"]:
             raise ValueError(f"{folder / saved['file']}: prompt {index} of the saved samples is not the "
                              f"training set's prompt {index}: was data.source changed?")

@@ -118,7 +118,8 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def _prompt_problem(prompt) -> str | None:
+def prompt_problem(prompt) -> str | None:
+    """Why a prompt is unusable (``empty``, ``control_chars``, ``not_text``), or None."""
     if isinstance(prompt, str):
         if not prompt.strip():
             return "empty"
@@ -169,7 +170,7 @@ def load_prompts(source: str, split: str, prompt_field: str, limit: int = 0, sub
         )
     rows, skipped, seen = [], Counter(), set()
     for i, row in _rows(ds, source):
-        problem = _prompt_problem(row[prompt_field])
+        problem = prompt_problem(row[prompt_field])
         if problem:
             skipped[problem] += 1
             if skipped[problem] <= 3:
@@ -191,11 +192,14 @@ def load_prompts(source: str, split: str, prompt_field: str, limit: int = 0, sub
 
 
 class PromptSampler:
-    """Epochs over a shuffled dataset: ``draw(k)`` returns the next k rows, crossing epochs."""
+    """Epochs over a shuffled dataset: ``draw(k)`` returns the next k rows, crossing epochs.
+    ``inbox`` is the inbox's cursor (``orchestrator/service/inbox.py``: next batch, next row in
+    it), carried here so that it is saved, rewound and resumed with the dataset's."""
 
-    def __init__(self, size: int, seed: int, epoch: int = 0, cursor: int = 0):
+    def __init__(self, size: int, seed: int, epoch: int = 0, cursor: int = 0, inbox: tuple[int, int] = (1, 0)):
         self.size, self.seed = size, seed
         self.epoch, self.cursor = epoch, cursor
+        self.inbox = tuple(inbox)
         self._order = self._permutation(epoch)
 
     def _permutation(self, epoch: int) -> list[int]:
@@ -215,11 +219,13 @@ class PromptSampler:
         return out
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "size": self.size, "seed": self.seed}
+        return {"epoch": self.epoch, "cursor": self.cursor, "size": self.size, "seed": self.seed,
+                "inbox": list(self.inbox)}
 
     @classmethod
     def from_state(cls, state: dict, size: int, seed: int) -> "PromptSampler":
+        inbox = tuple(state.get("inbox") or (1, 0))
         if state.get("size") != size:
             log.warning("dataset size changed since the checkpoint (%s -> %s); restarting its order", state.get("size"), size)
-            return cls(size, seed)
-        return cls(size, seed, state["epoch"], state["cursor"])
+            return cls(size, seed, inbox=inbox)
+        return cls(size, seed, state["epoch"], state["cursor"], inbox=inbox)

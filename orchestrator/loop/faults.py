@@ -12,7 +12,8 @@ import logging
 log = logging.getLogger("odpo.faults")
 
 # The loop calls ``fire(point, ...)`` at these points of a round; each kind fires at one of them.
-POINT = {"generator": "sample", "judge": "judge", "learner": "learn", "sync": "sync", "rundir": "write"}
+POINT = {"generator": "sample", "judge": "judge", "learner": "learn", "sync": "sync", "rundir": "write",
+         "disk": "checkpoint"}
 
 
 def _arm_load_delay(actor_self, seconds: float) -> None:
@@ -38,6 +39,15 @@ class FaultInjector:
             log.warning("fault injection: %s %s #%d in round %d", ev.action, ev.kind, ev.index, round_)
             _fire(ev, parts)
             self.fired.append(ev.model_dump())
+
+    def free_bytes(self, round_: int) -> int | None:
+        """The free space a ``disk`` event makes the checkpoints from its round on see: 0 (a full
+        disk stays full); None without one (the file system's own figure)."""
+        for ev in [e for e in self.pending if e.kind == "disk" and e.round <= round_]:
+            self.pending.remove(ev)
+            log.warning("fault injection: the disk is full from the checkpoint of round %d on", round_)
+            self.fired.append(ev.model_dump())
+        return 0 if any(e["kind"] == "disk" for e in self.fired) else None
 
 
 def _fire(ev, parts) -> None:

@@ -31,6 +31,7 @@ from orchestrator.observe.metrics import Metrics
 from orchestrator.observe.procs import ProcessMemory, actor_handles
 from orchestrator.pairs.make import PairMaker
 from orchestrator.rundir import RunDir, pair_records
+from orchestrator.service.hooks import Service
 
 log = logging.getLogger("odpo.loop")
 
@@ -38,7 +39,7 @@ log = logging.getLogger("odpo.loop")
 class Loop:
     def __init__(self, config, rundir: RunDir, parts: Parts, prompts: PromptSet,
                  eval_prompts: PromptSet | None, metrics: Metrics, stop: threading.Event,
-                 state: LoopState):
+                 state: LoopState, service: Service | None = None):
         self.c, self.rd, self.parts, self.metrics, self.stop = config, rundir, parts, metrics, stop
         self.prompts, self.eval_prompts, self.state = prompts, eval_prompts, state
         self.sampler = (PromptSampler.from_state(state.sampler, len(prompts), config.run.seed)
@@ -66,6 +67,8 @@ class Loop:
         self.sync_path: str | None = None  # how this round's weight sync travelled (weight_sync's ``path``)
         self.save_checkpoint: Callable[[LoopState], None] = lambda state: None  # set by ``drive``
         self.last_checkpointed = state.round
+        # The inbox, live control, the evaluation gate and the idle guard (orchestrator/service/).
+        self.service = service or Service(config, rundir, metrics, stop, prompts.rows)
 
     # --- the round ------------------------------------------------------------------------------
     def run_round(self, r: int) -> dict | None:
@@ -114,6 +117,7 @@ class Loop:
         rec["rss_peak_mb"] = self.memory.peaks
         if eval_reward is not None:
             rec["eval_reward"] = eval_reward
+        nxt.service = self.service.state_after(self, r, [g.row for g in sampled.groups], rec)
         self.write_outputs(r, rec, nxt, judged.pairs)
         self.state = nxt
         self.committed_version, self.in_hand = self.learner_version, None
@@ -124,7 +128,7 @@ class Loop:
         self.faults.fire("write", r, self.parts)
         self.rd.write_pairs(r, pair_records(pairs, r))
         publish(self, rec)
-        if self.c.loop.checkpoint_every and r % self.c.loop.checkpoint_every == 0:
+        if (self.c.loop.checkpoint_every and r % self.c.loop.checkpoint_every == 0) or self.service.checkpoint_due(nxt, r):
             self.metrics.set_phase("checkpoint", r)
             self.save_checkpoint(nxt)
             self.last_checkpointed = r
@@ -203,10 +207,10 @@ class Loop:
     # --- helpers of the phases -----------------------------------------------------------------
     def submit(self, round_: int) -> DrawnRound:
         """Draw round ``round_``'s prompts and start sampling them."""
-        indices = self.sampler.draw(self.c.loop.prompts_per_round)
-        rows = [self.prompts.rows[i] for i in indices]
-        call = self.parts.generators.submit(rows, seed=round_seed(self.c.run.seed, round_))
-        return DrawnRound(round_, list(indices), self.sampler.state(), call=call)
+        indices, rows = self.service.draw(self, self.c.loop.prompts_per_round)  # inbox rows: index -1
+        call = self.parts.generators.submit(rows, seed=round_seed(self.c.run.seed, round_),
+                                            overrides=self.service.sampling_overrides())
+        return DrawnRound(round_, indices, self.sampler.state(), call=call)
 
     def adopt(self, round_: int) -> DrawnRound | None:
         """A redo's sampling of round ``round_``, taken over from the failed attempt, which had
@@ -306,11 +310,16 @@ def drive(loop: Loop, save_checkpoint: Callable[[LoopState], None]) -> int:
             rec = {"round": 0, "policy_version": 0, "eval_reward": eval_reward, "eval_s": time.perf_counter() - t}
             publish(loop, rec)
             log.info("round 0 (before training) | eval %.3f", eval_reward)
+        loop.service.first_eval(loop, eval_reward, save_checkpoint)
     r = loop.state.round
     while not loop.stop.is_set() and (c.loop.rounds == 0 or r < c.loop.rounds):
-        r += 1
-        try:
+        try:  # the boundary: pause, stop --after-round, live changes, a rollback the gate made due
+            if not loop.service.before_round(loop, r + 1, save_checkpoint):
+                break
+            r += 1
             rec = run_with_retries(loop, r)
+            if rec is not None:
+                loop.service.check_idle(loop)
         except Exception:
             if loop.state.round != loop.last_checkpointed:
                 checkpoint_before_failing(loop, save_checkpoint)

@@ -20,6 +20,7 @@ from orchestrator.loop.beta import beta_for_round
 from orchestrator.loop.data import PromptSampler
 from orchestrator.loop.state import LoopState
 from orchestrator.rundir import checkpoint_problem, pairs_from_records
+from orchestrator.service.guards import LoopHalt
 
 Loop = Any  # orchestrator.loop.loop.Loop (it imports this module: named here for the annotations only)
 
@@ -33,7 +34,7 @@ def run_with_retries(loop: Loop, r: int) -> dict | None:
     while True:
         try:
             return loop.run_round(r)
-        except PlacementError:  # no alive node can hold a part: a retry would only wait again
+        except (PlacementError, LoopHalt):  # no node can hold a part; a full disk: a retry would not help
             raise
         except Exception as e:  # any failure of a part: the round is redone after recovery
             failures += 1

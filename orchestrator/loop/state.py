@@ -49,6 +49,9 @@ class LoopState:
     """The adaptive β schedule's value for the next round (None for a fixed β or a fixed schedule)."""
     length_counts: dict = field(default_factory=dict)
     """The length guard's running counts of pairs with a longer / shorter chosen side."""
+    service: dict = field(default_factory=dict)
+    """Live config changes, the evaluation gate's state, rounds in a row without pairs
+    (``orchestrator/service/hooks.py``)."""
 
 
 @dataclass

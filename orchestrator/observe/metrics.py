@@ -3,7 +3,9 @@
 Actors return numbers; the loop hands each round's record to ``Metrics.record_round`` and its
 phase to ``Metrics.set_phase``. The server answers ``/metrics`` (Prometheus text format),
 ``/healthz`` and ``/status`` (JSON: run name, round, phase, the phase's ``progress``, policy
-version, last round's figures). It binds ``metrics.host`` (127.0.0.1 unless configured otherwise).
+version, last round's figures, ``paused``, ``inbox_waiting``). It binds ``metrics.host``
+(127.0.0.1 unless configured otherwise). ``POST`` requests go to the handler ``serve`` is given
+(the inbox and live control: ``orchestrator/service/routes.py``), which checks the token.
 """
 
 from __future__ import annotations
@@ -44,7 +46,12 @@ COUNTS = {
     "completions": ("odpo_generator_completions_total", "Completions sampled"),
     "pairs": ("odpo_pairs_total", "Preference pairs kept"),
     "gen_tokens": ("odpo_generator_tokens_total", "Tokens generated"),
+    "inbox_prompts": ("odpo_loop_inbox_prompts_total", "Prompts drawn from the inbox (odpo add-prompts, POST /prompts)"),
 }
+
+
+MAX_POST_BYTES = 64 << 20
+"""Largest POST body read (an inbox batch); a larger one is answered 413."""
 
 
 class Metrics:
@@ -62,6 +69,8 @@ class Metrics:
         self.restarts = Gauge("odpo_actor_restarts", "Actor restarts so far, by kind", ["kind"], registry=r)
         self.rss = Gauge("odpo_process_rss_bytes", "Resident memory of the driver and each local actor", ["process"], registry=r)
         self.skipped_steps = Counter("odpo_learner_skipped_steps", "Optimizer steps skipped for NaN/inf", registry=r)
+        self.rollbacks = Counter("odpo_loop_rollbacks", "Rollbacks of the evaluation gate (loop.gate)", registry=r)
+        self._rollbacks_seen = 0
         self.phase_seconds = Histogram(
             "odpo_loop_phase_seconds", "Seconds per phase of a round", ["phase"], registry=r,
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900),
@@ -114,6 +123,9 @@ class Metrics:
             self.rss.labels(process=process).set(mb * 2**20)
         if record.get("skipped_steps"):
             self.skipped_steps.inc(record["skipped_steps"])
+        if record.get("rollbacks", 0) > self._rollbacks_seen:  # the line's count is the run's total
+            self.rollbacks.inc(record["rollbacks"] - self._rollbacks_seen)
+            self._rollbacks_seen = record["rollbacks"]
         for key in PHASE_SECONDS:
             value = record.get(key)
             if isinstance(value, (int, float)):
@@ -123,6 +135,11 @@ class Metrics:
             self._status["last_round"] = record
             self._status["policy_version"] = record.get("policy_version", 0)
 
+    def update_status(self, **fields) -> None:
+        """Set fields of ``/status`` that outlive a phase (``paused``, ``inbox_waiting``)."""
+        with self._lock:
+            self._status.update(fields)
+
     def status(self) -> dict:
         with self._lock:
             return dict(self._status)
@@ -131,8 +148,9 @@ class Metrics:
         return generate_latest(self.registry)
 
     # --- serving -----------------------------------------------------------------------------
-    def serve(self, host: str, port: int) -> int:
-        """Start the HTTP server in a daemon thread; returns the bound port."""
+    def serve(self, host: str, port: int, post=None) -> int:
+        """Start the HTTP server in a daemon thread; returns the bound port. ``post(path, headers,
+        body) -> (status, JSON answer)`` answers POST requests (none: 404)."""
         metrics = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -149,6 +167,22 @@ class Metrics:
                     return
                 self.send_response(200)
                 self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):  # noqa: N802
+                length = int(self.headers.get("Content-Length") or 0)
+                if post is None:
+                    code, answer = 404, {"error": "this server takes no POST requests"}
+                elif length > MAX_POST_BYTES:
+                    code, answer = 413, {"error": f"body over {MAX_POST_BYTES} bytes"}
+                    self.close_connection = True
+                else:
+                    code, answer = post(self.path.split("?", 1)[0], self.headers, self.rfile.read(length))
+                body = json.dumps(answer, default=str).encode() + b"\n"
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)

@@ -110,8 +110,10 @@ def test_validate_warns_about_a_public_metrics_endpoint():
     assert out.returncode == 0
     assert out.stderr.splitlines() == [
         "warning: metrics.host 0.0.0.0 binds a public interface; the metrics and /status endpoint (port 9400) "
-        "has no authentication: keep 127.0.0.1 and scrape through a tunnel or a sidecar, or firewall the port"]
-    assert yaml.safe_load(out.stdout)["metrics"] == {"host": "0.0.0.0", "port": 9400}  # stdout stays the config
+        "has no authentication (its POST routes, the inbox and live control, need the run's token): keep "
+        "127.0.0.1 and scrape through a tunnel or a sidecar, or firewall the port"]
+    assert yaml.safe_load(out.stdout)["metrics"] == {"host": "0.0.0.0", "port": 9400,  # stdout stays the config
+                                                     "token_env": "ODPO_CONTROL_TOKEN"}
     quiet = validate("metrics.port=9400")
     assert quiet.returncode == 0 and quiet.stderr == ""
 
