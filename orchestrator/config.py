@@ -191,6 +191,17 @@ class CorrectorConfig(Section):
         return v if v is None else JudgeConfig._dotted_path(v)
 
 
+class LoraConfig(Section):
+    r: int = Field(16, ge=1, le=512)
+    """Rank of each adapter (A is r × in, B is out × r); the generators' ``max_lora_rank`` is the smallest vLLM size that holds it."""
+    alpha: float = Field(32.0, gt=0)
+    """Scale: an adapter adds (alpha / r) · B A x to its layer's output (PEFT's ``lora_alpha``)."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapter's input while training (PEFT's ``lora_dropout``; never when scoring or sampling)."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Linear layers that get an adapter, by their last name (``[q_proj, v_proj]``), or ``all-linear``: every linear layer but the LM head. A name that is not one of the model's linear layers is an error listing them."""
+
+
 class LearnerConfig(Section):
     num_workers: int = Field(1, ge=1)
     """Learner worker actors joined by torch.distributed (one per GPU; CPU processes here)."""
@@ -254,6 +265,8 @@ class LearnerConfig(Section):
     """Longest a ``train`` call (or start-up, save, load) may take; also the torch.distributed collective timeout."""
     gpu_memory_gb: float | None = Field(None, gt=0)
     """Memory of one learner GPU in GB, for the memory check before start (none = what the cluster's GPUs report)."""
+    lora: LoraConfig | None = None
+    """Train LoRA adapters instead of every weight (none = full fine-tuning): the base stays frozen, held once in ``model.dtype``; the reference is the base (the adapter switched off) or, with ``ref_refresh_every``, a frozen copy of the adapter; AdamW holds the adapter's state only; generators receive each version as an adapter (docs/learner.md, "LoRA")."""
 
     @field_validator("betas")
     @classmethod
@@ -450,6 +463,16 @@ class RunConfig(Section):
                              "are offloaded and gathered to the GPU per layer); otherwise the reference would run its "
                              f"forward on the CPU (strategy {self.learner.strategy}, {self.learner.num_workers} worker(s)), "
                              "far too slow beyond toy models: turn ref_on_cpu off, or use fsdp over 2+ GPUs")
+        lora = self.learner.lora
+        if lora and self.sync.backend != "object_store":
+            raise ValueError(f"sync.backend: {self.sync.backend} moves full weights; with learner.lora the adapter "
+                             "travels by object_store (shared memory on one node, the object store across nodes)")
+        fp32_compute = self.learner.precision == "fp32" or (self.learner.precision == "auto" and not gpu_learner)
+        if lora and self.learner.strategy == "fsdp" and self.learner.num_workers > 1 and \
+                self.model.dtype != "float32" and fp32_compute:
+            raise ValueError(f"learner.precision: FSDP over {self.learner.num_workers} workers keeps one dtype per "
+                             f"layer unit, and learner.lora's adapters are float32 next to a {self.model.dtype} base: "
+                             "set learner.precision: bf16 (both gathered in bf16), or model.dtype: float32")
         if "correction" in self.pairs.sources and not self.corrector.cls:
             raise ValueError("corrector.cls: required when pairs.sources includes correction")
         return self
