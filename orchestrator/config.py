@@ -578,6 +578,15 @@ def check_plugins(config: RunConfig) -> None:
     except JudgeSpecError as e:
         raise ConfigError([str(e)]) from None
 
+    lora = config.learner.lora
+    if lora and lora.target_modules != "all-linear":  # the model's linear layers, from its config (meta device)
+        from actors.learner.lora import check_targets, meta_model
+
+        try:
+            check_targets(meta_model(config.model.path), lora.target_modules)
+        except ValueError as e:
+            raise ConfigError([str(e)]) from None
+
     problems = missing_tracker_packages(config.report.to)
     if problems:
         raise ConfigError(problems)

@@ -43,6 +43,27 @@ def engine_kwargs(model_cfg, gen_cfg, seed: int, *, on_gpu: bool, extra: dict | 
     return kwargs
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The ``max_lora_rank`` values vLLM 0.32 accepts."""
+
+
+def lora_engine_kwargs(rank: int | None) -> dict[str, Any]:
+    """``vllm.LLM`` arguments for an engine that serves the learner's LoRA adapters of rank
+    ``rank`` (none: full weights, nothing to add): LoRA on, one adapter at a time, the smallest
+    ``max_lora_rank`` vLLM accepts that holds it."""
+    if rank is None:
+        return {}
+    fits = [r for r in VLLM_LORA_RANKS if r >= rank]
+    if not fits:
+        raise ValueError(f"learner.lora.r: {rank} is above vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}")
+    return {"enable_lora": True, "max_lora_rank": fits[0], "max_loras": 1}
+
+
+def adapter_id(version: int) -> int:
+    """vLLM's id of the adapter of policy ``version`` (vLLM's ids start at 1)."""
+    return version + 1
+
+
 def cpu_thread_binding(cpus: list[int], tp: int) -> str:
     """``VLLM_CPU_OMP_THREADS_BIND`` for ``tp`` CPU workers: the cores split into ``tp`` disjoint
     groups (``"0|1"``), since vLLM's default binds by NUMA node and needs one node per worker."""

@@ -78,11 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, help="units listed per side (default: 10)")
     p.add_argument("--source", choices=["best_worst", "correction"], help="audit only the pairs of this source")
 
-    p = verbs.add_parser("export", help="write a run's policy as a Hugging Face model folder and its pairs as a "
-                                          "dataset, each with a card (OUT/model, OUT/pairs)")
+    p = verbs.add_parser("export", help="write a run's policy as a Hugging Face model folder (a LoRA run: a PEFT "
+                                          "adapter folder, or merged with --merge) and its pairs as a dataset, each "
+                                          "with a card (OUT/model, OUT/pairs)")
     p.add_argument("run_dir")
     p.add_argument("out")
     p.add_argument("--round", type=int, default=None, help="checkpoint round to export (default: the newest good one)")
+    p.add_argument("--merge", action="store_true",
+                   help="a LoRA run: export the base with the adapter merged in, instead of the PEFT adapter folder")
     p.add_argument("--push-to-hub", metavar="REPO", default=None,
                    help="also upload the model (model repo REPO) and pairs (dataset repo REPO); token from HF_TOKEN")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create private repos")
@@ -185,11 +188,11 @@ def export_verb(args) -> int:
     """``odpo export``: a run that cannot be exported is one ``error:`` line and exit status 2."""
 
     try:
-        summary = export_run(args.run_dir, args.out, args.round)
+        summary = export_run(args.run_dir, args.out, args.round, merge=args.merge)
     except (ExportError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"round {summary['round']} (policy version {summary['policy_version']}): model -> {summary['model']}, "
+    print(f"round {summary['round']} (policy version {summary['policy_version']}): {summary['form']} -> {summary['model']}, "
           f"{summary['pairs']} pairs -> {summary['dataset']}")
     if args.push_to_hub:
         for url in push_to_hub(args.out, args.push_to_hub, private=args.private):

@@ -99,7 +99,8 @@ def build_parts(c: RunConfig, rd: RunDir) -> Parts:
     learner = make_learner()
     generators = GeneratorPool(c.model, c.generator, prompt_field=c.data.prompt_field, seed=c.run.seed,
                                max_restarts=c.loop.max_actor_restarts, mode=c.loop.mode,
-                               weight_transfer="nccl" if c.sync.backend == "nccl" else None)
+                               weight_transfer="nccl" if c.sync.backend == "nccl" else None,
+                               lora_rank=c.learner.lora.r if c.learner.lora else None)
     corrector = (c.corrector.cls, c.corrector.kwargs) if "correction" in c.pairs.sources else None
     judges = JudgePool(c.judge, seed=c.run.seed, max_restarts=c.loop.max_actor_restarts, corrector=corrector,
                        generate_fn=make_generate_fn(generators, c.data.prompt_field, c.run.seed))
