@@ -116,8 +116,8 @@ class GeneratorConfig(Section):
     """Custom Ray resources per generator actor, e.g. ``{a100_node: 1}`` to run only on nodes started with ``--resources='{"a100_node": 8}'``; checked against the cluster, like GPUs and CPUs, before any actor starts."""
     tensor_parallel_size: int = Field(1, ge=1)
     """vLLM tensor-parallel size per generator (GPU clusters; on CPU each TP worker gets its share of the actor's cores)."""
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None
-    """Weights (and KV cache) dtype the generators serve; none = ``model.dtype``. Weights are cast to it on the learner before they move, so ``bfloat16`` halves every sync's bytes while the learner keeps ``model.dtype`` master weights."""
+    dtype: Literal["float32", "bfloat16", "float16", "bfloat16_if_native"] | None = None
+    """Weights (and KV cache) dtype the generators serve; none = ``model.dtype``. Weights are cast to it on the learner before they move, so ``bfloat16`` halves every sync's bytes while the learner keeps ``model.dtype`` master weights. ``bfloat16_if_native``: bfloat16 where the generator's device computes it natively (a GPU with bf16; a CPU with AVX512-BF16 or AMX), else float32 (float16 on GPUs)."""
     timeout_s: float = Field(600, gt=0)
     """Longest a ``sample`` call may take before the actor is restarted and its share re-sampled."""
     start_timeout_s: float = Field(900, gt=0)
@@ -255,8 +255,8 @@ class LearnerConfig(Section):
     """Copy the policy into the reference after the steps of each round whose number is a multiple of k (0 = never: a fixed reference, as in RLHFlow's recipes; 1 = the reference is always the last round's policy)."""
     ref_on_cpu: bool = False
     """Hold the reference model's shards in host RAM to save GPU memory; they are gathered to the GPU for each forward (needs ``strategy: fsdp`` with 2 or more workers on GPUs; on CPU learners it changes nothing)."""
-    ref_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Dtype the reference is held and run in; ``auto`` = the compute dtype on GPU (bf16, or fp16 on GPUs without bf16), float32 on CPU (where bf16 is slower)."""
+    ref_dtype: Literal["auto", "float32", "bfloat16", "float16", "bfloat16_if_native"] = "auto"
+    """Dtype the reference is held and run in; ``auto`` = the compute dtype on GPU (bf16, or fp16 on GPUs without bf16), float32 on CPU; ``bfloat16_if_native``: bf16 (half the memory) where the learner's device computes it natively (CPUs with AVX512-BF16 or AMX), else as ``auto``."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward instead of keeping them: activation memory of one layer instead of all, about a third more compute."""
     logprob_chunk: int = Field(256, ge=1)

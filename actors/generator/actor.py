@@ -41,7 +41,8 @@ class GeneratorActor:
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
                                   cpu_thread_binding(sorted(os.sched_getaffinity(0)), gen_cfg.tensor_parallel_size))
         self.model_cfg, self.gen_cfg, self.index, self.prompt_field = model_cfg, gen_cfg, index, prompt_field
-        self.llm = LLM(**engine_kwargs(model_cfg, gen_cfg, seed, on_gpu=on_gpu, extra=engine_extra))
+        self.llm = LLM(**engine_kwargs(model_cfg, gen_cfg, seed, on_gpu=on_gpu, extra=engine_extra,
+                                       gpu_bf16=on_gpu and torch.cuda.is_bf16_supported()))
         self.tokenizer = self.llm.get_tokenizer()
         self.spec = weight_sync.engine_param_spec(self.llm)
         self.version = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from actors.hardware import resolve_dtype
 from judges.base import Completion, Prompt
 
 # Room reserved by default for the KV cache of a CPU engine: vLLM's share-of-memory default
@@ -17,12 +18,14 @@ from judges.base import Completion, Prompt
 CPU_KV_CACHE_BYTES = 64 << 20
 
 
-def engine_kwargs(model_cfg, gen_cfg, seed: int, *, on_gpu: bool, extra: dict | None = None) -> dict[str, Any]:
-    """Keyword arguments for ``vllm.LLM``: the model section, then ``generator.engine``, then ``extra``."""
+def engine_kwargs(model_cfg, gen_cfg, seed: int, *, on_gpu: bool, extra: dict | None = None,
+                  gpu_bf16: bool | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``vllm.LLM``: the model section, then ``generator.engine``, then ``extra``.
+    ``gpu_bf16``: whether this node's GPU has bf16 (for ``bfloat16_if_native``; CPUs are read here)."""
     kwargs: dict[str, Any] = dict(
         model=model_cfg.path,
         tokenizer=model_cfg.tokenizer or model_cfg.path,
-        dtype=gen_cfg.dtype or model_cfg.dtype,
+        dtype=resolve_dtype(gen_cfg.dtype or model_cfg.dtype, gpu_bf16=gpu_bf16 if on_gpu else None),
         max_model_len=model_cfg.max_model_len,
         seed=seed,
         # In-process engine (see docs/weight-sync.md); tensor parallelism needs worker processes.

@@ -12,6 +12,7 @@ import sys
 
 from judges.loader import JudgeSpecError
 from orchestrator.cli.config_doc import config_reference, update_between_markers
+from orchestrator.cli.preflight import bf16_warnings
 from orchestrator.cli.resources import check_cluster, format_plan, judge_runs_in_driver, read_cluster, resource_plan
 from orchestrator.config import ConfigError, check_plugins, dump_config, load_config
 from orchestrator.loop.data import DataError
@@ -100,9 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser(
         "make-rehearsal-model",
-        help="write a random-weight model with Qwen2.5-0.5B's architecture and shape (no download), for scale rehearsals")
+        help="write a random-weight model with Qwen2.5-0.5B's (or 1.5B's) architecture and shape (no download), "
+             "for scale rehearsals")
     p.add_argument("out", metavar="DIR", help="output folder (Hugging Face format)")
-    p.add_argument("--layers", type=int, default=24, help="decoder layers (default: 24, as Qwen2.5-0.5B)")
+    p.add_argument("--shape", choices=("0.5b", "1.5b"), default="0.5b",
+                   help="Qwen2.5-0.5B's shape (default) or Qwen2.5-1.5B's (the LoRA scale rehearsal)")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's, 24 or 28)")
     p.add_argument("--vocab-size", type=int, default=151_936, help="model vocabulary (default: 151936, as Qwen2.5-0.5B)")
     p.add_argument("--tokenizer-vocab", type=int, default=4096, help="learned BPE entries (default: 4096)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
@@ -175,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             summary = make_rehearsal_model(args.out, layers=args.layers, vocab_size=args.vocab_size, seed=args.seed,
-                                           dtype=args.dtype, tokenizer_vocab=args.tokenizer_vocab)
+                                           dtype=args.dtype, tokenizer_vocab=args.tokenizer_vocab, shape=args.shape)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -225,7 +229,7 @@ def validate(args) -> int:
     ``error:`` line on stderr and the exit status is 2. Ray is imported only under ``--cluster``."""
 
     config = load_or_exit(args)
-    for line in config_warnings(config):
+    for line in [*config_warnings(config), *bf16_warnings(config)]:
         print(f"warning: {line}", file=sys.stderr)
     plan = resource_plan(config, judge_in_driver=judge_runs_in_driver(config))
     print(dump_config(config), end="")

@@ -10,6 +10,11 @@ resources that do not exist until its start timeout.
 to grow: the actors' resource shapes are requested from Ray's autoscaler (a hint that a cluster
 without one ignores), what is still missing is logged every 30 s, and the request is withdrawn
 when the wait ends either way.
+
+``bf16_warnings``: on a CPU without bf16 instructions (none of ``avx512_bf16``, ``amx_bf16``), each
+CPU part of the config set to bfloat16, which runs on slow fallbacks there, with the field to
+change (``bfloat16_if_native`` keeps bf16 where it is native). ``odpo validate`` and ``odpo run``
+print them; they describe the driver's machine (a cluster's nodes may differ).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import logging
 import time
 from typing import Any, Callable
 
+from actors.hardware import BF16_FLAGS, IF_NATIVE, cpu_info, native_bf16_cpu
 from orchestrator.config import ConfigError
 from orchestrator.cli.resources import (
     START_ORDER,
@@ -93,3 +99,31 @@ def await_fit(config: Any, wait_s: float = 0.0, *, read_nodes: Callable[[], list
     finally:
         if requested:
             request([])
+
+
+def bf16_warnings(config: Any, cpu: tuple[str, set[str]] | None = None) -> list[str]:
+    """On this CPU without bf16 instructions (``cpu``: model name and flags, default this
+    machine's), one line per CPU part of ``config`` in bf16 (slow here: the field to change) or in
+    ``bfloat16_if_native`` (float32 here: what that costs); none on a CPU that has them."""
+    model, flags = cpu or cpu_info()
+    if native_bf16_cpu(flags):
+        return []
+    c, parts = config, []
+    if c.generator.num_gpus == 0:
+        parts.append(("generator.dtype", c.generator.dtype or c.model.dtype, "the generators' weights and matmuls"))
+    if c.learner.num_gpus_per_worker == 0:
+        parts.append(("model.dtype", c.model.dtype, "the learner's weights"))
+        if not c.learner.lora:
+            parts.append(("learner.ref_dtype", c.learner.ref_dtype, "the reference's forward"))
+        parts.append(("learner.precision", {"bf16": "bfloat16"}.get(c.learner.precision), "the learner's matmuls"))
+    cpu_says = f"this CPU ({model}) has no bf16 instructions (none of {', '.join(BF16_FLAGS)} in /proc/cpuinfo)"
+    out = []
+    for field, value, what in parts:
+        if value == "bfloat16":
+            fix = f"set {field}: {IF_NATIVE} (bf16 only where native) or float32" if field.endswith("dtype") \
+                else f"set {field}: fp32"
+            out.append(f"{field}: bfloat16, and {cpu_says}: {what} would run on slow fallbacks; {fix}")
+        elif value == IF_NATIVE:
+            out.append(f"{field}: {IF_NATIVE} runs float32 here ({cpu_says}): {what} at full speed, in twice "
+                       "bf16's memory")
+    return out

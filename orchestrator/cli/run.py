@@ -21,7 +21,7 @@ from actors import rng_state
 from actors.generator.pool import GeneratorPool, make_generate_fn
 from actors.judging.pool import JudgePool
 from actors.learner.group import LearnerGroup
-from orchestrator.cli.preflight import await_fit
+from orchestrator.cli.preflight import await_fit, bf16_warnings
 from orchestrator.cli.resume_check import check_run_dir
 from orchestrator.config import RunConfig, dump_config
 from orchestrator.loop.carried import load_carried, save_carried
@@ -112,7 +112,7 @@ def run(c: RunConfig, resume: bool = False, wait_for_resources_s: float = 0.0,
         allow_config_change: bool = False) -> int:
     setup_logging()
 
-    for warning in config_warnings(c):
+    for warning in [*config_warnings(c), *bf16_warnings(c)]:
         log.warning(warning)
     rd = RunDir(Path(c.run.output_dir) / c.run.name)
     rd.create()
