@@ -23,9 +23,10 @@ from orchestrator.config import ConfigError, LearnerConfig, LoraConfig, ModelCon
     load_config
 from orchestrator.rundir import RunDir
 from orchestrator.tools.export import export_run
-from tests.conftest import DEMO_MODEL
+from tests.conftest import DEMO_MODEL, REPO
 
 LORA = {"r": 8, "alpha": 16}
+DEMO = REPO / "configs" / "demo.yaml"
 
 
 def _pairs(n: int = 16, offset: int = 0) -> list[PreferencePair]:
@@ -126,10 +127,10 @@ def test_a_checkpoint_holds_the_adapter_resumes_exactly_and_refuses_another_base
 
     rd = RunDir(tmp_path / "run")  # the same refusal before Ray starts, at `odpo run --resume`
     rd.create()
-    config = load_config("configs/demo.yaml", ["run.name=run", "learner.lora={r: 8, alpha: 16}"])
+    config = load_config(DEMO, ["run.name=run", "learner.lora={r: 8, alpha: 16}"])
     rd.write_config(dump_config(config))
     shutil.copytree(ckpt, rd.checkpoint_path(3))
-    moved = load_config("configs/demo.yaml", ["run.name=run", "learner.lora={r: 8, alpha: 16}", f"model.path={other}"])
+    moved = load_config(DEMO, ["run.name=run", "learner.lora={r: 8, alpha: 16}", f"model.path={other}"])
     with pytest.raises(ConfigError, match="resume: round_000003: the adapter was trained on the base model"):
         check_run_dir(rd, moved, resume=True, allow_change=True)
 
@@ -140,7 +141,7 @@ def test_export_writes_a_peft_adapter_or_with_merge_the_merged_model(trained, tm
 
     rd = RunDir(tmp_path / "run")
     rd.create()
-    rd.write_config(dump_config(load_config("configs/demo.yaml", ["run.name=run", "learner.lora={r: 8, alpha: 16}"])))
+    rd.write_config(dump_config(load_config(DEMO, ["run.name=run", "learner.lora={r: 8, alpha: 16}"])))
     rd.append_metrics({"round": 0, "eval_reward": 0.4})
     rd.append_metrics({"round": 2, "pairs": 16, "loss": 0.6})
     ckpt = rd.checkpoint_path(2)
@@ -163,18 +164,18 @@ def test_export_writes_a_peft_adapter_or_with_merge_the_merged_model(trained, tm
 
 def test_config_names_bad_lora_fields():
     with pytest.raises(ConfigError, match="learner.lora.rank: unknown key"):
-        load_config("configs/demo.yaml", ["learner.lora={rank: 8}"])
+        load_config(DEMO, ["learner.lora={rank: 8}"])
     with pytest.raises(ConfigError, match="sync.backend: disk moves full weights; with learner.lora"):
-        load_config("configs/demo.yaml", ["learner.lora={r: 8}", "sync.backend=disk"])
+        load_config(DEMO, ["learner.lora={r: 8}", "sync.backend=disk"])
     with pytest.raises(ConfigError, match="learner.precision: FSDP over 2 workers keeps one dtype per layer unit"):
-        load_config("configs/demo.yaml", ["learner.lora={r: 8}", "model.dtype=bfloat16", "learner.num_workers=2"])
-    config = load_config("configs/demo.yaml", ["learner.lora={r: 8, target_modules: [q_proj, qkv_proj]}"])
+        load_config(DEMO, ["learner.lora={r: 8}", "model.dtype=bfloat16", "learner.num_workers=2"])
+    config = load_config(DEMO, ["learner.lora={r: 8, target_modules: [q_proj, qkv_proj]}"])
     with pytest.raises(ConfigError) as err:
         check_plugins(config)
     assert err.value.problems == ["learner.lora.target_modules: ['qkv_proj'] not among the linear layers of "
                                   "LlamaForCausalLM: ['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', "
                                   "'up_proj', 'v_proj'] (or all-linear)"]
-    check_plugins(load_config("configs/demo.yaml", ["learner.lora={r: 8, target_modules: [q_proj, v_proj]}"]))
+    check_plugins(load_config(DEMO, ["learner.lora={r: 8, target_modules: [q_proj, v_proj]}"]))
 
 
 def test_engines_get_the_smallest_vllm_rank_and_adapters_are_checked_against_the_base():
