@@ -31,6 +31,7 @@ CustomResources = Annotated[dict[str, float], AfterValidator(_custom_resources)]
 
 from judges.loader import JudgeSpecError, check_judge_spec
 from orchestrator.loop.beta import BetaSpec
+from orchestrator.loop.fault_settings import FaultsConfig, FaultSpec  # noqa: F401 (FaultSpec: part of this module's API)
 from orchestrator.observe.trackers import missing_tracker_packages
 from orchestrator.security import redact_secrets
 from orchestrator.service.settings import GateConfig, InboxConfig, gate_problem
@@ -119,8 +120,8 @@ class GeneratorConfig(Section):
     """Custom Ray resources per generator actor, e.g. ``{a100_node: 1}`` to run only on nodes started with ``--resources='{"a100_node": 8}'``; checked against the cluster, like GPUs and CPUs, before any actor starts."""
     tensor_parallel_size: int = Field(1, ge=1)
     """vLLM tensor-parallel size per generator (GPU clusters; on CPU each TP worker gets its share of the actor's cores)."""
-    dtype: Literal["float32", "bfloat16", "float16"] | None = None
-    """Weights (and KV cache) dtype the generators serve; none = ``model.dtype``. Weights are cast to it on the learner before they move, so ``bfloat16`` halves every sync's bytes while the learner keeps ``model.dtype`` master weights."""
+    dtype: Literal["float32", "bfloat16", "float16", "bfloat16_if_native"] | None = None
+    """Weights (and KV cache) dtype the generators serve; none = ``model.dtype``. Weights are cast to it on the learner before they move, so ``bfloat16`` halves every sync's bytes while the learner keeps ``model.dtype`` master weights. ``bfloat16_if_native``: bfloat16 where the generator's device computes it natively (a GPU with bf16; a CPU with AVX512-BF16 or AMX), else float32 (float16 on GPUs)."""
     timeout_s: float = Field(600, gt=0)
     """Longest a ``sample`` call may take before the actor is restarted and its share re-sampled."""
     start_timeout_s: float = Field(900, gt=0)
@@ -194,6 +195,17 @@ class CorrectorConfig(Section):
         return v if v is None else JudgeConfig._dotted_path(v)
 
 
+class LoraConfig(Section):
+    r: int = Field(16, ge=1, le=512)
+    """Rank of each adapter (A is r × in, B is out × r); the generators' ``max_lora_rank`` is the smallest vLLM size that holds it."""
+    alpha: float = Field(32.0, gt=0)
+    """Scale: an adapter adds (alpha / r) · B A x to its layer's output (PEFT's ``lora_alpha``)."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapter's input while training (PEFT's ``lora_dropout``; never when scoring or sampling)."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Linear layers that get an adapter, by their last name (``[q_proj, v_proj]``), or ``all-linear``: every linear layer but the LM head. A name that is not one of the model's linear layers is an error listing them."""
+
+
 class LearnerConfig(Section):
     num_workers: int = Field(1, ge=1)
     """Learner worker actors joined by torch.distributed (one per GPU; CPU processes here)."""
@@ -247,8 +259,8 @@ class LearnerConfig(Section):
     """Copy the policy into the reference after the steps of each round whose number is a multiple of k (0 = never: a fixed reference, as in RLHFlow's recipes; 1 = the reference is always the last round's policy)."""
     ref_on_cpu: bool = False
     """Hold the reference model's shards in host RAM to save GPU memory; they are gathered to the GPU for each forward (needs ``strategy: fsdp`` with 2 or more workers on GPUs; on CPU learners it changes nothing)."""
-    ref_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Dtype the reference is held and run in; ``auto`` = the compute dtype on GPU (bf16, or fp16 on GPUs without bf16), float32 on CPU (where bf16 is slower)."""
+    ref_dtype: Literal["auto", "float32", "bfloat16", "float16", "bfloat16_if_native"] = "auto"
+    """Dtype the reference is held and run in; ``auto`` = the compute dtype on GPU (bf16, or fp16 on GPUs without bf16), float32 on CPU; ``bfloat16_if_native``: bf16 (half the memory) where the learner's device computes it natively (CPUs with AVX512-BF16 or AMX), else as ``auto``."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward instead of keeping them: activation memory of one layer instead of all, about a third more compute."""
     logprob_chunk: int = Field(256, ge=1)
@@ -257,6 +269,8 @@ class LearnerConfig(Section):
     """Longest a ``train`` call (or start-up, save, load) may take; also the torch.distributed collective timeout."""
     gpu_memory_gb: float | None = Field(None, gt=0)
     """Memory of one learner GPU in GB, for the memory check before start (none = what the cluster's GPUs report)."""
+    lora: LoraConfig | None = None
+    """Train LoRA adapters instead of every weight (none = full fine-tuning): the base stays frozen, held once in ``model.dtype``; the reference is the base (the adapter switched off) or, with ``ref_refresh_every``, a frozen copy of the adapter; AdamW holds the adapter's state only; generators receive each version as an adapter (docs/learner.md, "LoRA")."""
 
     @field_validator("betas")
     @classmethod
@@ -367,44 +381,6 @@ class LogConfig(Section):
     """Progress inside a round (prompts sampled, completions judged, learner steps): a tqdm bar when the driver writes to a terminal, otherwise one log line per phase every this many seconds (0 = no bar and no lines; ``/status`` still reports it)."""
 
 
-class FaultSpec(Section):
-    kind: Literal["generator", "judge", "learner", "sync", "rundir", "disk"]
-    """What to hit: a generator actor, a judge actor, a learner worker, a generator's next weight load, the write of the round's outputs, or the free space the checkpoints from ``round`` on see (``disk``)."""
-    action: Literal["kill", "hang", "raise", "nan", "nan_weights", "full"] = "kill"
-    """``kill`` (generator/judge/learner): end the actor as a crash would; ``hang`` (sync): the
-    generator's next weight load sleeps ``seconds``; ``raise`` (sync): the generator's next weight
-    load fails (the push is retried); ``raise`` (judge): its next ``count`` score calls
-    raise; ``raise`` (learner): every rank's ``train`` raises after ``after_steps`` optimizer steps;
-    ``nan`` (learner): its next ``count`` steps produce a NaN loss; ``nan_weights`` (learner): its
-    next optimizer step leaves a NaN in rank 0's weights (the round is redone, nothing published);
-    ``raise`` (rundir): writing the round's pairs fails as on a full disk (the round is redone);
-    ``full`` (disk): the checkpoint folder reports 0 bytes free (the run stops before writing)."""
-    round: int = Field(1, ge=1)
-    """Round in which the fault fires (once)."""
-    index: int = Field(0, ge=0)
-    """Which actor of its kind (generator/judge actor index, learner rank)."""
-    seconds: float = Field(0, ge=0)
-    """For ``hang``: how long the call sleeps (set it past ``sync.timeout_s``)."""
-    count: int = Field(1, ge=1)
-    """For judge ``raise`` and ``nan``: how many calls or steps fail."""
-    after_steps: int = Field(0, ge=0)
-    """For learner ``raise``: optimizer steps of the round taken before every rank raises."""
-
-    @model_validator(mode="after")
-    def _action_fits_kind(self) -> "FaultSpec":
-        allowed = {"generator": {"kill"}, "judge": {"kill", "raise"}, "learner": {"kill", "nan", "nan_weights", "raise"}, "sync": {"hang", "raise"},
-                   "rundir": {"raise"}, "disk": {"full"}}
-        if self.action not in allowed[self.kind]:
-            raise ValueError(f"action {self.action!r} does not apply to kind {self.kind!r} (allowed: {sorted(allowed[self.kind])})")
-        return self
-
-
-class FaultsConfig(Section):
-    events: list[FaultSpec] = []
-    """Faults to inject, each once at its round (empty = off): for tests, and to rehearse failures
-    on a real cluster, e.g. ``--set 'faults.events=[{kind: generator, round: 3}]'``."""
-
-
 class RunConfig(Section):
     run: RunSection = RunSection()
     """Run identity and seed."""
@@ -465,6 +441,16 @@ class RunConfig(Section):
                              "are offloaded and gathered to the GPU per layer); otherwise the reference would run its "
                              f"forward on the CPU (strategy {self.learner.strategy}, {self.learner.num_workers} worker(s)), "
                              "far too slow beyond toy models: turn ref_on_cpu off, or use fsdp over 2+ GPUs")
+        lora = self.learner.lora
+        if lora and self.sync.backend != "object_store":
+            raise ValueError(f"sync.backend: {self.sync.backend} moves full weights; with learner.lora the adapter "
+                             "travels by object_store (shared memory on one node, the object store across nodes)")
+        fp32_compute = self.learner.precision == "fp32" or (self.learner.precision == "auto" and not gpu_learner)
+        if lora and self.learner.strategy == "fsdp" and self.learner.num_workers > 1 and \
+                self.model.dtype != "float32" and fp32_compute:
+            raise ValueError(f"learner.precision: FSDP over {self.learner.num_workers} workers keeps one dtype per "
+                             f"layer unit, and learner.lora's adapters are float32 next to a {self.model.dtype} base: "
+                             "set learner.precision: bf16 (both gathered in bf16), or model.dtype: float32")
         if "correction" in self.pairs.sources and not self.corrector.cls:
             raise ValueError("corrector.cls: required when pairs.sources includes correction")
         if problem := gate_problem(self):
@@ -572,6 +558,15 @@ def check_plugins(config: RunConfig) -> None:
             check_judge_spec(config.corrector.cls, config.corrector.kwargs, "corrector.cls", ("correct",))
     except JudgeSpecError as e:
         raise ConfigError([str(e)]) from None
+
+    lora = config.learner.lora
+    if lora and lora.target_modules != "all-linear":  # the model's linear layers, from its config (meta device)
+        from actors.learner.lora import check_targets, meta_model
+
+        try:
+            check_targets(meta_model(config.model.path), lora.target_modules)
+        except ValueError as e:
+            raise ConfigError([str(e)]) from None
 
     problems = missing_tracker_packages(config.report.to)
     if problems:

@@ -5,7 +5,7 @@ Layout (see docs/run-directory.md)::
     runs/<name>/config.yaml            resolved config
     runs/<name>/metrics.jsonl          one JSON object per round
     runs/<name>/pairs/round_NNNNNN.parquet   every pair, with the exact token ids the learner trained
-    runs/<name>/checkpoints/round_NNNNNN/{policy/, state/, trainer.json, loop_state.json}  (actors/learner/weights/checkpoint.py)
+    runs/<name>/checkpoints/round_NNNNNN/{policy/ (LoRA: adapter/), state/, trainer.json, loop_state.json}  (actors/learner/weights/checkpoint.py)
     runs/<name>/status.json            the live /status document
     runs/<name>/plots/
 
@@ -245,9 +245,9 @@ def checkpoint_problem(path: Path) -> str | None:
         problem = learner_problem(path)
         if problem:
             return problem
-    weights = sorted((path / "policy").glob("*.safetensors"))
+    weights = sorted((path / "policy").glob("*.safetensors")) or sorted((path / "adapter").glob("*.safetensors"))
     if not weights:
-        return "no policy weights"
+        return "no policy weights"  # (a LoRA checkpoint holds its adapter in adapter/)
     for f in [*weights, *path.glob("*.safetensors")]:
         try:
             with safe_open(str(f), "np") as st:

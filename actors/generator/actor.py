@@ -10,8 +10,8 @@ import os
 import time
 from typing import Any
 
-from actors.generator.sampling import cpu_thread_binding, encode_prompt, engine_kwargs, prompt_seed, row_prompt, \
-    to_completion
+from actors.generator.sampling import adapter_id, cpu_thread_binding, encode_prompt, engine_kwargs, prompt_seed, \
+    row_prompt, to_completion
 from actors.progress import EngineCounter
 from common.types import SampleGroup
 
@@ -41,11 +41,16 @@ class GeneratorActor:
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
                                   cpu_thread_binding(sorted(os.sched_getaffinity(0)), gen_cfg.tensor_parallel_size))
         self.model_cfg, self.gen_cfg, self.index, self.prompt_field = model_cfg, gen_cfg, index, prompt_field
-        self.llm = LLM(**engine_kwargs(model_cfg, gen_cfg, seed, on_gpu=on_gpu, extra=engine_extra))
+        self.llm = LLM(**engine_kwargs(model_cfg, gen_cfg, seed, on_gpu=on_gpu, extra=engine_extra,
+                                       gpu_bf16=on_gpu and torch.cuda.is_bf16_supported()))
         self.tokenizer = self.llm.get_tokenizer()
         self.spec = weight_sync.engine_param_spec(self.llm)
         self.version = 0
         self.loaded_desc: dict | None = None  # the publication this engine last loaded in full
+        self.lora_request = None
+        """With LoRA: the adapter of ``version`` (vLLM's ``LoRARequest``), named by every sampling
+        request; None while the engine serves its own weights (version 0: the base, which a fresh
+        adapter equals)."""
 
     def ready(self) -> dict[str, Any]:
         """Who and where this actor is; the pool compares ``pid`` to count restarts."""
@@ -95,7 +100,7 @@ class GeneratorActor:
             # Finished prompts are reported to the driver as they come (orchestrator/observe/progress.py).
             counter = EngineCounter.factory("sample", self.index, progress_tag(seed, greedy), len(prompts))
             try:
-                outputs = self.llm.generate(prompts, params, use_tqdm=counter)
+                outputs = self.llm.generate(prompts, params, use_tqdm=counter, lora_request=self.lora_request)
             except Exception as e:  # the engine is in an undefined state now: the pool replaces it
                 raise EngineFailed(f"generator {self.index}: vLLM raised during sampling: "
                                    f"{type(e).__name__}: {e}") from e
@@ -119,6 +124,15 @@ class GeneratorActor:
             raise RuntimeError(f"generator {self.index}: weight load of version {version} failed (injected: faults.events)")
         from actors import weight_sync
 
+        if desc.get("adapter") is not None:  # LoRA: the version is an adapter; the base stays
+            from vllm.lora.request import LoRARequest
+
+            seconds = weight_sync.load_adapter_into_engine(self.llm, desc, self.spec, adapter_id(version))
+            # The adapter lives in the engine's memory only: the path just names it (vLLM requires one).
+            self.lora_request = LoRARequest(f"odpo-policy-v{version}", adapter_id(version),
+                                            f"odpo://in-memory/policy-v{version}")
+            self.version, self.loaded_desc = version, desc
+            return seconds
         try:
             seconds = weight_sync.load_into_engine(self.llm, desc, self.spec)
         except Exception:

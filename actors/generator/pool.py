@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import logging
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from actors.generator.actor import ENV_VARS, EngineFailed, GeneratorActor
-from actors.generator.sampling import split_evenly
+from actors.generator.sampling import lora_engine_kwargs, split_evenly
 from actors.placement import PlacementError, why_unplaced
 from actors.waiting import ActorWait, demand_of
 from actors.weight_sync.base import EngineGroup, Publication, SyncState
@@ -54,7 +53,8 @@ class GeneratorPool:
     """``gen_cfg.num_actors`` generator actors behind one ``sample`` call."""
 
     def __init__(self, model_cfg, gen_cfg, prompt_field: str = "prompt", seed: int = 0, *, max_restarts: int = 3,
-                 mode: Literal["sync", "async"] = "sync", weight_transfer: str | None = None):
+                 mode: Literal["sync", "async"] = "sync", weight_transfer: str | None = None,
+                 lora_rank: int | None = None):
         import ray
 
         self.model_cfg, self.gen_cfg, self.mode, self.max_restarts = model_cfg, gen_cfg, mode, max_restarts
@@ -64,7 +64,8 @@ class GeneratorPool:
         """What weight sync keeps here: the last publication every actor loaded (re-applied after a
         restart), this pool's buffer files, the NCCL session."""
         self.last_sample_stats: dict[str, float] = {}
-        extra = {"weight_transfer_config": {"backend": "nccl"}} if weight_transfer == "nccl" else None
+        extra = {"weight_transfer_config": {"backend": "nccl"}} if weight_transfer == "nccl" else {}
+        extra.update(lora_engine_kwargs(lora_rank))  # LoRA: each version arrives as an adapter of this rank
         self.demand = demand_of(gen_cfg.num_cpus, gen_cfg.num_gpus, gen_cfg.resources)
         """What each actor asks Ray for (``generator.resources`` pins it to nodes that offer them)."""
         remote_cls = ray.remote(GeneratorActor).options(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from actors.hardware import resolve_dtype
 from judges.base import Completion, Prompt
 
 # Room reserved by default for the KV cache of a CPU engine: vLLM's share-of-memory default
@@ -17,12 +18,14 @@ from judges.base import Completion, Prompt
 CPU_KV_CACHE_BYTES = 64 << 20
 
 
-def engine_kwargs(model_cfg, gen_cfg, seed: int, *, on_gpu: bool, extra: dict | None = None) -> dict[str, Any]:
-    """Keyword arguments for ``vllm.LLM``: the model section, then ``generator.engine``, then ``extra``."""
+def engine_kwargs(model_cfg, gen_cfg, seed: int, *, on_gpu: bool, extra: dict | None = None,
+                  gpu_bf16: bool | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``vllm.LLM``: the model section, then ``generator.engine``, then ``extra``.
+    ``gpu_bf16``: whether this node's GPU has bf16 (for ``bfloat16_if_native``; CPUs are read here)."""
     kwargs: dict[str, Any] = dict(
         model=model_cfg.path,
         tokenizer=model_cfg.tokenizer or model_cfg.path,
-        dtype=gen_cfg.dtype or model_cfg.dtype,
+        dtype=resolve_dtype(gen_cfg.dtype or model_cfg.dtype, gpu_bf16=gpu_bf16 if on_gpu else None),
         max_model_len=model_cfg.max_model_len,
         seed=seed,
         # In-process engine (see docs/weight-sync.md); tensor parallelism needs worker processes.
@@ -41,6 +44,27 @@ def engine_kwargs(model_cfg, gen_cfg, seed: int, *, on_gpu: bool, extra: dict | 
         # scheduler waits for room instead. (The config refuses turning it back on for CPU.)
         kwargs.setdefault("enable_chunked_prefill", False)
     return kwargs
+
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The ``max_lora_rank`` values vLLM 0.32 accepts."""
+
+
+def lora_engine_kwargs(rank: int | None) -> dict[str, Any]:
+    """``vllm.LLM`` arguments for an engine that serves the learner's LoRA adapters of rank
+    ``rank`` (none: full weights, nothing to add): LoRA on, one adapter at a time, the smallest
+    ``max_lora_rank`` vLLM accepts that holds it."""
+    if rank is None:
+        return {}
+    fits = [r for r in VLLM_LORA_RANKS if r >= rank]
+    if not fits:
+        raise ValueError(f"learner.lora.r: {rank} is above vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}")
+    return {"enable_lora": True, "max_lora_rank": fits[0], "max_loras": 1}
+
+
+def adapter_id(version: int) -> int:
+    """vLLM's id of the adapter of policy ``version`` (vLLM's ids start at 1)."""
+    return version + 1
 
 
 def cpu_thread_binding(cpus: list[int], tp: int) -> str:

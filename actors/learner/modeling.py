@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from actors.hardware import IF_NATIVE, native_bf16_cpu
 from actors.learner.loss import completion_targets, linear_logps, token_logps
 from actors.learner.weights.stream import SafetensorsSource, StateDictSource, resolve_folder
 
@@ -61,8 +62,11 @@ def no_dropout(config: Any) -> Any:
 
 def ref_dtype(cfg: Any, on_gpu: bool, compute: torch.dtype) -> torch.dtype:
     """``learner.ref_dtype``, with ``auto`` = the compute dtype on GPU (bf16, or fp16 on GPUs
-    without bf16), float32 on CPU (bf16 is slower there)."""
-    if cfg.ref_dtype == "auto":
+    without bf16), float32 on CPU (bf16 is slower there without bf16 instructions), and
+    ``bfloat16_if_native`` = bf16 on a CPU that has them (``actors.hardware``), else ``auto``."""
+    if cfg.ref_dtype == IF_NATIVE and not on_gpu and native_bf16_cpu():
+        return torch.bfloat16
+    if cfg.ref_dtype in ("auto", IF_NATIVE):
         return compute if on_gpu else torch.float32
     return getattr(torch, cfg.ref_dtype)
 

@@ -38,13 +38,29 @@ def lr_factor(schedule: str, round_: int, decay_rounds: int, min_ratio: float) -
     return min_ratio + (1.0 - min_ratio) * shape
 
 
+def refresh_due(every: int, refreshed_through: int | None, round_: int) -> tuple[bool, int | None]:
+    """Whether round ``round_``'s training ends with a reference refresh (``ref_refresh_every``:
+    the first training on or after each multiple of ``every``; a scheduled round without pairs,
+    which trains nothing, moves its refresh to the next round that trains, not a whole period
+    later), and the last scheduled round whose refresh is then done (None: fresh, or a checkpoint
+    that did not record it)."""
+    if every <= 0:
+        return False, refreshed_through
+    if refreshed_through is None:
+        refreshed_through = (round_ - 1) // every * every
+    due = round_ // every * every
+    return (True, due) if due > refreshed_through else (False, refreshed_through)
+
+
 class RoundSchedule:
     """AdamW over ``params`` with the step warmup and the round factor (``optimizer`` and
     ``scheduler`` are the torch objects a checkpoint saves and loads)."""
 
     def __init__(self, params: Iterable[torch.nn.Parameter], cfg: Any):
         self.cfg = cfg
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
+        self.params = list(params)
+        """The trained parameters (all of the policy's; with LoRA, its adapters')."""
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
         self.round_factor = 1.0
         """The round's factor of ``learner.lr`` (``lr_schedule``), set by ``set_round``."""
         warmup = cfg.warmup_steps

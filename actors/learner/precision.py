@@ -15,6 +15,7 @@ import contextlib
 from typing import Iterable
 
 import torch
+import torch.distributed as dist
 
 _NAMED = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -98,3 +99,14 @@ def all_finite(params: Iterable[torch.nn.Parameter]) -> bool:
     # The max-norm is inf/NaN exactly when an element is (one fused pass, no mask per tensor).
     norms = torch._foreach_norm(local, float("inf"))
     return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+
+
+def check_finite(params: list[torch.nn.Parameter], round_: int, steps: int, device: torch.device) -> None:
+    """After an optimizer step: every trained weight finite on every rank, else ``NonFiniteWeights``
+    (the step is not kept: the loop redoes the round from its start, or stops naming it)."""
+    bad = torch.tensor([0.0 if all_finite(params) else 1.0], device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bool(bad[0]):
+        raise NonFiniteWeights(f"round {round_}: optimizer step {steps} made the policy's weights "
+                               "non-finite (inf/NaN); the step is not kept and its weights are not published")

@@ -4,7 +4,8 @@
 initialized (DDP or FSDP2 across the workers); in a plain process (tests, benches) it runs alone.
 Start-up never holds a full copy on any rank but rank 0, and there one tensor at a time: both
 models are built on the meta device, sharded (``sharding``), materialized, and filled from the
-checkpoint that rank 0 streams (``weights.stream``); the reference is a local copy of the policy.
+checkpoint that rank 0 streams (``weights.stream``); the reference is a local copy of the policy
+(with LoRA, ``learner.lora``: no second model, the policy's module in its reference view, ``lora``).
 Per round: tokenize the pairs, compute the reference log-probs of every pair once (no grad,
 shared across ranks), then take optimizer steps with gradient accumulation; a step whose loss or
 gradient is not finite on any rank is skipped on all of them. Log-probs are computed at
@@ -31,10 +32,11 @@ from actors.learner.batching import (
     share_micro_batches,
     tokenize_pairs,
 )
+from actors.learner.lora import Adapters
 from actors.learner.loss import REPORT_FIELDS, mean_report, pair_terms, term_sums
 from actors.learner.modeling import build_empty, completion_logp_sums, materialize, ref_dtype, weights_source
-from actors.learner.optimizer import RoundSchedule
-from actors.learner.precision import LossScaler, NonFiniteWeights, all_finite, autocast, compute_dtype
+from actors.learner.optimizer import RoundSchedule, refresh_due
+from actors.learner.precision import LossScaler, autocast, check_finite, compute_dtype
 from actors.learner.weights import checkpoint
 from actors.learner.weights.stream import copy_local, iter_full, load_streamed, tied_aliases
 
@@ -67,7 +69,12 @@ class Learner:
         self.ref_dtype = ref_dtype(cfg, on_gpu, self.compute_dtype)
         self.model = build_empty(model_cfg.path, getattr(torch, model_cfg.dtype))
         """The HF model being trained (for FSDP: sharded in place, still the HF class)."""
-        self.reference = build_empty(model_cfg.path, self.ref_dtype).requires_grad_(False).eval()
+        self.adapters = Adapters(self.model, cfg.lora, reference_copy=cfg.ref_refresh_every > 0,
+                                 seed=seed) if cfg.lora else None
+        """LoRA (``learner.lora``): the policy is the frozen base plus these adapters, and the
+        reference the same module in its reference view; None for full fine-tuning."""
+        self.reference = None if self.adapters else \
+            build_empty(model_cfg.path, self.ref_dtype).requires_grad_(False).eval()
         if cfg.activation_checkpointing:
             sharding.enable_activation_checkpointing(self.model)
         # The reference's shards live on CPU with ``ref_on_cpu``; under FSDP they are gathered to
@@ -77,18 +84,21 @@ class Learner:
         if self.fsdp:
             mixed = self.compute_dtype if self.compute_dtype != torch.float32 else None
             sharding.fsdp_shard(self.model, param_dtype=mixed)
-            sharding.fsdp_shard(self.reference, param_dtype=mixed, cpu_offload=cfg.ref_on_cpu and on_gpu)
+            if self.reference is not None:
+                sharding.fsdp_shard(self.reference, param_dtype=mixed, cpu_offload=cfg.ref_on_cpu and on_gpu)
         materialize(self.model, self.device)
-        materialize(self.reference, ref_store)
         source = weights_source(model_cfg.path, set(self.model.state_dict())) if self.rank == 0 else None
         load_streamed(self.model, source, where=f"model.path {model_cfg.path}")
         del source
-        copy_local(self.reference, self.model)
+        if self.adapters is not None:
+            self.adapters.init()
+        else:
+            copy_local(materialize(self.reference, ref_store), self.model)
         if self.fsdp or not _distributed():
             self.train_model = self.model
         else:
             self.train_model = sharding.ddp_wrap(self.model, self.device)
-        self.schedule = RoundSchedule(self.model.parameters(), cfg)
+        self.schedule = RoundSchedule(self.adapters.trainable() if self.adapters else self.model.parameters(), cfg)
         self.optimizer, self.scheduler = self.schedule.optimizer, self.schedule.scheduler
         self.last_step_lr = cfg.lr
         """The learning rate of the last optimizer step taken (the round report's ``lr``)."""
@@ -196,6 +206,14 @@ class Learner:
                         "to end): their prompts were re-tokenized from text", stats["retokenized"])
         return kept, stats
 
+    def _reference_logps(self, kept: list[TokenizedPair]) -> torch.Tensor:
+        """``[N, 2]`` log-prob sums under the reference: its own model, or with LoRA the policy's
+        module in its reference view (no second model)."""
+        if self.adapters is None:
+            return self._all_logps(self.reference, kept, self.ref_device)[0]
+        with self.adapters.view("reference"):
+            return self._all_logps(self.model, kept, self.device)[0]
+
     def completion_logps(self, pairs: list) -> torch.Tensor:
         """``[N, 2]`` summed log-probs of each pair's chosen and rejected completion under the
         current policy (NaN for a pair dropped as too long or empty); every rank calls."""
@@ -251,19 +269,12 @@ class Learner:
         return True, float(grad_norm), tokens
 
     def _check_weights_finite(self, round_: int) -> None:
-        """After an optimizer step: every weight finite on every rank, else ``NonFiniteWeights``
-        (the step is not kept: the loop redoes the round from its start, or stops naming it)."""
-        if self._nan_weights_pending:
+        if self._nan_weights_pending:  # fault injection: a NaN in this rank's first trained weight
             self._nan_weights_pending -= 1
             with torch.no_grad():
-                p = next(self.model.parameters())
+                p = self.schedule.params[0]
                 (p.to_local() if hasattr(p, "to_local") else p).view(-1)[:1].fill_(float("nan"))
-        bad = torch.tensor([0.0 if all_finite(self.model.parameters()) else 1.0], device=self.device)
-        if _distributed():
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bool(bad[0]):
-            raise NonFiniteWeights(f"round {round_}: optimizer step {self.steps} made the policy's weights "
-                                   "non-finite (inf/NaN); the step is not kept and its weights are not published")
+        check_finite(self.schedule.params, round_, self.steps, self.device)
 
     def train(self, pairs: list, round: int, beta: float | None = None) -> dict[str, Any]:
         """Train on one round's pairs (every rank gets the whole list); returns the round report.
@@ -274,7 +285,7 @@ class Learner:
         self._token_counts.zero_()
         kept, stats = self._tokenize(pairs)
         ref_start = time.perf_counter()
-        ref = self._all_logps(self.reference, kept, self.ref_device)[0] if kept else torch.zeros(0, 2)
+        ref = self._reference_logps(kept) if kept else torch.zeros(0, 2)
         ref_by_index = torch.full((len(pairs), 2), float("nan"))
         ref_by_index[[p.index for p in kept]] = ref
         ref_s = time.perf_counter() - ref_start
@@ -316,19 +327,8 @@ class Learner:
         return report
 
     def _refresh_due(self, round_: int) -> bool:
-        """Whether this round's training ends with a reference refresh: the first training on or
-        after each multiple of ``ref_refresh_every`` (a scheduled round without pairs, which trains
-        nothing, moves its refresh to the next round that trains, not a whole period later)."""
-        k = self.cfg.ref_refresh_every
-        if k <= 0:
-            return False
-        if self.refreshed_through is None:  # fresh, or a checkpoint that did not record it
-            self.refreshed_through = (round_ - 1) // k * k
-        due = round_ // k * k
-        if due > self.refreshed_through:
-            self.refreshed_through = due
-            return True
-        return False
+        due, self.refreshed_through = refresh_due(self.cfg.ref_refresh_every, self.refreshed_through, round_)
+        return due
 
     def _beta(self) -> float:
         """β of the DPO term: the one the round was given, else ``learner.beta`` when it is a number."""
@@ -343,7 +343,7 @@ class Learner:
         kept, stats = self._tokenize(pairs)
         if not kept:
             return mean_report(torch.zeros(len(REPORT_FIELDS), dtype=torch.float64), stats, len(pairs))
-        ref, _ = self._all_logps(self.reference, kept, self.ref_device)
+        ref = self._reference_logps(kept)
         logps, lens = self._all_logps(self.model, kept, self.device)
         with torch.no_grad():
             terms = pair_terms(logps, lens, ref, self.cfg, self._beta())
@@ -354,14 +354,17 @@ class Learner:
     def reshard(self) -> None:
         """FSDP: put every unit back in its sharded state (state-dict reads and writes need it)."""
         if self.fsdp:
-            sharding.reshard(self.reference, self.model)
+            sharding.reshard(*[m for m in (self.reference, self.model) if m is not None])
 
     @torch.no_grad()
     def refresh_reference(self) -> None:
         """Copy the policy into the reference: each rank its own shards (or whole models under
-        DDP), cast to ``ref_dtype``; no communication."""
+        DDP), cast to ``ref_dtype``; no communication. With LoRA: the adapter into its frozen copy."""
         self.reshard()
-        copy_local(self.reference, self.model)
+        if self.adapters is not None:
+            self.adapters.refresh()
+        else:
+            copy_local(self.reference, self.model)
 
     def iter_full_state(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor | None]]:
         """The policy tensor by tensor, in Hugging Face naming (a tied LM head left out, as in
@@ -371,7 +374,7 @@ class Learner:
         tensors are the parameters themselves (no copy): consume them before the next step.
         """
         self.reshard()
-        yield from iter_full(self.model, dtype)
+        yield from self.adapters.iter_merged(dtype) if self.adapters else iter_full(self.model, dtype)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The policy's full state dict (HF names, tied aliases included) as CPU tensors on

@@ -11,6 +11,9 @@ three backends, one file each:
 - ``disk``: a safetensors file on a shared folder.
 - ``nccl`` (GPU clusters): vLLM's weight-transfer API in sessions keyed on who takes part.
 
+With LoRA (``learner.lora``) a version is an adapter, not weights: ``adapter`` publishes it by the
+``object_store`` backend's two paths, and the engines register it as their LoRA adapter.
+
 Weights move in checkpoint naming (``names``: what the engine's checkpoint files hold, which is
 what vLLM maps) and in the engine's dtype (``generator.dtype``), cast once on the learner. Names,
 shapes and dtype are checked against the engine's model before a byte moves or a weight changes:
@@ -29,11 +32,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from actors.weight_sync import disk, object_store
+from actors.weight_sync import adapter, disk, object_store
 from actors.weight_sync.base import EngineGroup, LearnerRank, LearnerWorkers, Publication, PublishRequest, \
     SyncState, SyncTarget
-from actors.weight_sync.engine import PublicationAborted, engine_param_spec, engine_transfer_step, load_into_engine, \
-    open_published, reload_tensors, restore_engine
+from actors.weight_sync.engine import PublicationAborted, engine_param_spec, engine_transfer_step, \
+    load_adapter_into_engine, load_into_engine, open_published, reload_tensors, restore_engine
 from actors.weight_sync.nccl import NcclPublication, nccl_endpoint, open_nccl_sender, send_nccl
 from actors.weight_sync.object_store import node_info, prepare_stream
 from actors.weight_sync.stored import remove_files
@@ -43,8 +46,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["sync_weights", "publish", "publish_rank", "Publication", "SyncState", "SyncTarget", "EngineGroup",
            "LearnerRank", "LearnerWorkers", "PublishRequest", "NcclPublication", "PublicationAborted",
-           "engine_param_spec", "engine_transfer_step", "load_into_engine", "open_published", "reload_tensors",
-           "restore_engine", "node_info", "prepare_stream", "remove_files", "nccl_endpoint", "open_nccl_sender",
+           "engine_param_spec", "engine_transfer_step", "load_adapter_into_engine", "load_into_engine",
+           "open_published", "reload_tensors", "restore_engine", "node_info", "prepare_stream", "remove_files", "nccl_endpoint", "open_nccl_sender",
            "send_nccl", "VLLM_WEIGHT_API"]
 
 
@@ -53,6 +56,8 @@ def publish(learner: LearnerWorkers, target: SyncTarget, version: int, sync_cfg,
     """The learner's weights as ``version``, published for ``target`` by ``sync_cfg.backend``
     (nothing loaded yet; an ``nccl`` publication sends when applied). ``stream``: a
     shared-memory publication may come back still being written (load it, then ``finish``)."""
+    if getattr(learner.cfg, "lora", None) is not None:
+        return adapter.publish(learner, target, version, sync_cfg)
     if sync_cfg.backend == "nccl":
         return NcclPublication(learner, version, sync_cfg, target.param_spec)
     if sync_cfg.backend == "disk":
@@ -60,7 +65,8 @@ def publish(learner: LearnerWorkers, target: SyncTarget, version: int, sync_cfg,
     return object_store.publish(learner, target, version, sync_cfg, stream=stream)
 
 
-_WRITERS = {"object_store": object_store.write_object, "shm": object_store.write_shm, "disk": disk.write_file}
+_WRITERS = {"object_store": object_store.write_object, "shm": object_store.write_shm, "disk": disk.write_file,
+            **{kind: adapter.write_adapter for kind in adapter.KINDS}}
 
 
 def publish_rank(learner: LearnerRank, request: PublishRequest) -> tuple[dict | None, list | None]:
@@ -94,7 +100,8 @@ def sync_weights(learner: LearnerWorkers, pool: SyncTarget, version: int, sync_c
     publication.release_previous(previous)
     total = time.perf_counter() - start
     publish_s = publication.publish_s if publication.publish_s is not None else total - load_s
-    log.info("weight sync v%d via %s: %.3fs (publish %.3fs, load %.3fs, %.1f MB)", version, publication.kind, total,
-             publish_s, load_s, publication.bytes / 1e6)
+    what = "adapter" if getattr(publication, "desc", {}).get("adapter") else "weights"
+    log.info("weight sync v%d (%s) via %s: %.3fs (publish %.3fs, load %.3fs, %.1f MB)", version, what, publication.kind,
+             total, publish_s, load_s, publication.bytes / 1e6)
     return {"publish_s": publish_s, "load_s": load_s, "total_s": total, "bytes": float(publication.bytes),
             "path": publication.kind}

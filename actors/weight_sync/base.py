@@ -3,7 +3,8 @@ the learner offers it. ``sync_weights`` (``__init__``) runs one sync over these 
 
 - ``Publication``: one version of the learner's weights, loadable into any of the target's
   engines, now or (a restarted engine) later. Backends: ``object_store.py`` (with its same-node
-  shared-memory path), ``disk.py``, ``nccl.py``.
+  shared-memory path), ``disk.py``, ``nccl.py``; with LoRA, ``adapter.py`` (the adapter alone, by
+  the object store's paths).
 - ``SyncTarget``: what receives them (``actors.generator.pool.GeneratorPool``).
 - ``LearnerRank``: one rank of the learner as this package reads it (``actors.learner.rank.Learner``).
   The learner's workers run this package's learner-side steps behind named methods, each a thin
@@ -110,6 +111,9 @@ class LearnerRank(Protocol):
     rank: int
     model: torch.nn.Module
     """The unwrapped Hugging Face model (its names and shapes; FSDP shards report global shapes)."""
+    adapters: Any
+    """With LoRA, the policy's adapters (``actors.learner.lora.Adapters``: ``iter_peft(dtype)``,
+    ``peft_config``); None for full fine-tuning."""
 
     def iter_full_state(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor | None]]:
         """The policy tensor by tensor, whole on rank 0 (``None`` on the others); every rank
@@ -123,7 +127,8 @@ class LearnerWorkers(Protocol):
     """Worker actors, one per rank, with the named weight-sync methods (module docstring)."""
     rank0: Any
     cfg: Any
-    """``cfg.strategy``: under ``fsdp`` every rank takes part in a publication (gathers)."""
+    """``cfg.strategy``: under ``fsdp`` every rank takes part in a publication (gathers);
+    ``cfg.lora``: set, a version is published as an adapter."""
 
 
 @dataclass(frozen=True)
@@ -131,7 +136,7 @@ class PublishRequest:
     """What the driver asks of each publishing rank (``LearnerWorker.publish_weights``)."""
 
     kind: str
-    """``object_store``, ``shm`` or ``disk``."""
+    """``object_store``, ``shm`` or ``disk``; with LoRA ``adapter_object_store`` or ``adapter_shm``."""
     spec: ParamSpec
     """The engines' parameters and dtype: checked before a byte moves, cast to on the learner."""
     path: str | None = None

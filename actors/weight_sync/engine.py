@@ -1,7 +1,8 @@
 """The engine side of weight sync: runs inside a generator actor, next to its vLLM engine.
 
 What the engine loads (``engine_param_spec``: the checkpoint's own files, in the dtype the engine
-serves), loading a publication (``load_into_engine``), the bare reload benchmarks compare with
+serves), loading a publication (``load_into_engine``), registering an adapter publication as the
+engine's one LoRA adapter (``load_adapter_into_engine``), the bare reload benchmarks compare with
 (``reload_tensors``) and one step of vLLM's NCCL weight-transfer protocol
 (``engine_transfer_step``).
 
@@ -23,6 +24,7 @@ from typing import Any, Iterator
 
 import torch
 
+from actors.weight_sync.adapter import check_adapter
 from actors.weight_sync.shm_buffer import map_buffer, marks, tensor_view
 from actors.weight_sync.layout import ParamSpec, check_dtypes, check_params, dtype_name, dtype_of
 from actors.weight_sync.names import checkpoint_spec, config_spec
@@ -259,6 +261,43 @@ def load_into_engine(llm, desc: dict, spec: ParamSpec) -> float:
     payload: Any = open_published(desc) if desc["kind"] == "object_store" else desc
     llm.collective_rpc(_reload, args=(payload,))
     llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+    return time.perf_counter() - start
+
+
+def _add_adapter(worker, payload: dict | list, config: dict, adapter_id: int) -> None:
+    # Runs on each vLLM worker: the adapter's tensors become a LoRA adapter in memory, in place of
+    # any other (vLLM 0.32's LoRAModel.from_lora_tensors, what its own loader calls after reading
+    # the files). Copies: a shared buffer is rewritten by the version after next.
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.peft_helper import PEFTHelper
+
+    named = open_published(payload) if isinstance(payload, dict) else payload
+    manager = worker.model_runner.lora_manager
+    helper = PEFTHelper.from_dict({**config, "vllm_max_position_embeddings": manager.max_position_embeddings})
+    helper.validate_legal(manager.lora_config)
+    mapper = getattr(manager._adapter_manager.model, "hf_to_vllm_mapper", None)
+    lora = LoRAModel.from_lora_tensors(
+        adapter_id, {name: t.clone() for name, t in named}, helper, device=manager.device,
+        dtype=manager.lora_config.lora_dtype, model_vocab_size=manager.vocab_size,
+        weights_mapper=mapper.get_rename_mapper() if mapper is not None else None)
+    manager.remove_all_adapters()
+    manager._adapter_manager.add_adapter(lora)
+    manager._adapter_manager.activate_adapter(adapter_id)
+
+
+def load_adapter_into_engine(llm, desc: dict, spec: ParamSpec, adapter_id: int) -> float:
+    """Check an adapter publication against the engine's base model (layers, shapes, dtype, rank),
+    then make it the engine's only LoRA adapter, ``adapter_id``; returns seconds. Sampling
+    requests name it (``GeneratorActor``); the base weights are not touched."""
+    lora_config = llm.llm_engine.vllm_config.lora_config
+    if lora_config is None:
+        raise RuntimeError("weight sync: an adapter was published, but this engine was started without enable_lora")
+    check_adapter([(s.name, s.shape) for s in desc["slots"]], spec, lora_config.max_lora_rank)
+    check_dtypes([(s.name, s.dtype) for s in desc["slots"]], spec)
+    start = time.perf_counter()
+    payload: Any = open_published(desc) if desc["kind"] == "object_store" else desc
+    llm.collective_rpc(_add_adapter, args=(payload, desc["adapter"], adapter_id))
+    llm.reset_prefix_cache()
     return time.perf_counter() - start
 
 

@@ -13,7 +13,7 @@ import sys
 from judges.loader import JudgeSpecError
 from orchestrator.cli.config_doc import config_reference, update_between_markers
 from orchestrator.cli.memory import describe
-from orchestrator.cli.preflight import check_memory, learner_gpu_memory
+from orchestrator.cli.preflight import bf16_warnings, check_memory, learner_gpu_memory
 from orchestrator.cli import service_verbs
 from orchestrator.cli.resources import check_cluster, format_plan, judge_runs_in_driver, read_cluster, resource_plan
 from orchestrator.config import ConfigError, check_plugins, dump_config, load_config
@@ -84,11 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, help="units listed per side (default: 10)")
     p.add_argument("--source", choices=["best_worst", "correction"], help="audit only the pairs of this source")
 
-    p = verbs.add_parser("export", help="write a run's policy as a Hugging Face model folder and its pairs as a "
-                                          "dataset, each with a card (OUT/model, OUT/pairs)")
+    p = verbs.add_parser("export", help="write a run's policy as a Hugging Face model folder (a LoRA run: a PEFT "
+                                          "adapter folder, or merged with --merge) and its pairs as a dataset, each "
+                                          "with a card (OUT/model, OUT/pairs)")
     p.add_argument("run_dir")
     p.add_argument("out")
     p.add_argument("--round", type=int, default=None, help="checkpoint round to export (default: the newest good one)")
+    p.add_argument("--merge", action="store_true",
+                   help="a LoRA run: export the base with the adapter merged in, instead of the PEFT adapter folder")
     p.add_argument("--push-to-hub", metavar="REPO", default=None,
                    help="also upload the model (model repo REPO) and pairs (dataset repo REPO); token from HF_TOKEN")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create private repos")
@@ -103,9 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser(
         "make-rehearsal-model",
-        help="write a random-weight model with Qwen2.5-0.5B's architecture and shape (no download), for scale rehearsals")
+        help="write a random-weight model with Qwen2.5-0.5B's (or 1.5B's) architecture and shape (no download), "
+             "for scale rehearsals")
     p.add_argument("out", metavar="DIR", help="output folder (Hugging Face format)")
-    p.add_argument("--layers", type=int, default=24, help="decoder layers (default: 24, as Qwen2.5-0.5B)")
+    p.add_argument("--shape", choices=("0.5b", "1.5b"), default="0.5b",
+                   help="Qwen2.5-0.5B's shape (default) or Qwen2.5-1.5B's (the LoRA scale rehearsal)")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's, 24 or 28)")
     p.add_argument("--vocab-size", type=int, default=151_936, help="model vocabulary (default: 151936, as Qwen2.5-0.5B)")
     p.add_argument("--tokenizer-vocab", type=int, default=4096, help="learned BPE entries (default: 4096)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
@@ -182,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             summary = make_rehearsal_model(args.out, layers=args.layers, vocab_size=args.vocab_size, seed=args.seed,
-                                           dtype=args.dtype, tokenizer_vocab=args.tokenizer_vocab)
+                                           dtype=args.dtype, tokenizer_vocab=args.tokenizer_vocab, shape=args.shape)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -195,11 +201,11 @@ def export_verb(args) -> int:
     """``odpo export``: a run that cannot be exported is one ``error:`` line and exit status 2."""
 
     try:
-        summary = export_run(args.run_dir, args.out, args.round)
+        summary = export_run(args.run_dir, args.out, args.round, merge=args.merge)
     except (ExportError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"round {summary['round']} (policy version {summary['policy_version']}): model -> {summary['model']}, "
+    print(f"round {summary['round']} (policy version {summary['policy_version']}): {summary['form']} -> {summary['model']}, "
           f"{summary['pairs']} pairs -> {summary['dataset']}")
     if args.push_to_hub:
         for url in push_to_hub(args.out, args.push_to_hub, private=args.private):
@@ -237,7 +243,7 @@ def validate(args) -> int:
     exit status is 2. Ray is imported only under ``--cluster``."""
 
     config = load_or_exit(args)
-    for line in config_warnings(config):
+    for line in [*config_warnings(config), *bf16_warnings(config)]:
         print(f"warning: {line}", file=sys.stderr)
     plan = resource_plan(config, judge_in_driver=judge_runs_in_driver(config))
     print(dump_config(config), end="")

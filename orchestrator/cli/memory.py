@@ -117,6 +117,15 @@ class ModelShape:
         """P: embedding, layers, final norm, and the LM head unless tied."""
         return self.embedding * (1 if self.tied else 2) + self.layers * self.layer + self.hidden
 
+    def adapter_params(self, r: int, targets: tuple[str, ...]) -> int:
+        """Parameters of rank-``r`` LoRA adapters (A: r x in, B: out x r) on the named linear layers
+        of every decoder layer (``all-linear``: all seven)."""
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                  "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        names = shapes if "all-linear" in targets else targets
+        return self.layers * sum(r * sum(shapes[n]) for n in names if n in shapes)
+
     def kv_bytes_per_token(self, dtype_bytes: int, tp: int = 1) -> int:
         """vLLM's KV cache per token on one GPU: K and V of every layer (KV heads split over TP ranks,
         replicated when there are fewer heads than ranks)."""
@@ -162,6 +171,9 @@ class LearnerSetup:
     seq: int
     """``model.max_model_len``, the widest row."""
     logprob_chunk: int
+    lora_r: int = 0
+    """The LoRA rank (0: full fine-tuning)."""
+    lora_targets: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, c: Any) -> "LearnerSetup":
@@ -174,7 +186,10 @@ class LearnerSetup:
         return cls(workers=le.num_workers, strategy=le.strategy, on_gpu=on_gpu,
                    master_bytes=DTYPE_BYTES[c.model.dtype], compute_bytes=compute, ref_bytes=ref,
                    ref_offloaded=le.ref_on_cpu and on_gpu and le.strategy == "fsdp" and le.num_workers > 1,
-                   checkpointing=le.activation_checkpointing, tokens=tokens, seq=seq, logprob_chunk=le.logprob_chunk)
+                   checkpointing=le.activation_checkpointing, tokens=tokens, seq=seq, logprob_chunk=le.logprob_chunk,
+                   lora_r=le.lora.r if le.lora else 0,
+                   lora_targets=() if not le.lora else ("all-linear",) if le.lora.target_modules == "all-linear"
+                   else tuple(le.lora.target_modules))
 
     @property
     def sharded(self) -> bool:
@@ -200,11 +215,15 @@ def learner_memory(m: ModelShape, s: LearnerSetup) -> Estimate:
     """One learner rank's peak device memory (host RSS on CPU)."""
     P, n = m.params, s.workers if s.sharded else 1
     mb, cd, T = s.master_bytes, s.compute_bytes, s.tokens
-    held = {"weights": mb * P / n, "gradients": mb * P / n}
+    # Under LoRA only the adapters (A of them) train: gradients and AdamW state are theirs, the base
+    # and the LM head are frozen, and the reference is the base with the adapters switched off.
+    A = m.adapter_params(s.lora_r, s.lora_targets) if s.lora_r else 0
+    trained = A or P
+    held = {"weights": mb * (P + A) / n, "gradients": mb * trained / n}
     if s.strategy == "ddp" and s.workers > 1:  # gradient_as_bucket_view off: buckets beside .grad
-        held["DDP gradient buckets"] = mb * P
-    held["AdamW m, v"] = 2 * mb * P / n
-    held["reference"] = 0.0 if s.ref_offloaded else s.ref_bytes * P / n
+        held["DDP gradient buckets"] = mb * trained
+    held["AdamW m, v"] = 2 * mb * trained / n
+    held["reference"] = mb * A / n if A else 0.0 if s.ref_offloaded else s.ref_bytes * P / n
 
     mode = "fp32" if cd == 4 else ("half" if s.sharded or mb == cd else "autocast")
     per_token = lambda coef: T * (coef[0] * m.hidden + coef[1] * m.intermediate)  # noqa: E731
@@ -218,7 +237,7 @@ def learner_memory(m: ModelShape, s: LearnerSetup) -> Estimate:
     # One [chunk, vocabulary] block of logits in fp32, plus its copy in the compute dtype.
     chunk = s.logprob_chunk * m.vocab * (4 + (cd if cd != 4 else 0))
     param = cd if s.sharded else mb  # bytes of the head's weight as the backward sees it
-    head_grad = 4 * vh + (param * vh if param != 4 else 0)  # fp32 accumulator (+ its cast)
+    head_grad = 0.0 if A else 4 * vh + (param * vh if param != 4 else 0)  # fp32 accumulator (+ its cast)
     gathered_head = param * vh if s.sharded else 0.0
     phases = {
         "end of the forward": {"saved activations": saved, "autocast weight copies": casts,
@@ -234,16 +253,16 @@ def learner_memory(m: ModelShape, s: LearnerSetup) -> Estimate:
         # Two layers gathered (the running one and the prefetched next), the running one's unsharded
         # gradient and its fp32 reduce-scatter input; a tied root keeps its unsharded gradient all along.
         phases["decoder layers' backward"].update({"gathered layers": 2 * param * m.layer,
-                                                   "layer gradient + reduce-scatter": (param + 4) * m.layer,
-                                                   "root's unsharded gradient": param * vh if m.tied else 0.0})
-        phases["embedding's backward"] = {"embedding gradient + reduce-scatter": max(2 * param, param + 4) * vh
+                                                   "layer gradient + reduce-scatter": (param + 4) * (A / m.layers if A else m.layer),
+                                                   "root's unsharded gradient": param * vh if m.tied and not A else 0.0})
+        phases["embedding's backward"] = {} if A else {"embedding gradient + reduce-scatter": max(2 * param, param + 4) * vh
                                           if m.tied else (param + 4) * vh,
                                           "reduce-scatter output": 4 * vh / n}
     # AdamW on GPU runs foreach: one temporary per parameter, all at once ("~ sizeof(params) more
     # peak memory", torch/optim/optimizer.py); on CPU tensor by tensor, with two temporaries of the
     # tensor (sqrt of v, then its quotient: torch/optim/adam.py, _single_tensor_adam).
     largest = max(vh, m.hidden * m.intermediate) / n * mb
-    phases["optimizer step"] = {"AdamW temporaries": mb * P / n if s.on_gpu else 2 * largest}
+    phases["optimizer step"] = {"AdamW temporaries": mb * trained / n if s.on_gpu else 2 * (largest if not A else 0)}
     phase = max(phases, key=lambda k: sum(phases[k].values()))
     transient = {k: v for k, v in phases[phase].items() if v}
     return Estimate(held, phase, transient, GPU_RUNTIME if s.on_gpu else CPU_RUNTIME)

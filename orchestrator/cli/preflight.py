@@ -16,6 +16,11 @@ Memory (``check_memory``, also run by ``odpo validate``): the estimate of ``orch
 against the memory of one learner GPU, ``learner.gpu_memory_gb`` or else what the cluster's GPUs
 report (``cluster_gpu_memory``). A learner that cannot fit is a ``MemoryShortfall`` (exit 2) whose
 line names the fields to change and the values that would fit (``learner_fixes``).
+
+``bf16_warnings``: on a CPU without bf16 instructions (none of ``avx512_bf16``, ``amx_bf16``), each
+CPU part of the config set to bfloat16, which runs on slow fallbacks there, with the field to
+change (``bfloat16_if_native`` keeps bf16 where it is native). ``odpo validate`` and ``odpo run``
+print them; they describe the driver's machine (a cluster's nodes may differ).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import time
 from dataclasses import replace
 from typing import Any, Callable
 
+from actors.hardware import BF16_FLAGS, IF_NATIVE, cpu_info, native_bf16_cpu
 from orchestrator.cli.memory import GB, LearnerSetup, ModelShape, UnknownShape, generator_memory, learner_memory, \
     model_shape
 from orchestrator.config import ConfigError
@@ -263,3 +269,30 @@ def _doubling(start: int, stop: int):
     while k <= stop:
         yield k
         k *= 2
+
+def bf16_warnings(config: Any, cpu: tuple[str, set[str]] | None = None) -> list[str]:
+    """On this CPU without bf16 instructions (``cpu``: model name and flags, default this
+    machine's), one line per CPU part of ``config`` in bf16 (slow here: the field to change) or in
+    ``bfloat16_if_native`` (float32 here: what that costs); none on a CPU that has them."""
+    model, flags = cpu or cpu_info()
+    if native_bf16_cpu(flags):
+        return []
+    c, parts = config, []
+    if c.generator.num_gpus == 0:
+        parts.append(("generator.dtype", c.generator.dtype or c.model.dtype, "the generators' weights and matmuls"))
+    if c.learner.num_gpus_per_worker == 0:
+        parts.append(("model.dtype", c.model.dtype, "the learner's weights"))
+        if not c.learner.lora:
+            parts.append(("learner.ref_dtype", c.learner.ref_dtype, "the reference's forward"))
+        parts.append(("learner.precision", {"bf16": "bfloat16"}.get(c.learner.precision), "the learner's matmuls"))
+    cpu_says = f"this CPU ({model}) has no bf16 instructions (none of {', '.join(BF16_FLAGS)} in /proc/cpuinfo)"
+    out = []
+    for field, value, what in parts:
+        if value == "bfloat16":
+            fix = f"set {field}: {IF_NATIVE} (bf16 only where native) or float32" if field.endswith("dtype") \
+                else f"set {field}: fp32"
+            out.append(f"{field}: bfloat16, and {cpu_says}: {what} would run on slow fallbacks; {fix}")
+        elif value == IF_NATIVE:
+            out.append(f"{field}: {IF_NATIVE} runs float32 here ({cpu_says}): {what} at full speed, in twice "
+                       "bf16's memory")
+    return out

@@ -8,6 +8,9 @@ alters training (model, data, generator sampling, judge, pairs, learner, sync ba
 error listing each changed key with its old and new value, unless ``--allow-config-change``.
 Every accepted change is appended to the run's ``config_changes.jsonl``. Secrets are ``***`` in
 both configs (``dump_config`` redacts them), so a changed secret is not seen as a change.
+
+A LoRA run's checkpoint names the base model its adapter was trained on (path and hashes): a resume
+whose ``model.path`` holds another model is refused whatever the flags (``check_lora_base``).
 """
 
 from __future__ import annotations
@@ -93,6 +96,7 @@ def check_run_dir(rd: RunDir, config: RunConfig, resume: bool, allow_change: boo
         saved = yaml.safe_load(rd.config_path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError([f"{rd.config_path}: cannot read the run's saved config ({e})"]) from None
+    check_lora_base(checkpoints[-1], config)
     changes = config_changes(saved, yaml.safe_load(dump_config(config)))
     training = [ch for ch in changes if ch["alters_training"]]
     if training and not allow_change:
@@ -112,3 +116,18 @@ def check_run_dir(rd: RunDir, config: RunConfig, resume: bool, allow_change: boo
             f.flush()
             os.fsync(f.fileno())
     return changes
+
+
+def check_lora_base(checkpoint, config: RunConfig) -> None:
+    """Refuse (``ConfigError``) to resume a LoRA adapter on another base model than its own."""
+    try:
+        saved = json.loads((checkpoint / "trainer.json").read_text()).get("lora")
+    except (OSError, json.JSONDecodeError):
+        return  # an unreadable checkpoint is passed over when the run restores
+    if not saved or not config.learner.lora:
+        return
+    from actors.learner.lora import base_fingerprint, base_mismatch
+
+    why = base_mismatch(saved["base"], base_fingerprint(config.model.path))
+    if why:
+        raise ConfigError([f"resume: {checkpoint.name}: {why}; resume with the base it was trained on"])

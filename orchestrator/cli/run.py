@@ -22,7 +22,7 @@ from actors.generator.pool import GeneratorPool, make_generate_fn
 from actors.judging.pool import JudgePool
 from actors.learner.group import LearnerGroup
 from orchestrator.cli.memory import describe
-from orchestrator.cli.preflight import MemoryShortfall, await_fit, check_memory, learner_gpu_memory
+from orchestrator.cli.preflight import MemoryShortfall, await_fit, bf16_warnings, check_memory, learner_gpu_memory
 from orchestrator.cli.resume_check import check_run_dir
 from orchestrator.config import RunConfig, dump_config
 from orchestrator.loop.carried import load_carried, save_carried
@@ -116,7 +116,8 @@ def build_parts(c: RunConfig, rd: RunDir) -> Parts:
     learner = make_learner()
     generators = GeneratorPool(c.model, c.generator, prompt_field=c.data.prompt_field, seed=c.run.seed,
                                max_restarts=c.loop.max_actor_restarts, mode=c.loop.mode,
-                               weight_transfer="nccl" if c.sync.backend == "nccl" else None)
+                               weight_transfer="nccl" if c.sync.backend == "nccl" else None,
+                               lora_rank=c.learner.lora.r if c.learner.lora else None)
     corrector = (c.corrector.cls, c.corrector.kwargs) if "correction" in c.pairs.sources else None
     judges = JudgePool(c.judge, seed=c.run.seed, max_restarts=c.loop.max_actor_restarts, corrector=corrector,
                        generate_fn=make_generate_fn(generators, c.data.prompt_field, c.run.seed))
@@ -128,7 +129,7 @@ def run(c: RunConfig, resume: bool = False, wait_for_resources_s: float = 0.0,
         allow_config_change: bool = False) -> int:
     setup_logging()
 
-    for warning in config_warnings(c):
+    for warning in [*config_warnings(c), *bf16_warnings(c)]:
         log.warning(warning)
     # Before anything is written or started, a learner too big for learner.gpu_memory_gb stops here
     # (one error line, like the other problems found before Ray); the estimate is logged below.

@@ -1,11 +1,15 @@
-"""``odpo export RUN_DIR OUT [--round N] [--push-to-hub REPO]``: hand a run on as a Hugging Face
-model folder and a preference dataset, each with a card.
+"""``odpo export RUN_DIR OUT [--round N] [--merge] [--push-to-hub REPO]``: hand a run on as a Hugging
+Face model folder and a preference dataset, each with a card.
 
 - ``OUT/model/``: the policy of checkpoint ``round_N`` (default: the newest good one), copied from
   ``checkpoints/round_N/policy/`` (a Hugging Face folder: loads with
   ``AutoModelForCausalLM.from_pretrained`` and ``vllm serve``), its tokenizer (taken from the
   run's ``model.tokenizer``/``model.path`` when the checkpoint has none) and ``README.md``: base
-  model, odpo version, rounds, the eval curve as a table, loss and key config, the judge.
+  model, odpo version, rounds, the eval curve as a table, loss and key config, the judge. A LoRA
+  run (``learner.lora``) exports its adapter as a PEFT adapter folder (``adapter/`` of the
+  checkpoint: ``PeftModel.from_pretrained`` loads it, vLLM serves it with ``enable_lora``), or with
+  ``--merge`` the base with the adapter merged in (PEFT's ``merge_and_unload``) as a whole model;
+  the card says which.
 - ``OUT/pairs/``: every pair of rounds 1..N as parquet shards ``data/train-*.parquet`` (the hub's
   layout; locally ``datasets.load_dataset("parquet", data_dir="OUT/pairs/data")``: datasets 5.2
   caches ``load_dataset("OUT/pairs")`` by folder name, so two exports into folders of the same
@@ -69,8 +73,9 @@ def pick_checkpoint(rd: RunDir, round_: int | None) -> Path:
     return path
 
 
-def export_run(run_dir: str | Path, out: str | Path, round_: int | None = None) -> dict:
-    """Write ``out/model`` and ``out/pairs``; returns a summary (round, pairs, paths)."""
+def export_run(run_dir: str | Path, out: str | Path, round_: int | None = None, merge: bool = False) -> dict:
+    """Write ``out/model`` and ``out/pairs``; returns a summary (round, pairs, paths, and what the
+    model folder holds: ``model``, ``adapter`` or ``merged``)."""
     rd = RunDir(run_dir)
     if not rd.config_path.exists():
         raise ExportError(f"{rd.root}: not a run directory (no config.yaml)")
@@ -84,12 +89,17 @@ def export_run(run_dir: str | Path, out: str | Path, round_: int | None = None) 
 
     table = read_pairs(rd, n)
     pairs_stats = dataset_stats(table)
+    adapter = (ckpt / "adapter").is_dir()
+    form = ("merged" if merge else "adapter") if adapter else "model"
     facts = {"round": n, "policy_version": version, "config": config, "metrics": lines, "pairs": pairs_stats,
-             "run_name": rd.root.name, "odpo_version": odpo_version()}
+             "run_name": rd.root.name, "odpo_version": odpo_version(), "form": form}
 
     staging = out / f".model.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(ckpt / "policy", staging)
+    if form == "merged":
+        merge_adapter(config["model"], ckpt / "adapter", staging)
+    else:
+        shutil.copytree(ckpt / ("adapter" if adapter else "policy"), staging)
     if not any((staging / f).exists() for f in TOKENIZER_FILES):
         from transformers import AutoTokenizer
 
@@ -103,8 +113,18 @@ def export_run(run_dir: str | Path, out: str | Path, round_: int | None = None) 
     write_shards(table, staging / "data")
     (staging / "README.md").write_text(dataset_card(facts))
     _put_in_place(staging, out / "pairs")
-    return {"round": n, "policy_version": version, "pairs": pairs_stats["rows"],
+    return {"round": n, "policy_version": version, "pairs": pairs_stats["rows"], "form": form,
             "model": str(out / "model"), "dataset": str(out / "pairs")}
+
+
+def merge_adapter(model_cfg: dict, adapter: Path, folder: Path) -> None:
+    """The base model with the adapter merged in, saved as a whole model in the learner's dtype."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_cfg["path"], dtype=getattr(torch, model_cfg["dtype"]))
+    PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().save_pretrained(folder)
 
 
 def _put_in_place(staging: Path, final: Path) -> None:
@@ -184,9 +204,16 @@ def model_card(f: dict) -> str:
     evals = [(m["round"], m["eval_reward"]) for m in lines if m.get("eval_reward") is not None]
     losses = [m["loss"] for m in trained if m.get("loss") is not None]
     last = trained[-1] if trained else {}
-    out = _front_matter({"base_model": base, "library_name": "transformers",
-                         "tags": ["odpo", "dpo", "online-dpo", "preference-optimization"]})
+    form, lora = f.get("form", "model"), c["learner"].get("lora") or {}
+    out = _front_matter({"base_model": base, "library_name": "peft" if form == "adapter" else "transformers",
+                         "tags": ["odpo", "dpo", "online-dpo", "preference-optimization"] + (["lora"] if lora else [])})
     out += f"# {f['run_name']}: online DPO with odpo\n\n"
+    if form == "adapter":
+        out += (f"**A LoRA adapter** (PEFT format: r {lora.get('r')}, alpha {lora.get('alpha')}) for the base model "
+                f"`{base}`, which is not included: load the base, then this adapter.\n\n")
+    elif form == "merged":
+        out += (f"**A merged model**: the base `{base}` with odpo's LoRA adapter (r {lora.get('r')}, alpha "
+                f"{lora.get('alpha')}) merged into its weights (`odpo export --merge`).\n\n")
     out += (f"`{base}` trained by odpo {f['odpo_version']} for **{f['round']} rounds** of online, "
             f"iterative DPO (policy version {f['policy_version']}): each round the policy sampled "
             f"{c['generator']['n']} answers to {c['loop']['prompts_per_round']} prompts, the judge scored them, "
@@ -204,11 +231,16 @@ def model_card(f: dict) -> str:
     out += "".join(f"| {k} | {_fmt(v, 4)} |\n" for k, v in rows)
     out += "\n## Key config\n\n| field | value |\n|---|---|\n"
     out += "".join(f"| `{s}.{k}` | {c[s].get(k)} |\n" for s, k in KEY_CONFIG if s in c and k in c[s])
-    out += (f"\n## Judge\n\n`{c['judge']['cls']}` with kwargs `{json.dumps(c['judge'].get('kwargs', {}))}`\n\n"
-            "## Use\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-            "model = AutoModelForCausalLM.from_pretrained(\"PATH\")\ntokenizer = AutoTokenizer.from_pretrained(\"PATH\")\n```\n\n"
-            "or `vllm serve PATH`.\n")
-    return out
+    out += f"\n## Judge\n\n`{c['judge']['cls']}` with kwargs `{json.dumps(c['judge'].get('kwargs', {}))}`\n\n"
+    if form == "adapter":
+        return out + ("## Use\n\n```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, "
+                      f"AutoTokenizer\n\nbase = AutoModelForCausalLM.from_pretrained(\"{base}\")\n"
+                      "model = PeftModel.from_pretrained(base, \"PATH\")\ntokenizer = AutoTokenizer.from_pretrained(\"PATH\")\n"
+                      f"```\n\nor `vllm serve {base} --enable-lora --max-lora-rank {lora.get('r')} --lora-modules "
+                      "policy=PATH` (vLLM rounds `--max-lora-rank` up to one of its sizes).\n")
+    return out + ("## Use\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+                  "model = AutoModelForCausalLM.from_pretrained(\"PATH\")\ntokenizer = AutoTokenizer.from_pretrained(\"PATH\")\n```\n\n"
+                  "or `vllm serve PATH`.\n")
 
 
 def dataset_card(f: dict) -> str:

@@ -10,7 +10,9 @@ chat template. Nothing is downloaded. It is the model of the scale tests and ben
 memory and time figures of a 0.5B learner, measured rather than assumed.
 
 The same builder makes reduced variants for fast tests (``--layers 4 --vocab-size 8192``): the
-per-layer shape stays, the depth and vocabulary shrink.
+per-layer shape stays, the depth and vocabulary shrink. ``--shape 1.5b`` makes a stand-in for
+Qwen2.5-1.5B instead (hidden 1536, 28 layers, 12 query and 2 KV heads, intermediate 8960, tied
+embeddings: about 1.54B parameters), the LoRA scale rehearsal's model.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ QWEN25_05B = dict(
     max_position_embeddings=32_768, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
 )
 """Qwen2.5-0.5B's shape (its config.json), the defaults of ``make_rehearsal_model``."""
+QWEN25_15B = dict(QWEN25_05B, hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, intermediate_size=8960)
+"""Qwen2.5-1.5B's shape (its config.json): ``make_rehearsal_model(shape="1.5b")``."""
+SHAPES = {"0.5b": QWEN25_05B, "1.5b": QWEN25_15B}
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 TOKENIZER_VOCAB = 4096
@@ -91,11 +96,15 @@ def build_tokenizer(*, vocab: int = TOKENIZER_VOCAB, seed: int = 0):
     return tok
 
 
-def rehearsal_config(*, layers: int = 24, vocab_size: int = QWEN25_05B["vocab_size"], tokenizer=None):
-    """The ``Qwen2Config`` of a rehearsal model (Qwen2.5-0.5B's shape, ``layers`` deep)."""
+def rehearsal_config(*, layers: int | None = None, vocab_size: int = QWEN25_05B["vocab_size"], tokenizer=None,
+                     shape: str = "0.5b"):
+    """The ``Qwen2Config`` of a rehearsal model (Qwen2.5-0.5B's or 1.5B's shape, ``layers`` deep)."""
     from transformers import Qwen2Config
 
-    shape = dict(QWEN25_05B, num_hidden_layers=layers, vocab_size=vocab_size)
+    if shape not in SHAPES:
+        raise ValueError(f"shape must be one of {sorted(SHAPES)}, got {shape!r}")
+    shape = dict(SHAPES[shape], vocab_size=vocab_size)
+    shape["num_hidden_layers"] = layers or shape["num_hidden_layers"]
     rope_theta = shape.pop("rope_theta")
     ids = {}
     if tokenizer is not None:
@@ -107,8 +116,8 @@ def rehearsal_config(*, layers: int = 24, vocab_size: int = QWEN25_05B["vocab_si
 
 
 def make_rehearsal_model(
-    out_dir: str | Path, *, layers: int = 24, vocab_size: int = QWEN25_05B["vocab_size"], seed: int = 0,
-    dtype: str = "bfloat16", tokenizer_vocab: int = TOKENIZER_VOCAB,
+    out_dir: str | Path, *, layers: int | None = None, vocab_size: int = QWEN25_05B["vocab_size"], seed: int = 0,
+    dtype: str = "bfloat16", tokenizer_vocab: int = TOKENIZER_VOCAB, shape: str = "0.5b",
 ) -> dict:
     """Write the rehearsal model to ``out_dir``; returns a summary (params, files, ids).
 
@@ -121,12 +130,12 @@ def make_rehearsal_model(
     if tokenizer_vocab + len(SPECIAL_TOKENS) > vocab_size:
         raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer's "
                          f"{tokenizer_vocab} + {len(SPECIAL_TOKENS)} special tokens")
-    if layers < 1:
+    if layers is not None and layers < 1:
         raise ValueError(f"layers must be >= 1, got {layers}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(vocab=tokenizer_vocab, seed=seed)
-    config = rehearsal_config(layers=layers, vocab_size=vocab_size, tokenizer=tok)
+    config = rehearsal_config(layers=layers, vocab_size=vocab_size, tokenizer=tok, shape=shape)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).to(getattr(torch, dtype)).eval()
     params = sum(p.numel() for p in model.parameters())  # tied embeddings counted once
@@ -136,7 +145,7 @@ def make_rehearsal_model(
     )
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    summary = {"params": params, "layers": layers, "vocab_size": vocab_size, "tokenizer_size": len(tok),
+    summary = {"params": params, "shape": shape, "layers": config.num_hidden_layers, "vocab_size": vocab_size, "tokenizer_size": len(tok),
                "dtype": dtype, "seed": seed, "eos_token_ids": model.generation_config.eos_token_id,
                "pad_token_id": config.pad_token_id}
     (out / "rehearsal_summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -26,7 +26,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.integration.ray_nodes import add_node, node_env
-from tests.integration.runs import end_group, finish, metrics, start_run, wait_for
+from tests.integration.runs import end_group, metrics, start_run, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -13,13 +13,16 @@ import json
 import shutil
 
 import pytest
+import ray
 from transformers import AutoTokenizer
 
 from actors.generator.pool import GeneratorPool
 from actors.learner.batching import collate
+from actors.learner.group import LearnerGroup
 from actors.learner.rank import Learner
+from actors.weight_sync import sync_weights
 from orchestrator.pairs.select import select_pairs
-from orchestrator.config import GeneratorConfig, LearnerConfig, ModelConfig
+from orchestrator.config import GeneratorConfig, LearnerConfig, LoraConfig, ModelConfig, SyncConfig
 from tests.conftest import DEMO_MODEL
 
 pytestmark = pytest.mark.integration
@@ -159,3 +162,87 @@ def test_an_extra_eos_id_from_generation_config_is_trained_once(ray_local, eval_
     assert extra, "expected some completions to end on the extra EOS id"
     # The sampled extra EOS is the last id; no second EOS is appended after it.
     assert all(c.token_ids[-1] == EXTRA_EOS and EOS not in c.token_ids for c in extra)
+
+
+# -- LoRA: a trained adapter is what the engines sample with -------------------------------------
+
+LORA = LoraConfig(r=8, alpha=16)
+
+
+class LearnerInWorker:
+    """The check's view of the rank-0 ``Learner`` inside a ``LearnerGroup``'s Ray worker."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def _call(self, method: str, pairs):
+        return ray.get(self.group.rank0.apply.remote(lambda w, m, p: getattr(w.learner, m)(p), method, pairs))
+
+    def _tokenize(self, pairs):
+        return self._call("_tokenize", pairs)
+
+    def completion_logps(self, pairs):
+        return self._call("completion_logps", pairs)
+
+
+def _greedy_with_exported(actor, path, prompt_ids):
+    """In a generator actor: greedy answers and their log-probs with the adapter folder at ``path``
+    loaded from disk, as vLLM loads any PEFT adapter."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
+
+    outs = actor.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids],
+                              SamplingParams(max_tokens=MAX_NEW, temperature=0.0, logprobs=0),
+                              lora_request=LoRARequest("exported", 10_000, str(path)), use_tqdm=False)
+    return [(list(o.outputs[0].token_ids), o.outputs[0].cumulative_logprob) for o in outs]
+
+
+def test_a_trained_adapter_is_what_the_engines_sample_and_an_exported_one_serves(ray_local, eval_rows, learner,
+                                                                                  tmp_path):
+    """learner.lora: the learner trains an adapter on sampled pairs; the sync hands the engine the
+    adapter alone (shared memory, a few hundred KB); every completion sampled after it is tagged
+    with the new version and the learner's log-prob of it equals vLLM's to 1e-3 per token, while the
+    base scores them differently; the checkpoint's PEFT folder, loaded from disk by vLLM, answers
+    as the adapter the sync handed over (the same greedy tokens and log-probs)."""
+    rows = eval_rows[:PROMPTS]
+    model_cfg = ModelConfig(path=str(DEMO_MODEL), max_model_len=64)
+    pool = GeneratorPool(model_cfg, GeneratorConfig(num_actors=1, n=N, max_new_tokens=MAX_NEW, engine=ENGINE), seed=0,
+                         lora_rank=LORA.r)
+    group = LearnerGroup(model_cfg, LearnerConfig(batch_size=64, micro_batch_size=64, lr=2e-2, lora=LORA))
+    try:
+        first = pool.sample(rows, seed=11)  # version 0: the base (a fresh adapter adds zero)
+        items = [g.to_item() for g in first]
+        sel = select_pairs(items, [list(range(len(it.completions))) for it in items], strategy="best_worst",
+                           prompt_token_ids=[g.prompt_token_ids for g in first])
+        assert group.train(sel.pairs, round=1)["steps"] >= 1
+        timings = sync_weights(group, pool, 1, SyncConfig())
+        # 2 layers x (q, k, v, o: 128 -> 128; gate, up: 128 -> 512; down: 512 -> 128), r (in + out) fp32 each.
+        assert timings["path"] == "shm" and timings["bytes"] == 4 * LORA.r * 2 * (4 * 256 + 3 * 640), timings
+        assert pool.versions() == [1]
+
+        groups = pool.sample(rows, seed=12)
+        assert {g.policy_version for g in groups} == {1}
+        n, comps = check_learner_trains_what_was_sampled(groups, LearnerInWorker(group))
+        assert n == PROMPTS * N
+        # The adapter is not zero: the base (the plain learner of this module) scores them otherwise.
+        items = [g.to_item() for g in groups]
+        sel = select_pairs(items, [list(range(len(it.completions))) for it in items], strategy="best_worst",
+                           prompt_token_ids=[g.prompt_token_ids for g in groups])
+        base = learner.completion_logps(sel.pairs)
+        policy = LearnerInWorker(group).completion_logps(sel.pairs)
+        assert float((base - policy).abs().max()) > 0.05
+
+        ckpt = tmp_path / "ckpt"
+        group.save(str(ckpt))
+        assert sorted(p.name for p in (ckpt / "adapter").iterdir()) == ["adapter_config.json",
+                                                                        "adapter_model.safetensors"]
+        in_memory = pool.sample(rows, seed=0, greedy=True)
+        exported = ray.get(pool.actors[0].apply.remote(_greedy_with_exported, ckpt / "adapter",
+                                                       [g.prompt_token_ids for g in in_memory]))
+        for g, (ids, logprob) in zip(in_memory, exported):
+            c = g.completions[0]
+            assert ids == c.token_ids and abs(logprob - c.logprob) <= 1e-3 * len(ids), (ids, c.token_ids)
+    finally:
+        group.shutdown()
+        pool.shutdown()

@@ -11,7 +11,7 @@ import pytest
 from orchestrator.cli.main import main
 from orchestrator.config import dump_config, load_config
 from orchestrator.tools.export import ExportError, export_run
-from orchestrator.rundir import RunDir, pair_records
+from orchestrator.rundir import RunDir
 from tests.conftest import DEMO_MODEL
 
 

@@ -258,3 +258,31 @@ def test_odpo_run_stops_before_writing_or_starting_anything(q7b, tmp_path):
     assert out.returncode == 2, out.stderr
     assert "error: learner: needs ≈ " in out.stderr and "Ray" not in out.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj"]])
+def test_lora_adapter_count_equals_peft_and_only_the_adapter_trains(q7b, targets):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    small = {k: v for k, v in SMALL.items() if k != "model_type"}
+    with torch.device("meta"):
+        model = get_peft_model(AutoModelForCausalLM.from_config(Qwen2Config(**small)),
+                               LoraConfig(r=8, target_modules=targets))
+    shape = ModelShape.from_config(SMALL)
+    names = ("all-linear",) if targets == "all-linear" else tuple(targets)
+    assert shape.adapter_params(8, names) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    # Qwen2.5-7B on one 80 GB GPU: full fine-tuning in fp32 does not fit; LoRA r16 does, and its
+    # gradients, AdamW state and reference are the adapter's alone (the base is held once).
+    lora = "{r: 16, target_modules: all-linear}"
+    base = ("learner.activation_checkpointing=true", "learner.micro_batch_size=4")
+    c = config_7b(q7b, *base, f"learner.lora={lora}")
+    s, full = LearnerSetup.from_config(c), LearnerSetup.from_config(config_7b(q7b, *base))
+    m = ModelShape.from_config(QWEN25_7B)
+    A = m.adapter_params(16, ("all-linear",))
+    e = learner_memory(m, s)
+    assert e.held == {"weights": 4 * (m.params + A), "gradients": 4 * A, "AdamW m, v": 8 * A, "reference": 4 * A}
+    assert check_memory(config_7b(q7b, *base), 80e9, "x")[2]
+    assert check_memory(c, 80e9, "x")[2] == [] and e.total < learner_memory(m, full).total / 2

@@ -9,9 +9,10 @@ import logging
 
 import pytest
 
+from actors.hardware import cpu_info, native_bf16_cpu, resolve_dtype
 from orchestrator.config import ConfigError, load_config
-from orchestrator.cli.preflight import INTERVAL_S, POLL_S, ResourceShortfall, actor_bundles, await_fit
-from tests.conftest import REPO
+from orchestrator.cli.preflight import INTERVAL_S, POLL_S, ResourceShortfall, actor_bundles, await_fit, bf16_warnings
+from tests.conftest import DEMO_MODEL, REPO
 
 DEMO = REPO / "configs" / "demo.yaml"
 SMALL = [{"CPU": 2.0, "memory": 1e9}]
@@ -85,3 +86,29 @@ def test_bundles_follow_the_start_order_and_leave_out_actors_that_ask_for_nothin
     from orchestrator.cli.resources import resource_plan
 
     assert actor_bundles(resource_plan(config)) == [{"CPU": 1.0}, {"CPU": 1.0, "fast": 1.0}, {"CPU": 1.0, "fast": 1.0}]
+
+
+def test_a_cpu_without_bf16_instructions_is_named_with_the_fields_to_change(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx avx2 fma\n\n"
+                    "processor\t: 1\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    avx2 = cpu_info(info)
+    assert avx2 == ("AMD EPYC 7B13", {"fpu", "sse2", "avx", "avx2", "fma"}) and not native_bf16_cpu(avx2[1])
+    assert native_bf16_cpu({"avx2", "avx512_bf16"}) and native_bf16_cpu({"amx_bf16"})
+    assert resolve_dtype("bfloat16_if_native", gpu_bf16=False) == "float16"
+    assert resolve_dtype("bfloat16_if_native", gpu_bf16=True) == "bfloat16" and resolve_dtype("float32") == "float32"
+
+    shipped = load_config("configs/rehearsal-0.5b.yaml", [f"model.path={DEMO_MODEL}"])
+    assert bf16_warnings(shipped, avx2) == [
+        "generator.dtype: bfloat16_if_native runs float32 here (this CPU (AMD EPYC 7B13) has no bf16 instructions "
+        "(none of avx512_bf16, amx_bf16 in /proc/cpuinfo)): the generators' weights and matmuls at full speed, in "
+        "twice bf16's memory",
+        "learner.ref_dtype: bfloat16_if_native runs float32 here (this CPU (AMD EPYC 7B13) has no bf16 instructions "
+        "(none of avx512_bf16, amx_bf16 in /proc/cpuinfo)): the reference's forward at full speed, in twice bf16's "
+        "memory"]
+    old = load_config("configs/rehearsal-0.5b.yaml", [f"model.path={DEMO_MODEL}", "generator.dtype=bfloat16"])
+    assert bf16_warnings(old, avx2)[0].startswith(
+        "generator.dtype: bfloat16, and this CPU (AMD EPYC 7B13) has no bf16 instructions")
+    assert bf16_warnings(old, avx2)[0].endswith("set generator.dtype: bfloat16_if_native (bf16 only where native) "
+                                                "or float32")
+    assert bf16_warnings(old, ("Xeon", {"avx512_bf16"})) == []

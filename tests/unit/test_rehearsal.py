@@ -25,6 +25,17 @@ def test_full_shape_has_qwen25_05b_parameter_count():
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
+def test_the_1_5b_shape_has_qwen25_15b_parameter_count():
+    from transformers import Qwen2ForCausalLM
+
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(rehearsal_config(shape="1.5b"))
+    assert sum(p.numel() for p in model.parameters()) == 1_543_714_304  # Qwen2.5-1.5B's count
+    c = model.config
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
+            c.intermediate_size, c.hidden_size // c.num_attention_heads) == (1536, 28, 12, 2, 8960, 128)
+
+
 def test_small_variant_folder(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 

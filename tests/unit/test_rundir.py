@@ -1,7 +1,6 @@
 """Run directory: atomic pairs/metrics/checkpoint writes, resume trimming, pruning."""
 
 import dataclasses
-import json
 import os
 
 import datasets

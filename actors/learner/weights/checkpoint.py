@@ -11,6 +11,11 @@ Layout under ``path`` (format 2)::
     trainer.json    format, strategy, world size, scheduler, step counters and the fp16 loss
                     scale; written last.
 
+With LoRA (``learner.lora``) the base model is not written: ``state/`` holds the adapter, its
+reference copy and the optimizer (the adapter's state only), ``adapter/`` replaces ``policy/``
+(a PEFT adapter folder), and ``trainer.json`` records the base model (path and hashes,
+``lora.base_fingerprint``): loading against another base is refused, naming it.
+
 ``state`` and ``policy`` are written under temporary names and renamed into place, then
 ``trainer.json``: a folder without it is incomplete. ``path`` must be on a filesystem every
 worker sees. Format 1 (``policy/``, ``reference.safetensors``, ``optimizer.pt``, written by
@@ -40,11 +45,13 @@ import torch.distributed as dist
 
 from actors import rng_state
 from actors.durable import replace_durably, write_text_atomic
+from actors.learner.lora import base_fingerprint, base_mismatch
 
 log = logging.getLogger(__name__)
 
 FORMAT = 2
 STATE_DIR, POLICY_DIR, TRAINER_FILE = "state", "policy", "trainer.json"
+ADAPTER_DIR = "adapter"
 _LEGACY_FILES = ("reference.safetensors", "optimizer.pt")
 
 
@@ -77,7 +84,10 @@ def _sharded_state(learner: Any, *, optimizer: bool) -> dict[str, Any]:
     from actors.learner.weights.stream import tied_aliases
 
     state: dict[str, Any] = {}
-    for key, model in (("policy", learner.model), ("reference", learner.reference)):
+    if learner.adapters is not None:  # the base is frozen and comes from model.path: the adapter alone
+        names = set(learner.adapters.state_names())
+        state["adapter"] = {k: v for k, v in get_model_state_dict(learner.model).items() if k in names}
+    for key, model in (("policy", learner.model), ("reference", learner.reference)) if learner.adapters is None else ():
         sd = get_model_state_dict(model)
         for alias in tied_aliases(model):
             sd.pop(alias, None)
@@ -94,7 +104,8 @@ def save(learner: Any, path: str) -> None:
     from actors.learner.weights.hf_folder import write_hf_folder
 
     root, rank = Path(path), learner.rank
-    staged_state, staged_policy = root / f".{STATE_DIR}.partial", root / f".{POLICY_DIR}.partial"
+    exported = POLICY_DIR if learner.adapters is None else ADAPTER_DIR
+    staged_state, staged_policy = root / f".{STATE_DIR}.partial", root / f".{exported}.partial"
     learner.reshard()
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -108,18 +119,24 @@ def save(learner: Any, path: str) -> None:
     with _quiet_single_process():
         dcp.save(state, checkpoint_id=str(staged_state))
     del state
-    write_hf_folder(staged_policy, learner.model, learner.iter_full_state(), source_path=learner.model_cfg.path,
-                    tokenizer=learner.tokenizer, write=rank == 0)
+    if learner.adapters is None:
+        write_hf_folder(staged_policy, learner.model, learner.iter_full_state(), source_path=learner.model_cfg.path,
+                        tokenizer=learner.tokenizer, write=rank == 0)
+    else:
+        learner.adapters.save_peft(staged_policy, learner.model_cfg.path, write=rank == 0)
     _barrier()
     if rank == 0:
         _replace_dir(staged_state, root / STATE_DIR)
-        _replace_dir(staged_policy, root / POLICY_DIR)
+        _replace_dir(staged_policy, root / exported)
         for name in _LEGACY_FILES:
             (root / name).unlink(missing_ok=True)
         meta = {"format": FORMAT, "strategy": "fsdp" if learner.fsdp else "ddp", "world_size": learner.world_size,
                 "optimizer": has_optimizer, "scheduler": learner.scheduler.state_dict(), "steps": learner.steps,
                 "skipped_steps": learner.skipped_steps, "overflow_steps": learner.overflow_steps,
                 "loss_scale": learner.scaler.state_dict(), "refreshed_through": learner.refreshed_through}
+        if learner.adapters is not None:
+            meta["lora"] = {"base": base_fingerprint(learner.model_cfg.path), "r": learner.cfg.lora.r,
+                            "targets": learner.adapters.targets}
         write_text_atomic(root / TRAINER_FILE, json.dumps(meta, indent=1) + "\n")
     _barrier()
 
@@ -142,6 +159,7 @@ def _load_sharded(learner: Any, root: Path) -> None:
     meta = json.loads((root / TRAINER_FILE).read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"learner checkpoint {root}: unknown format {meta.get('format')!r}")
+    _check_lora(learner, root, meta.get("lora"))
     learner.reshard()
     if not meta["optimizer"]:
         learner.optimizer.state.clear()  # saved before the first step: start the moments afresh
@@ -150,9 +168,12 @@ def _load_sharded(learner: Any, root: Path) -> None:
         dcp.load(state, checkpoint_id=str(root / STATE_DIR))  # in place, each rank its own shards
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    partial = StateDictOptions(strict=False)  # tied aliases were left out
-    set_model_state_dict(learner.model, state["policy"], options=partial)
-    set_model_state_dict(learner.reference, state["reference"], options=partial)
+    partial = StateDictOptions(strict=False)  # tied aliases (with LoRA: the base) were left out
+    if learner.adapters is not None:
+        set_model_state_dict(learner.model, state["adapter"], options=partial)
+    else:
+        set_model_state_dict(learner.model, state["policy"], options=partial)
+        set_model_state_dict(learner.reference, state["reference"], options=partial)
     if meta["optimizer"]:
         set_optimizer_state_dict(learner.model, learner.optimizer, state["optimizer"])
     learner.scheduler.load_state_dict(meta["scheduler"])
@@ -167,11 +188,29 @@ def _load_sharded(learner: Any, root: Path) -> None:
     _load_rng(learner, root)
 
 
+def _check_lora(learner: Any, root: Path, saved: dict | None) -> None:
+    """A checkpoint loads only into a learner that trains what it holds: full weights, or an
+    adapter of the same shape on the same base model."""
+    if (saved is None) != (learner.adapters is None):
+        held = "a LoRA adapter" if saved else "full weights"
+        raise ValueError(f"learner checkpoint {root} holds {held}, and learner.lora is "
+                         f"{'set' if learner.adapters is not None else 'not set'}")
+    if saved is None:
+        return
+    why = base_mismatch(saved["base"], base_fingerprint(learner.model_cfg.path))
+    if why:
+        raise ValueError(f"learner checkpoint {root}: {why}")
+    if saved["r"] != learner.cfg.lora.r or saved["targets"] != learner.adapters.targets:
+        raise ValueError(f"learner checkpoint {root}: its adapter has r {saved['r']} on {saved['targets']}, "
+                         f"learner.lora asks for r {learner.cfg.lora.r} on {learner.adapters.targets}")
+
+
 def _load_legacy(learner: Any, root: Path) -> None:
     """Format 1: weights streamed from rank 0's reads; the optimizer file is read by every rank
     (demo-sized checkpoints only ever had this format)."""
     from actors.learner.weights.stream import SafetensorsSource, load_streamed
 
+    _check_lora(learner, root, None)
     state = torch.load(root / "optimizer.pt", map_location="cpu", weights_only=True)
     if state.get("format") != 1:
         raise ValueError(f"learner checkpoint {root}: unknown optimizer.pt format {state.get('format')!r}")

@@ -10,7 +10,9 @@
 
 Names are the model's state-dict names (Hugging Face checkpoint naming). Tied parameters (a
 shared embedding and LM head) are one tensor: loaded and yielded once under the first name, the
-other names are ``tied_aliases``.
+other names are ``tied_aliases``. LoRA adapters (modules marked ``is_adapter``,
+``actors.learner.lora``) are not part of the base model: its loads and exports leave them out, and
+``iter_full(..., adapters=True)`` yields them alone.
 """
 
 from __future__ import annotations
@@ -110,14 +112,21 @@ def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
     return aliases
 
 
-def _targets(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State-dict tensors by name, tied aliases left out (DTensors under FSDP)."""
-    aliases = tied_aliases(model)
-    return {k: v for k, v in model.state_dict().items() if k not in aliases}
+def adapter_names(model: torch.nn.Module) -> set[str]:
+    """State-dict names of the LoRA adapters' tensors (modules marked ``is_adapter``)."""
+    return {f"{mod}.{name}" for mod, m in model.named_modules() if getattr(m, "is_adapter", False)
+            for name, _ in m.named_parameters(recurse=False)}
+
+
+def _targets(model: torch.nn.Module, adapters: bool = False) -> dict[str, torch.Tensor]:
+    """State-dict tensors by name, tied aliases left out (DTensors under FSDP): the base model's,
+    or with ``adapters`` its LoRA adapters' alone."""
+    aliases, extra = tied_aliases(model), adapter_names(model)
+    return {k: v for k, v in model.state_dict().items() if k not in aliases and (k in extra) == adapters}
 
 
 def _param_names(model: torch.nn.Module) -> set[str]:
-    return {n for n, _ in model.named_parameters()}
+    return {n for n, _ in model.named_parameters()} - adapter_names(model)
 
 
 # -- sharded tensors -------------------------------------------------------------------------------
@@ -254,19 +263,35 @@ def planned_entries(model: torch.nn.Module, dtype: torch.dtype | None = None):
     return [(name, tuple(t.shape), dtype or t.dtype) for name, t in _targets(model).items()]
 
 
-def iter_full(model: torch.nn.Module, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor | None]]:
-    """``(name, tensor)`` for each state-dict tensor of ``model`` (tied aliases left out), whole,
-    on CPU and in ``dtype`` (default: as held) on rank 0; ``(name, None)`` on the other ranks.
+def iter_full(model: torch.nn.Module, dtype: torch.dtype | None = None, *,
+              adapters: bool = False) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """``(name, tensor)`` for each state-dict tensor of ``model`` (tied aliases left out; the base
+    model's, or with ``adapters`` its LoRA adapters'), whole, on CPU and in ``dtype`` (default: as
+    held) on rank 0; ``(name, None)`` on the other ranks.
 
     A collective under FSDP: every rank iterates to the end, in step. Rank 0 holds one gathered
     tensor at a time (plus what the consumer keeps).
     """
-    for name, t in _targets(model).items():
+    for name, t in _targets(model, adapters).items():
         full = _gather_full(t)
         if full is not None:
             full = full.to("cpu", dtype or full.dtype)
         yield name, full
         del full
+
+
+@torch.no_grad()
+def write_local(target: torch.Tensor, full: torch.Tensor) -> None:
+    """Write ``full`` (the same on every rank) into ``target``: its own shard, or all of it."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(target, DTensor):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        shape, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh, target.placements)
+        target.to_local().copy_(full[tuple(slice(o, o + s) for o, s in zip(offset, shape))])
+    else:
+        target.copy_(full)
 
 
 @torch.no_grad()
