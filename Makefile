@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 REHEARSAL_MODEL ?= runs/models/rehearsal-0.5b
 ARGS ?=
 
-.PHONY: install demo test test-unit bench clean rehearse docs
+.PHONY: install demo demo-graded test test-unit bench clean rehearse docs
 
 install: $(STAMP)
 
@@ -28,6 +28,12 @@ demo: $(STAMP)
 	rm -rf runs/demo
 	$(PY) -m orchestrator run $(CONFIG) --set run.name=demo
 	$(PY) -m orchestrator plot runs/demo
+
+# The graded demo (configs/demo-graded.yaml): 3-digit sums scored digit by digit; replaces runs/demo-graded.
+demo-graded: $(STAMP)
+	rm -rf runs/demo-graded
+	$(PY) -m orchestrator run configs/demo-graded.yaml --set run.name=demo-graded
+	$(PY) -m orchestrator plot runs/demo-graded
 
 # The scale rehearsal (configs/rehearsal-0.5b.yaml): builds the Qwen2.5-0.5B-shaped model when
 # missing, then runs the loop; extra `odpo run` arguments in ARGS (e.g. ARGS="--set run.name=r2").
