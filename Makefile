@@ -11,7 +11,7 @@ REHEARSAL_MODEL ?= runs/models/rehearsal-0.5b
 REHEARSAL_MODEL_15B ?= runs/models/rehearsal-1.5b
 ARGS ?=
 
-.PHONY: install demo test test-unit test-fast bench clean rehearse rehearse-1.5b-lora docs
+.PHONY: install demo demo-graded test test-unit test-fast bench clean rehearse rehearse-1.5b-lora docs
 
 install: $(STAMP)
 
@@ -29,6 +29,12 @@ demo: $(STAMP)
 	rm -rf runs/demo
 	$(PY) -m orchestrator run $(CONFIG) --set run.name=demo
 	$(PY) -m orchestrator plot runs/demo
+
+# The graded demo (configs/demo-graded.yaml): 3-digit sums scored digit by digit; replaces runs/demo-graded.
+demo-graded: $(STAMP)
+	rm -rf runs/demo-graded
+	$(PY) -m orchestrator run configs/demo-graded.yaml --set run.name=demo-graded
+	$(PY) -m orchestrator plot runs/demo-graded
 
 # The scale rehearsal (configs/rehearsal-0.5b.yaml): builds the Qwen2.5-0.5B-shaped model when
 # missing, then runs the loop; extra `odpo run` arguments in ARGS (e.g. ARGS="--set run.name=r2").

@@ -13,8 +13,13 @@ otherwise; a row without a usable gold answer scores ``None`` (cannot score). Mo
 - ``exact``: string equality after stripping (``ignore_case`` optional).
 - ``regex``: ``pattern`` must match the whole stripped completion; ``{answer}`` in it is
   replaced by the escaped gold answer.
+- ``places``: graded, the share of the gold answer's characters the stripped completion has in
+  the same place, counted from the right with ``align="right"`` (the digits of a number: units
+  under units) or from the left, over the longer of the two, so a missing or extra character
+  costs its place: gold ``"1234"`` scores ``"1234"`` 1, ``"1294"`` 0.75, ``"234"`` 0.75,
+  ``"11234"`` 0.8, ``"4321"`` 0.
 
-The demo's reward uses ``number``.
+The addition demo's reward uses ``number``; the graded demo's uses ``places``.
 """
 
 from __future__ import annotations
@@ -76,21 +81,38 @@ def normalize_number(text: str) -> Fraction | None:
     return _to_fraction(found[-1]) if found else None
 
 
+def place_credit(text: str, gold: str, right: bool = True, ignore_case: bool = False) -> float | None:
+    """The share of places where ``text`` and ``gold`` (both stripped) have the same character,
+    aligned at the right end (or the left), over the longer length; None for an empty gold."""
+    a, b = text.strip(), gold.strip()
+    if ignore_case:
+        a, b = a.casefold(), b.casefold()
+    if not b:
+        return None
+    if right:
+        a, b = a[::-1], b[::-1]
+    return sum(x == y for x, y in zip(a, b)) / max(len(a), len(b))
+
+
 class VerifiableJudge(Judge):
     def __init__(
         self,
         answer_field: str = "answer",
-        mode: Literal["number", "exact", "regex"] = "number",
+        mode: Literal["number", "exact", "regex", "places"] = "number",
         pattern: str | None = None,
         strict: bool = True,
         partial_credit: float = 0.0,
         ignore_case: bool = False,
+        align: Literal["right", "left"] = "right",
     ):
         """``strict`` (number mode): the completion must be only the number (or box it).
         ``partial_credit`` (number mode, strict): score of a right last number in the wrong form.
-        ``ignore_case`` (exact and regex modes): compare case-insensitively."""
-        if mode not in ("number", "exact", "regex"):
-            raise ValueError(f"mode must be number, exact or regex, got {mode!r}")
+        ``ignore_case`` (exact, regex and places modes): compare case-insensitively.
+        ``align`` (places mode): count places from the right (numbers) or the left."""
+        if mode not in ("number", "exact", "regex", "places"):
+            raise ValueError(f"mode must be number, exact, regex or places, got {mode!r}")
+        if align not in ("right", "left"):
+            raise ValueError(f"align must be right or left, got {align!r}")
         if mode == "regex":
             if not pattern:
                 raise ValueError("mode 'regex' needs a pattern")
@@ -99,7 +121,7 @@ class VerifiableJudge(Judge):
             except re.error as e:
                 raise ValueError(f"pattern {pattern!r} is not a valid regex: {e}") from None
         self.answer_field, self.mode, self.pattern, self.strict = answer_field, mode, pattern, strict
-        self.partial_credit, self.ignore_case = float(partial_credit), ignore_case
+        self.partial_credit, self.ignore_case, self.align = float(partial_credit), ignore_case, align
 
     @classmethod
     def check_kwargs(cls, kwargs: dict) -> None:
@@ -109,6 +131,8 @@ class VerifiableJudge(Judge):
         if self.mode == "exact":
             a, b = text.strip(), gold.strip()
             return float(a.casefold() == b.casefold() if self.ignore_case else a == b)
+        if self.mode == "places":
+            return place_credit(text, gold, right=self.align == "right", ignore_case=self.ignore_case)
         if self.mode == "regex":
             pat = self.pattern.replace("{answer}", re.escape(gold.strip()))
             flags = re.IGNORECASE if self.ignore_case else 0

@@ -100,9 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--update", metavar="FILE",
                    help="instead, rewrite the text between the config-doc marker lines of FILE (e.g. docs/configuration.md)")
 
-    p = verbs.add_parser("make-demo-model", help="rebuild the demo model and data (assets/demo)")
-    p.add_argument("--out", default="assets/demo", help="output folder (default: assets/demo)")
-    p.add_argument("--steps", type=int, default=240, help="SFT steps (default: 240)")
+    p = verbs.add_parser("make-demo-model", help="rebuild a demo task's model and data (assets/demo, assets/demo-graded)")
+    p.add_argument("--task", choices=("addition", "graded"), default="addition",
+                   help="addition: 2-digit sums scored 0/1 (default); graded: 3-digit sums scored digit by digit")
+    p.add_argument("--out", default=None, help="output folder (default: assets/demo, or assets/demo-graded for --task graded)")
+    p.add_argument("--steps", type=int, default=None, help="SFT steps (default: 240 for addition, 300 for graded)")
 
     p = verbs.add_parser(
         "make-rehearsal-model",
@@ -181,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
 
         from orchestrator.tools.demo.model import make_demo_model
 
-        print(make_demo_model(Path(args.out), steps=args.steps))
+        out = args.out or ("assets/demo-graded" if args.task == "graded" else "assets/demo")
+        print(make_demo_model(Path(out), task=args.task, steps=args.steps))
         return 0
     if args.verb == "make-rehearsal-model":
         import json

@@ -74,9 +74,24 @@ def test_verifiable_exact_and_regex_modes():
     assert regex.score(items_of(["The answer is 3+4.", "3+4", "34", "3+44"], row={"answer": "3+4"})) == [[1, 1, 0, 0]]
 
 
+def test_verifiable_places_mode_gives_credit_digit_by_digit():
+    # The graded demo's judge: the share of the gold's places right, counted from the units, over
+    # the longer of the two (a missing or an extra digit costs its place).
+    texts = ["1129", " 1129\n", "1139", "1029", "2229", "129", "11129", "9211", "", "abcd", "1129 "]
+    judge = VerifiableJudge(mode="places", align="right")
+    assert judge.score(items_of(texts, row={"answer": "1129"})) == [[1, 1, 0.75, 0.75, 0.5, 0.75, 0.8, 0, 0, 0, 1]]
+    assert judge.score(items_of(["802", "812", "82", "0802"], row={"answer": 802})) == [[1, 2 / 3, 1 / 3, 0.75]]
+    left = VerifiableJudge(mode="places", align="left")
+    assert left.score(items_of(["dcba", "dcb", "dcbaa", "abcd"], row={"answer": "dcba"})) == [[1, 0.75, 0.8, 0]]
+    assert judge.score(items_of(["1"], row={"answer": " "})) == [[None]]  # no gold answer: cannot score
+    assert VerifiableJudge(mode="places", ignore_case=True).score(items_of(["AB"], row={"answer": "ab"})) == [[1.0]]
+
+
 def test_verifiable_rejects_bad_arguments():
     with pytest.raises(ValueError, match="mode must be"):
         VerifiableJudge(mode="fuzzy")
+    with pytest.raises(ValueError, match="align must be"):
+        VerifiableJudge(mode="places", align="middle")
     with pytest.raises(ValueError, match="needs a pattern"):
         VerifiableJudge(mode="regex")
     with pytest.raises(ValueError, match="not a valid regex"):

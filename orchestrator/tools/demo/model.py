@@ -1,6 +1,8 @@
-"""Make the demo's tokenizer and tiny Llama, and SFT it on the demo task until it is imperfect.
+"""Make the demo's tokenizer and tiny Llama, and SFT it on a demo task until it is imperfect.
 
-The shipped checkpoint under ``assets/demo/model`` is reproduced by ``odpo make-demo-model``.
+The shipped checkpoints under ``assets/demo/model`` (2-digit addition, ``task.py``) and
+``assets/demo-graded/model`` (3-digit addition scored digit by digit, ``graded_task.py``) are
+reproduced by ``odpo make-demo-model [--task graded]``.
 The model is a 0.54M-parameter Llama (hidden 128, 2 layers, 2 heads of dim 64: vLLM's CPU
 attention rejects head_dim 16) over a character vocabulary of 128. It is trained just long
 enough that greedy accuracy on the held-out set sits around 0.3 while samples at temperature 1
@@ -18,7 +20,11 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from orchestrator.tools.demo.task import split_problems, write_data
+from judges.verifiable import place_credit
+from orchestrator.tools.demo import graded_task, task
+
+TASKS = {"addition": (task, 240), "graded": (graded_task, 300)}
+"""Each demo task: its data module (``split_problems``, ``write_data``) and default SFT steps."""
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 VOCAB_SIZE = 128
@@ -96,6 +102,30 @@ def greedy_accuracy(model, tok, rows: list[dict], max_new_tokens: int = 4) -> fl
     return sum(t.strip() == r["answer"] for t, r in zip(texts, rows)) / len(rows)
 
 
+@torch.no_grad()
+def graded_start(model, tok, rows: list[dict], n: int = 8, seed: int = 0, max_new_tokens: int = 5) -> dict:
+    """Where the graded task starts: the greedy answers' mean place credit, and for ``n`` samples at
+    temperature 1 the mean credit, the best sample's mean credit and the share of prompts whose
+    best sample is perfect (every graded prompt has the same length)."""
+    model.eval()
+    torch.manual_seed(seed)
+    ids = torch.tensor([tok(r["prompt"])["input_ids"] for r in rows])
+    kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    greedy = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, **kw)
+    many = ids.repeat_interleave(n, 0)
+    sampled = model.generate(many, attention_mask=torch.ones_like(many), do_sample=True, temperature=1.0, top_k=0, **kw)
+    greedy_texts = tok.batch_decode(greedy[:, ids.shape[1]:], skip_special_tokens=True)
+    texts = tok.batch_decode(sampled[:, ids.shape[1]:], skip_special_tokens=True)
+    scores = [[place_credit(texts[i * n + j], r["answer"]) for j in range(n)] for i, r in enumerate(rows)]
+    best = [max(s) for s in scores]
+    return {
+        "eval_greedy_credit": round(sum(place_credit(t, r["answer"]) for t, r in zip(greedy_texts, rows)) / len(rows), 4),
+        "eval_sample_credit_t1": round(sum(map(sum, scores)) / (n * len(rows)), 4),
+        f"eval_best_of_{n}_credit": round(sum(best) / len(rows), 4),
+        f"eval_best_of_{n}_perfect_share": round(sum(b == 1.0 for b in best) / len(rows), 4),
+    }
+
+
 def sft(model, tok, rows: list[dict], *, steps: int, lr: float, batch_size: int, seed: int) -> None:
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -116,13 +146,16 @@ def sft(model, tok, rows: list[dict], *, steps: int, lr: float, batch_size: int,
 
 
 def make_demo_model(
-    out_dir: Path, *, steps: int = 240, lr: float = 1e-3, batch_size: int = 128, seed: int = 0
+    out_dir: Path, *, task: str = "addition", steps: int | None = None, lr: float = 1e-3, batch_size: int = 128,
+    seed: int = 0,
 ) -> dict:
-    """Write the demo data and the SFT'd model under ``out_dir``; returns a summary dict."""
+    """Write a demo task's data and SFT'd model under ``out_dir``; returns a summary dict."""
     torch.set_num_threads(2)
     out_dir = Path(out_dir)
-    write_data(out_dir / "data")
-    train, held_out = split_problems()
+    data, default_steps = TASKS[task]
+    steps = default_steps if steps is None else steps
+    data.write_data(out_dir / "data")
+    train, held_out = data.split_problems()
     tok = build_tokenizer()
     model = build_model(seed)
     start = time.time()
@@ -131,8 +164,10 @@ def make_demo_model(
         "params": sum(p.numel() for p in model.parameters()),
         "sft_steps": steps,
         "sft_s": round(time.time() - start, 1),
-        "eval_greedy_accuracy": greedy_accuracy(model, tok, held_out),
+        "eval_greedy_accuracy": greedy_accuracy(model, tok, held_out, max_new_tokens=5 if task == "graded" else 4),
     }
+    if task == "graded":
+        summary.update(graded_start(model, tok, held_out))
     model_dir = out_dir / "model"
     model.save_pretrained(model_dir, safe_serialization=True)
     tok.save_pretrained(model_dir)
