@@ -24,7 +24,7 @@ def test_graded_demo_runs_and_grades_digit_by_digit(out_dir):
     assert len(trained) == ROUNDS and all(m["loss"] is not None for m in trained)
     assert lines[-1]["policy_version"] == ROUNDS
     pairs = datasets.load_dataset("parquet", data_files=str(run_dir / "pairs" / "round_000001.parquet"), split="train")
-    chosen, rejected = pairs["chosen_score"], pairs["rejected_score"]
+    chosen, rejected = list(pairs["chosen_score"]), list(pairs["rejected_score"])
     assert all(c > r for c, r in zip(chosen, rejected))
     # Graded, not 0/1: places right over 3 to 6 characters (the sum's or the answer's, the longer).
     partial = [s for s in chosen + rejected if 0 < s < 1]

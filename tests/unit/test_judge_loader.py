@@ -26,7 +26,7 @@ BAD_SPECS = [
      "judge.cls: judges.loader:JudgeSpecError has neither a score() nor a compare() method"),
     (["judge.kwargs={answer_feld: answer}"],
      "judge.kwargs.answer_feld: not an argument of judges.verifiable:VerifiableJudge "
-     "(it takes: answer_field, mode, pattern, strict, partial_credit, ignore_case)"),
+     "(it takes: answer_field, mode, pattern, strict, partial_credit, ignore_case, align)"),
 ]
 
 
@@ -73,7 +73,7 @@ print(sorted(m for m in ("ray", "vllm", "torch", "transformers") if m in sys.mod
 
 @pytest.mark.parametrize("cls, kwargs, line", [
     ("judges.verifiable:VerifiableJudge", {"mode": "fuzzy"},
-     "judge.kwargs: judges.verifiable:VerifiableJudge: mode must be number, exact or regex, got 'fuzzy'"),
+     "judge.kwargs: judges.verifiable:VerifiableJudge: mode must be number, exact, regex or places, got 'fuzzy'"),
     ("judges.openai:OpenAIJudge", {"model": "m"},
      "judge.kwargs: judges.openai:OpenAIJudge: missing a required argument: 'base_url'"),
     ("judges.llm:LLMJudge", {"model": "m", "template": "Rate it."},
@@ -85,7 +85,7 @@ print(sorted(m for m in ("ray", "vllm", "torch", "transformers") if m in sys.mod
     ("judges.ensemble:EnsembleJudge", {"judges": [{"cls": "judges.verifiable:VerifiableJudge",
                                                    "kwargs": {"strikt": True}}]},
      "judge.kwargs.judges[0].kwargs.strikt: not an argument of judges.verifiable:VerifiableJudge "
-     "(it takes: answer_field, mode, pattern, strict, partial_credit, ignore_case)"),
+     "(it takes: answer_field, mode, pattern, strict, partial_credit, ignore_case, align)"),
     ("judges.ensemble:EnsembleJudge", {"judges": [{"cls": "judges.verifiable:VerifiableJudge", "wieght": 2}]},
      "judge.kwargs.judges[0].wieght: unknown key (a member has cls, kwargs, weight)"),
     ("judges.ensemble:EnsembleJudge", {"judges": []},
