@@ -18,11 +18,11 @@ frozen, the reference the adapter switched off, AdamW over the adapter).
   last 3 evals) of full fine-tuning (``configs/demo.yaml``) and LoRA (``configs/demo-lora.yaml``),
   each over an lr grid on seed 0, then its best lr on the other seeds.
 
-    flock /tmp/odpo-heavy.lock .venv/bin/python bench/lora.py [--model DIR] [--syncs 5] [--phases learner,sync]
+    flock /tmp/odpo-bigmem.lock .venv/bin/python bench/lora.py [--model DIR] [--syncs 5] [--phases learner,sync]
     .venv/bin/python bench/lora.py --phases learning [--lrs-full 3e-5,1e-4,3e-4] [--lrs-lora 5e-4,1e-3,2e-3,5e-3]
         [--seeds 0,1] [--out DIR]
 
-Prints one JSON line last, with the machine (``bench.common.machine()``).
+Prints one JSON line last, with the machine (``bench.harness.machine()``).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO))  # also in the spawned workers, which import this 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-from bench.common import evals, last3, machine, run_config  # noqa: E402
+from bench.harness import evals, last3, machine, run_config  # noqa: E402
 from bench.scale import MICRO, PAIRS, PROMPT, COMPLETION, _setup, _tokenizer_vocab, make_pairs, max_rss, rss  # noqa: E402
 
 LORA = {"r": 16, "alpha": 32, "target_modules": "all-linear"}
