@@ -21,9 +21,18 @@ from pathlib import Path
 from typing import Any
 
 from actors.generator.sampling import CPU_KV_CACHE_BYTES
+from actors.hardware import IF_NATIVE, native_bf16_cpu
 
 GB = 1e9
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def dtype_bytes(name: str, on_gpu: bool, otherwise: int = 4) -> int:
+    """Bytes per element of a config dtype; ``bfloat16_if_native`` is 2 on a GPU (bf16 or fp16) and
+    on a CPU with bf16 instructions (this machine's, as the driver sees it), else ``otherwise``."""
+    if name == IF_NATIVE:
+        return 2 if on_gpu or native_bf16_cpu() else otherwise
+    return DTYPE_BYTES[name]
 
 # Activation bytes per token of one decoder layer, (per hidden, per intermediate), by compute mode:
 # "fp32"; "autocast" (bf16/fp16 autocast over fp32 weights: DDP or one process on GPU); "half"
@@ -179,7 +188,8 @@ class LearnerSetup:
     def from_config(cls, c: Any) -> "LearnerSetup":
         le, on_gpu = c.learner, c.learner.num_gpus_per_worker > 0
         compute = {"fp32": 4, "bf16": 2, "fp16": 2, "auto": 2 if on_gpu else 4}[le.precision]
-        ref = DTYPE_BYTES.get(le.ref_dtype, compute if on_gpu else 4)  # auto: the compute dtype on GPU
+        auto_ref = compute if on_gpu else 4  # auto: the compute dtype on GPU
+        ref = auto_ref if le.ref_dtype == "auto" else dtype_bytes(le.ref_dtype, on_gpu, auto_ref)
         budget, seq = le.max_tokens_per_micro_batch, c.model.max_model_len
         # A pair longer than the budget gets a forward of its own: two sequences of up to max_model_len.
         tokens = max(budget, 2 * seq) if budget else 2 * le.micro_batch_size * seq
@@ -284,9 +294,9 @@ def generator_memory(m: ModelShape, c: Any, device: float | None) -> GeneratorEs
     g = c.generator
     tp, engine = g.tensor_parallel_size, g.engine
     kv_dtype = str(engine.get("kv_cache_dtype", "auto"))
-    dtype_bytes = DTYPE_BYTES[g.dtype or c.model.dtype]
-    weights = dtype_bytes * m.params / tp
-    per_token = m.kv_bytes_per_token(1 if kv_dtype.startswith("fp8") else dtype_bytes, tp)
+    b = dtype_bytes(g.dtype or c.model.dtype, g.num_gpus > 0)
+    weights = b * m.params / tp
+    per_token = m.kv_bytes_per_token(1 if kv_dtype.startswith("fp8") else b, tp)
     if engine.get("kv_cache_memory_bytes"):
         return GeneratorEstimate(weights, float(engine["kv_cache_memory_bytes"]), per_token)
     if g.num_gpus == 0:  # odpo gives a CPU engine CPU_KV_CACHE_BYTES unless told otherwise

@@ -286,3 +286,22 @@ def test_lora_adapter_count_equals_peft_and_only_the_adapter_trains(q7b, targets
     assert e.held == {"weights": 4 * (m.params + A), "gradients": 4 * A, "AdamW m, v": 8 * A, "reference": 4 * A}
     assert check_memory(config_7b(q7b, *base), 80e9, "x")[2]
     assert check_memory(c, 80e9, "x")[2] == [] and e.total < learner_memory(m, full).total / 2
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+@pytest.mark.parametrize("flags", [{"avx2"}, {"avx2", "avx512_bf16"}])
+def test_every_shipped_config_is_estimated_on_cpus_with_and_without_bf16(config, flags, q7b, monkeypatch):
+    # bfloat16_if_native (generator.dtype, learner.ref_dtype) counts 2 bytes where this CPU has bf16
+    # instructions, else 4: the estimate of every shipped config, on a model folder of a known shape.
+    import actors.hardware
+
+    monkeypatch.setattr(actors.hardware, "cpu_info", lambda path="/proc/cpuinfo": ("test cpu", flags))
+    c = load_config(REPO / "configs" / config, [f"model.path={q7b}", "learner.gpu_memory_gb=80"])
+    lines = describe(c, 80e9)
+    assert lines[0].startswith(f"memory (from {q7b}") and len(lines) == 3
+    native = "avx512_bf16" in flags
+    if c.generator.num_gpus == 0 and (c.generator.dtype or c.model.dtype) == "bfloat16_if_native":
+        from orchestrator.cli.memory import generator_memory
+
+        weights = generator_memory(ModelShape.from_config(QWEN25_7B), c, None).weights
+        assert weights == (2 if native else 4) * ModelShape.from_config(QWEN25_7B).params / c.generator.tensor_parallel_size
