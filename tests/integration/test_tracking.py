@@ -121,12 +121,12 @@ def _watch_status(port: int, seen: list, stop: threading.Event) -> None:
 
 @pytest.fixture(scope="module")
 def tracked(work, env, mlflow_uri):
-    """3 rounds of 512 prompts x 4 samples, learner steps of 8 pairs, all four trackers, pairs
+    """3 rounds of 256 prompts x 4 samples, learner steps of 16 pairs, all four trackers, pairs
     tables every 2 rounds, /status polled throughout."""
     port = free_port()
     proc = start_run(work, "tracked", "loop.rounds=3", *TRACKERS, f"report.mlflow_tracking_uri={mlflow_uri}",
                      "report.pairs_every=2", f"metrics.port={port}", "log.progress_every_s=0.2",
-                     "loop.prompts_per_round=512", "learner.batch_size=8", "learner.micro_batch_size=8", env=env)
+                     "loop.prompts_per_round=256", "learner.batch_size=16", "learner.micro_batch_size=16", env=env)
     seen: list = []
     stop = threading.Event()
     watcher = threading.Thread(target=_watch_status, args=(port, seen, stop), daemon=True)
@@ -179,7 +179,7 @@ def _redone_kept_first(res: dict) -> dict[int, dict]:
 def test_tensorboard_holds_every_round_once_and_resume_replaces_redone_rounds(tracked, resumed):
     scalars, texts = read_tensorboard(tracked["dir"] / "tensorboard")
     check_history(scalars, tracked["lines"], rel=1e-6)  # event files store float32
-    assert "prompts_per_round: 512" in texts["config/text_summary"][0][0]
+    assert "prompts_per_round: 256" in texts["config/text_summary"][0][0]
     first = _pairs(tracked["dir"], 2)[0]
     table = texts["pairs_sample/text_summary"]
     assert list(table) == [2] and f"| 2 | {first['prompt']} | {first['chosen']} | {first['rejected']} |" in table[2][0]
@@ -212,7 +212,7 @@ def test_wandb_offline_run_holds_every_round_once_across_a_resume(tracked, resum
 def test_mlflow_server_run_holds_every_round_once_across_a_resume(tracked, resumed):
     history, params, artifacts = read_mlflow(tracked["uri"], tracked["ledger"]["mlflow"]["run_id"])
     check_history(history, tracked["lines"])
-    assert params["learner.beta"] == "0.1" and params["loop.prompts_per_round"] == "512"
+    assert params["learner.beta"] == "0.1" and params["loop.prompts_per_round"] == "256"
     assert "config.yaml" in artifacts and "pairs_sample/round_000002.json" in artifacts
     history, _, _ = read_mlflow(resumed["uri"], resumed["ledger"]["mlflow"]["run_id"])
     check_history(history, _redone_kept_first(resumed))
@@ -252,7 +252,7 @@ def test_status_reports_progress_moving_inside_phases(tracked):
         assert dones == sorted(dones), (round_, phase, dones)  # never backwards
         assert all(p["done"] <= p["total"] for p in seen)
         if phase == "sample":
-            assert {p["total"] for p in seen} == {512} and seen[0]["unit"] == "prompts"
+            assert {p["total"] for p in seen} == {256} and seen[0]["unit"] == "prompts"
     moved = [k for k, seen in by_phase.items()
              if len({p["done"] for p in seen}) >= 2 and min(p["done"] for p in seen) < seen[0]["total"]]
     assert moved, dict(by_phase)
