@@ -51,17 +51,18 @@ rehearse-1.5b-lora: $(STAMP)
 
 # Two pytest workers (pytest-xdist), one test file each at a time: most of a run's time is process
 # start-up (Python, Ray, vLLM) that one core serves, so two files overlap well on 2 cores. Session
-# fixtures (the shrunken demo run, the vLLM engine) are made once per worker. TEST_WORKERS=0: one process.
+# fixtures (the shrunken demo run, the vLLM engine) are made once per worker. Files go out in collection
+# order, the slowest first (tests/conftest.py, SLOWEST_FIRST). TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -ra --durations=25 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS) tests
+	$(PY) -m pytest -ra --durations=25 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) $(PYTEST_ARGS) tests
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -ra tests/unit
 
 # The edit loop: the unit tests and the integration tests that start no `odpo run` (marker `slow`).
 test-fast: $(STAMP)
-	$(PY) -m pytest -ra -n $(TEST_WORKERS) --dist loadfile -m "not slow and not e2e" tests
+	$(PY) -m pytest -ra -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow and not e2e" tests
 
 # The manual (docs/, mkdocs.yml) as a site in site/; --strict fails on a broken link or anchor and on
 # a page missing from the nav, as tests/unit/test_docs.py does.
