@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from orchestrator.tools.demo.task import write_jsonl
+from orchestrator.tools.demo.task import write_split
 
 TRAIN_SIZE = 20_000
 EVAL_SIZE = 500
@@ -36,8 +36,4 @@ def split_problems(seed: int = DATA_SEED, train_size: int = TRAIN_SIZE,
 
 def write_data(out_dir: Path, seed: int = DATA_SEED) -> tuple[Path, Path]:
     """Write ``train.jsonl`` and ``eval.jsonl`` under ``out_dir``; returns their paths."""
-    train, held_out = split_problems(seed)
-    train_path, eval_path = out_dir / "train.jsonl", out_dir / "eval.jsonl"
-    write_jsonl(train, train_path)
-    write_jsonl(held_out, eval_path)
-    return train_path, eval_path
+    return write_split(*split_problems(seed), out_dir)

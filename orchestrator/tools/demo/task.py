@@ -42,7 +42,11 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
 
 def write_data(out_dir: Path, seed: int = DATA_SEED) -> tuple[Path, Path]:
     """Write ``train.jsonl`` and ``eval.jsonl`` under ``out_dir``; returns their paths."""
-    train, held_out = split_problems(seed)
+    return write_split(*split_problems(seed), out_dir)
+
+
+def write_split(train: list[dict], held_out: list[dict], out_dir: Path) -> tuple[Path, Path]:
+    """Write a task's ``train.jsonl`` and ``eval.jsonl`` under ``out_dir``; returns their paths."""
     train_path, eval_path = out_dir / "train.jsonl", out_dir / "eval.jsonl"
     write_jsonl(train, train_path)
     write_jsonl(held_out, eval_path)
