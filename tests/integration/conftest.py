@@ -2,11 +2,12 @@
 and one uninterrupted shrunken-demo run per pytest session."""
 
 import json
+from pathlib import Path
 from urllib.request import urlopen
 
 import pytest
 
-from tests.conftest import DEMO_DATA, DEMO_MODEL
+from tests.conftest import DEMO_DATA, DEMO_MODEL, made_once
 from tests.integration.runs import end_group, finish, free_port, start_run, wait_for
 
 
@@ -47,21 +48,27 @@ def out_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def sync_run(out_dir):
+def sync_run(shared_tmp):
     """An uninterrupted 4-round sync run of the shrunken demo (`runs.TINY`) on a local single-node
-    cluster, watched live over HTTP while it runs: test_loop.py checks it, test_nodes.py compares
-    runs across nodes with its figures."""
-    port = free_port()
-    proc = start_run(out_dir, "sync", "loop.rounds=4", f"metrics.port={port}")
-    log = out_dir / "sync.log"
-    try:
-        seen = wait_for(lambda: _status_in_round(port), proc, 300, "/status to report a round in progress", log)
-        body = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    except BaseException:
-        end_group(proc)
-        raise
-    finish(proc, log)
-    return {"dir": out_dir / "sync", "status": seen, "prometheus": body}
+    cluster, watched live over HTTP while it runs: test_loop.py checks it, test_nodes.py,
+    test_round_redo.py and test_tracking.py compare their runs with its figures. Made once per
+    session, whichever xdist worker asks first; the others read it."""
+
+    def make(folder):
+        port = free_port()
+        proc = start_run(folder, "sync", "loop.rounds=4", f"metrics.port={port}")
+        log = folder / "sync.log"
+        try:
+            seen = wait_for(lambda: _status_in_round(port), proc, 300, "/status to report a round in progress", log)
+            body = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        except BaseException:
+            end_group(proc)
+            raise
+        finish(proc, log)
+        return {"dir": str(folder / "sync"), "status": seen, "prometheus": body}
+
+    run = made_once(shared_tmp, "sync_run", make)
+    return {**run, "dir": Path(run["dir"])}
 
 
 def _status_in_round(port):
@@ -72,15 +79,20 @@ def _status_in_round(port):
     return status if status.get("round", 0) >= 1 and status["phase"] in ("sample", "judge", "learn", "sync", "eval") else None
 
 
+SMALL_LAYERS = 2  # two layers are enough for what is tested: per-layer sharding, checkpointing, LoRA on each
+
+
 @pytest.fixture(scope="session")
-def small_rehearsal_model(tmp_path_factory):
-    """The rehearsal model cut to 4 layers and an 8,192-entry vocabulary (Qwen2.5-0.5B's layer
-    shape), made once per session: test_learner_scale.py and test_rehearsal.py only read it."""
+def small_rehearsal_model(shared_tmp):
+    """The rehearsal model cut to ``SMALL_LAYERS`` layers and an 8,192-entry vocabulary (Qwen2.5-0.5B's
+    layer shape), made once per session: test_learner_scale.py and test_rehearsal.py only read it."""
     from orchestrator.tools.rehearsal import make_rehearsal_model
 
-    path = tmp_path_factory.mktemp("rehearsal4")
-    make_rehearsal_model(path, layers=4, vocab_size=8192, seed=0)
-    return path
+    def make(folder):
+        make_rehearsal_model(folder, layers=SMALL_LAYERS, vocab_size=8192, seed=0)
+        return {"path": str(folder)}
+
+    return Path(made_once(shared_tmp, "rehearsal_small", make)["path"])
 
 
 @pytest.fixture(scope="module")

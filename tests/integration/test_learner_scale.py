@@ -2,8 +2,8 @@
 sharded checkpoints, tied embeddings; and LoRA adapters on the same model under FSDP2, DDP and one
 process (gradients equal, the adapter checkpoint resharded onto one rank).
 
-The model is the rehearsal model cut to 4 layers and an 8,192-entry vocabulary (Qwen2.5-0.5B's
-layer shape, tied embeddings; 67M parameters). Each scenario runs ``Learner`` in two spawned
+The model is the rehearsal model cut to 2 layers and an 8,192-entry vocabulary (Qwen2.5-0.5B's
+layer shape, tied embeddings; 37M parameters). Each scenario runs ``Learner`` in two spawned
 processes joined by gloo (what a ``LearnerWorker`` does, without Ray) and hands its results
 back through files; the tests assert on them. The full-size rehearsal is ``bench/scale.py``.
 """
@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from tests.conftest import same_state as _same
+from tests.integration.conftest import SMALL_LAYERS
 
-# Two spawned ranks build, step, save and load a 67M model: ~2 CPU-minutes, far longer on a loaded box.
+# Two spawned ranks build, step, save and load a 37M model: a CPU-minute or more, far longer on a loaded box.
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
@@ -245,12 +246,12 @@ def test_lora_gradients_are_equal_under_fsdp2_ddp_and_one_process(runs):
     lora = runs["lora"]
     single = lora["single"]
     assert single["trainable"] == lora["fsdp"]["trainable"] * 2  # FSDP: each rank holds half the adapter
-    assert single["trainable"] == 4 * 8 * (4 * (896 + 896) - 2 * 768 + 3 * (896 + 4864))  # q, o; k, v: 896 -> 128
+    assert single["trainable"] == SMALL_LAYERS * 8 * (4 * (896 + 896) - 2 * 768 + 3 * (896 + 4864))  # q, o; k, v: 896 -> 128
     for strategy in ("fsdp", "ddp"):
         run = lora[strategy]
         assert len(run["grads"]) == len(single["grads"]) == 2
         for mine, want in zip(run["grads"], single["grads"]):
-            assert mine.keys() == want.keys() and len(mine) == 4 * 7 * 2
+            assert mine.keys() == want.keys() and len(mine) == SMALL_LAYERS * 7 * 2
             assert max(float((mine[k] - want[k]).abs().max()) for k in mine) < 1e-5, strategy
             assert max(float(want[k].abs().max()) for k in want) > 1e-3  # gradients, not zeros
         for mine, want in zip(run["reports"], single["reports"]):

@@ -1,5 +1,5 @@
 """The scale rehearsal's config (configs/rehearsal-0.5b.yaml) end to end, on the rehearsal model cut
-to 4 layers and an 8,192-entry vocabulary (Qwen2.5-0.5B's per-layer shape): a real `odpo run`
+to 2 layers and an 8,192-entry vocabulary (Qwen2.5-0.5B's per-layer shape): a real `odpo run`
 (1 bf16 generator, 2 FSDP learner workers, chat template, the length task) is SIGKILLed right
 after round 2's checkpoint, and a second invocation with --resume ends with rounds 1..3 once each.
 The full-size rehearsal is `make rehearse` (a benchmark, not part of the suite)."""

@@ -23,7 +23,7 @@ import pytest
 from tests.conftest import DEMO_DATA, REPO
 from tests.integration.runs import end_group, free_port, metrics, start_run, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 NAME = "service"
 BASE = ["loop.rounds=4", "loop.checkpoint_every=2"]
