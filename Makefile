@@ -60,7 +60,8 @@ test: $(STAMP)
 test-unit: $(STAMP)
 	$(PY) -m pytest -ra tests/unit
 
-# The edit loop: the unit tests and the integration tests that start no `odpo run` (marker `slow`).
+# The edit loop: the unit tests and the quick integration tests, those not marked `slow` (which start
+# `odpo run`, a server, or vLLM engines and learners in Ray actors).
 test-fast: $(STAMP)
 	$(PY) -m pytest -ra -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow and not e2e" tests
 

@@ -3,6 +3,7 @@
 import fcntl
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -44,13 +45,15 @@ def shared_tmp(tmp_path_factory) -> Path:
 def made_once(shared: Path, name: str, make) -> dict:
     """``make(folder)``'s JSON-able result, made once per pytest session however many xdist workers
     ask: the first to take the lock makes it in ``shared/name`` and records it; the others wait on
-    the lock and read the record. A failed ``make`` records nothing, so the next asker tries again."""
+    the lock and read the record. A failed ``make`` records nothing: the next asker starts again in
+    an emptied folder."""
     record = shared / f"{name}.json"
     with open(shared / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not record.exists():
             folder = shared / name
-            folder.mkdir(exist_ok=True)
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
             result = make(folder)
             tmp = record.with_suffix(".tmp")
             tmp.write_text(json.dumps(result))

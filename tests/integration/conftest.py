@@ -50,17 +50,23 @@ def out_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sync_run(shared_tmp):
     """An uninterrupted 4-round sync run of the shrunken demo (`runs.TINY`) on a local single-node
-    cluster, watched live over HTTP while it runs: test_loop.py checks it, test_nodes.py,
+    cluster, watched live over HTTP while round 1 is held: test_loop.py checks it, test_nodes.py,
     test_round_redo.py and test_tracking.py compare their runs with its figures. Made once per
     session, whichever xdist worker asks first; the others read it."""
 
     def make(folder):
-        port = free_port()
-        proc = start_run(folder, "sync", "loop.rounds=4", f"metrics.port={port}")
-        log = folder / "sync.log"
+        # The demo's judge behind a gate (same scores) holds round 1's judging until /status and
+        # /metrics have been read: a shrunken round takes a fraction of a second.
+        port, gate, log = free_port(), folder / "gate", folder / "sync.log"
+        gate.mkdir()
+        judge = ["judge.cls=tests.integration.judges_for_tests:GateJudge",
+                 f"judge.kwargs={{gate_dir: {gate}, hold_calls: [2], answer_field: answer, mode: number}}"]
+        proc = start_run(folder, "sync", "loop.rounds=4", f"metrics.port={port}", *judge)
         try:
-            seen = wait_for(lambda: _status_in_round(port), proc, 300, "/status to report a round in progress", log)
+            wait_for(lambda: (gate / "held-2").exists(), proc, 300, "round 1's judging", log)
+            seen = wait_for(lambda: _status_in_round(port), proc, 60, "/status to report round 1", log)
             body = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            (gate / "go-2").touch()
         except BaseException:
             end_group(proc)
             raise

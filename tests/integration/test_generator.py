@@ -11,7 +11,7 @@ from actors.generator.pool import GeneratorPool
 from orchestrator.config import GeneratorConfig, ModelConfig
 from tests.conftest import DEMO_MODEL
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # Eager mode: starts in seconds on CPU (no compile warmup) and generates at least as fast here.
 ENGINE = {"enforce_eager": True, "kv_cache_memory_bytes": 64 << 20}

@@ -18,7 +18,7 @@ from orchestrator.config import GeneratorConfig, ModelConfig, SyncConfig
 from tests.conftest import DEMO_DATA, DEMO_MODEL
 from tests.integration.test_weight_sync import StandInLearner
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _chunked_prefill_on(actor_self) -> None:

@@ -19,7 +19,7 @@ from orchestrator.config import LearnerConfig, ModelConfig
 from tests.conftest import DEMO_DATA, DEMO_MODEL
 from tests.conftest import same_state as _same
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MODEL = ModelConfig(path=str(DEMO_MODEL), max_model_len=64)
 

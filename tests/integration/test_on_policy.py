@@ -25,7 +25,7 @@ from orchestrator.pairs.select import select_pairs
 from orchestrator.config import GeneratorConfig, LearnerConfig, LoraConfig, ModelConfig, SyncConfig
 from tests.conftest import DEMO_MODEL
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ENGINE = {"enforce_eager": True, "kv_cache_memory_bytes": 64 << 20}
 N, PROMPTS, MAX_NEW = 4, 16, 8

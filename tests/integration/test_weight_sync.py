@@ -24,7 +24,7 @@ from orchestrator.config import GeneratorConfig, ModelConfig, SyncConfig
 from tests.conftest import DEMO_MODEL
 from tests.integration.standins import MAX_NEW, StandInLearner
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ENGINE = {"enforce_eager": True, "kv_cache_memory_bytes": 64 << 20}
 
