@@ -49,11 +49,12 @@ rehearse-1.5b-lora: $(STAMP)
 	test -f $(REHEARSAL_MODEL_15B)/config.json || $(PY) -m orchestrator make-rehearsal-model $(REHEARSAL_MODEL_15B) --shape 1.5b
 	$(PY) -m orchestrator run configs/rehearsal-1.5b-lora.yaml --set model.path=$(REHEARSAL_MODEL_15B) $(ARGS)
 
-# Two pytest workers (pytest-xdist), one test file each at a time: most of a run's time is process
-# start-up (Python, Ray, vLLM) that one core serves, so two files overlap well on 2 cores. Session
-# fixtures (the shrunken demo run, the vLLM engine) are made once per worker. Files go out in collection
-# order, the slowest first (tests/conftest.py, SLOWEST_FIRST). TEST_WORKERS=0: one process.
-TEST_WORKERS ?= 2
+# Three pytest workers (pytest-xdist), one test file each at a time: much of an integration test's
+# time is process start-up and waiting (held rounds, timeouts), so with two workers the 2 cores idled
+# 14% of the time and with three they are busy (bench/README.md). Costly fixtures are made once per
+# session (tests/conftest.py: ONE_WORKER, made_once); files go out in collection order, the slowest
+# first (SLOWEST_FIRST). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 3
 test: $(STAMP)
 	$(PY) -m pytest -ra --durations=25 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) $(PYTEST_ARGS) tests
 
