@@ -93,6 +93,7 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=key)  # stable: the order inside a file, and of the other files, is kept
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: unknown where it is not loaded
 def pytest_xdist_make_scheduler(config, log):
     """`--dist loadfile` with ONE_WORKER's files as one unit (pytest-xdist's `--dist loadgroup`
     does not group under pytest 9.2: it renames items through an attribute pytest no longer reads)."""
