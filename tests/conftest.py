@@ -63,7 +63,7 @@ def made_once(shared: Path, name: str, make) -> dict:
 
 # The test files that take longest (their `odpo run`s and fixtures; `make test` prints the 25
 # slowest tests), slowest first. Under pytest-xdist's `--dist loadfile` (`make test`) files are
-# handed to the two workers in collection order, so these go first and the short files fill in
+# handed to the workers in collection order, so these go first and the short files fill in
 # behind them, instead of one long file running alone at the end.
 SLOWEST_FIRST = [
     "integration/test_nodes.py", "integration/test_tracking.py", "integration/test_learner_scale.py",
