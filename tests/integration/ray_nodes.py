@@ -68,6 +68,15 @@ class RayNode:
         path = Path(self.temp_dir) / "node.log"
         return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
+    def why_ended(self, chars: int = 1500) -> str:
+        """The tails of the logs that say why a node ended: `ray start`'s own, Ray's record of
+        its processes' exits, and the raylet's."""
+        parts = [f"node.log (exit {self.proc.poll()}):\n{self.log_tail(chars)}"]
+        for name in ("ray_process_exit.log", "raylet.out", "raylet.err"):
+            for path in sorted(Path(self.temp_dir).glob(f"session_2*/logs/{name}")):  # not session_latest
+                parts.append(f"{name}:\n{path.read_text(errors='replace')[-chars:]}")
+        return "\n".join(parts)
+
     def stop(self) -> None:
         """End the node's process group (SIGTERM, then SIGKILL) and remove its temp dir."""
         for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, 30)):
@@ -131,17 +140,23 @@ class NodeStartFailed(AssertionError):
     """`ray start` of a node exited before the node joined."""
 
 
+def count_alive(head: RayNode, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Ask the cluster of ``head``, through a short-lived driver, how many of its nodes are alive
+    (the count is the last line of stdout)."""
+    code = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False);"
+            "print(sum(1 for n in ray.nodes() if n['Alive']))")
+    return subprocess.run([sys.executable, "-c", code, head.gcs], env=node_env(**(env or {})), capture_output=True,
+                          text=True, timeout=120)
+
+
 def wait_for_nodes(nodes: list[RayNode], count: int, timeout: float = 300, starting: RayNode | None = None,
                    env: dict | None = None) -> None:
     """Wait until the cluster of ``nodes`` (the head first) has ``count`` alive nodes, asked by a
     short-lived driver (``env``: the extra environment that reaches it, e.g. a token); on failure
     the nodes' own logs say why."""
-    code = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False);"
-            "print(sum(1 for n in ray.nodes() if n['Alive']))")
     deadline = time.time() + timeout
     while True:
-        out = subprocess.run([sys.executable, "-c", code, nodes[0].gcs], env=node_env(**(env or {})), capture_output=True,
-                             text=True, timeout=120)
+        out = count_alive(nodes[0], env)
         alive = out.stdout.strip().splitlines()[-1:]
         if out.returncode == 0 and alive == [str(count)]:
             return
